@@ -1,0 +1,187 @@
+"""Compile every shipped Triton kernel configuration for the H100 (sm_90) without a GPU and report it.
+
+For each configuration: registers, spill stack, shared memory and the number of Hopper HGMMA
+instructions in the SASS (via the cuobjdump / nvdisasm shipped in triton's wheel). Pointer and
+stride arguments carry the 16-byte divisibility that triton's JIT specialises on at run time (the
+pipeliner needs it to issue async copies), so the report matches what a GPU would compile.
+
+    TRITON_INTERPRET=0 python -m vlm2vec_kernels.sm90_report [--json report.json]
+
+Must run with TRITON_INTERPRET unset or 0 (under the interpreter `@triton.jit` gives no compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+SHARED_LIMIT_BYTES = 228 * 1024  # H100: 228 KB of shared memory per SM (227 KB usable per block)
+SM90 = ("cuda", 90, 32)
+
+_INT_ARGS = {"M", "N", "D", "stride_q", "stride_c", "stride_p", "tiles_per_split", "splits"}
+# integer arguments that are multiples of 16 in the shapes we ship for (D = 1536, 3584, ...)
+_DIVISIBLE_INTS = {"D", "stride_q", "stride_c", "stride_p"}
+
+
+@dataclass
+class CompileReport:
+    kernel: str
+    config: str
+    dtype: str
+    registers: int
+    stack_bytes: int
+    shared_bytes: int
+    hgmma: int
+    needs_hgmma: bool
+
+    def problems(self) -> list[str]:
+        """What is wrong for an H100: missing tensor-core work, spills, too much shared memory."""
+        out = []
+        if self.needs_hgmma and self.hgmma == 0:
+            out.append("no HGMMA instructions (matrix work not on Hopper tensor cores)")
+        if self.stack_bytes != 0:
+            out.append(f"{self.stack_bytes} bytes of stack (register spills)")
+        if self.shared_bytes > SHARED_LIMIT_BYTES:
+            out.append(f"{self.shared_bytes} bytes of shared memory > {SHARED_LIMIT_BYTES}")
+        return out
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found in triton's wheel at {path}")
+    return path
+
+
+def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
+    """Triton signature strings and divisibility attributes for `fn`'s arguments."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INT_ARGS:
+            signature[name] = "i32"
+            if name in _DIVISIBLE_INTS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = pointer_types[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def shipped_configurations() -> list[dict]:
+    """Every (kernel, tile config, dtype, specialisation) the launchers can send to an H100."""
+    from .triton_contrastive import GPU_CONFIGS, GROUP_M, KERNELS, MERGE_BLOCK, dot_precision
+    from .triton_contrastive_kernels import lse_merge_kernel
+
+    torch_names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    out = []
+    for (role, operand), cfg in GPU_CONFIGS.items():
+        dtypes = ["bf16", "fp16"] if operand == "16bit" else ["fp32"]
+        fn = KERNELS[role]
+        for dtype in dtypes:
+            import torch
+
+            precision = dot_precision(getattr(torch, torch_names[dtype]))
+            pointer_types = {n: "*fp32" for n in fn.arg_names}
+            pointer_types.update(q_ptr=f"*{dtype}", c_ptr=f"*{dtype}", p_ptr=f"*{dtype}")
+            variants = [{"WRITE_LSE": False}, {"WRITE_LSE": True}] if role.startswith("lse") else [{}]
+            for extra in variants:
+                for even_k in (True, False):
+                    if not even_k and dtype == "fp16":
+                        continue  # same code as bf16; the masked-K variant is checked there
+                    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+                                  "EVEN_K": even_k, "UPCAST": False, "DOT_PRECISION": precision, **extra}
+                    if "GROUP_M" in fn.arg_names:
+                        constexprs["GROUP_M"] = GROUP_M
+                    label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                             f"{'' if even_k else ' maskK'}"
+                             f"{' lse' if extra.get('WRITE_LSE') else ''}")
+                    out.append({"fn": fn, "kernel": role, "config": label, "dtype": dtype,
+                                "pointer_types": pointer_types, "constexprs": constexprs,
+                                "options": cfg.launch_options(), "needs_hgmma": True})
+    out.append({"fn": lse_merge_kernel, "kernel": "lse_merge", "config": f"BLOCK {MERGE_BLOCK} w4", "dtype": "fp32",
+                "pointer_types": {"part_ptr": "*fp32", "lse_ptr": "*fp32"}, "constexprs": {"BLOCK": MERGE_BLOCK},
+                "options": {"num_warps": 4, "num_stages": 1}, "needs_hgmma": False})
+    return out
+
+
+def compile_one(entry: dict) -> CompileReport:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, attrs = _signature(entry["fn"], entry["pointer_types"], entry["constexprs"])
+    src = ASTSource(fn=entry["fn"], signature=signature, constexprs=entry["constexprs"], attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget(*SM90), options=entry["options"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), cubin], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    static_shared = re.search(r"SHARED:(\d+)", usage)
+    shared = int(compiled.metadata.shared) + (int(static_shared.group(1)) if static_shared else 0)
+    return CompileReport(kernel=entry["kernel"], config=entry["config"], dtype=entry["dtype"],
+                         registers=int(regs.group(1)) if regs else -1,
+                         stack_bytes=int(stack.group(1)) if stack else -1, shared_bytes=shared,
+                         hgmma=len(re.findall(r"\bHGMMA\.", sass)), needs_hgmma=entry["needs_hgmma"])
+
+
+def _compile_index(index: int) -> CompileReport:
+    return compile_one(shipped_configurations()[index])
+
+
+def compile_all(jobs: int = 1) -> list[CompileReport]:
+    """Compile every shipped configuration, `jobs` at a time (ptxas is single-threaded)."""
+    count = len(shipped_configurations())
+    if jobs <= 1:
+        return [_compile_index(i) for i in range(count)]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_compile_index, range(count)))
+
+
+def format_table(reports: list[CompileReport]) -> str:
+    head = f"{'kernel':<12} {'config':<28} {'dtype':<5} {'regs':>4} {'shared KB':>9} {'stack':>5} {'HGMMA':>5}  status"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        status = "; ".join(r.problems()) or "ok"
+        hgmma = str(r.hgmma) if r.needs_hgmma else "-"
+        lines.append(f"{r.kernel:<12} {r.config:<28} {r.dtype:<5} {r.registers:>4} {r.shared_bytes / 1024:>9.1f} "
+                     f"{r.stack_bytes:>5} {hgmma:>5}  {status}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="also write the reports to this JSON file")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="parallel compilations (default: min(4, CPUs))")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("sm90_report: set TRITON_INTERPRET=0 (the interpreter cannot compile)", file=sys.stderr)
+        return 2
+    reports = compile_all(args.jobs)
+    print(format_table(reports))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"problems": r.problems()} for r in reports], f, indent=1)
+    return 1 if any(r.problems() for r in reports) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

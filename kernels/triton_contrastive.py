@@ -1,0 +1,306 @@
+"""Triton engine of the contrastive loss: `row_lse` and `softmax_grad` (see notes/LOSS_DESIGN.md).
+
+    row_lse(q, c, row_scale, col_scale) -> lse[M]            lse_i = log sum_j exp(s_ij)
+    softmax_grad(q, c, row_scale, col_scale, lse, row_weight) -> (gq[M, D], gc[N, D])  fp32
+        with s_ij = row_scale_i * col_scale_j * <q_i, c_j>, P_ij = row_weight_i * exp(s_ij - lse_i),
+        gq_i = sum_j P_ij col_scale_j c_j,  gc_j = sum_i P_ij row_scale_i q_i.
+
+Forward: one kernel over a (row blocks x column splits) grid sized to fill the GPU, plus a tiny merge
+kernel when there is more than one split. Backward has two paths:
+  * "atomic" (small/medium batches): one kernel per P tile, gq/gc accumulated with fp32 atomics,
+    which stay cheap while the [M+N, D] buffers sit in L2;
+  * "gemm" (large batches): P written block by block ([rows x cols] bounded by `p_block_bytes`),
+    then two cuBLAS GEMMs per block accumulate gq and gc in fp32 (compute-bound at any size).
+Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to fp32 after loading; on the GPU bf16/fp16
+go to tensor cores and fp32 uses 3xTF32. Nothing of size M x N is allocated except one P block.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .triton_contrastive_kernels import (
+    lse_merge_kernel,
+    row_lse_partial_kernel,
+    softmax_grad_atomic_kernel,
+    softmax_probs_kernel,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# [M+N, D] fp32 gradient buffers up to this size use the atomic path (they stay in the H100's 50 MB L2)
+DEFAULT_ATOMIC_MAX_BYTES = 40 * 2**20
+# one P block of the gemm path (bf16: 16k x 32k); larger blocks make the GEMMs more efficient
+DEFAULT_P_BLOCK_BYTES = 2**30
+MAX_SPLITS = 64
+# column splits of the forward even when row blocks alone fill the GPU: the programs running at
+# once then cover ~SMs/16 row blocks x 16 column ranges and re-read q and c tiles from L2, not HBM
+L2_SPLITS = 16
+GROUP_M = 8
+MERGE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one kernel configuration."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def launch_options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
+# for sm_90 by kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU.
+GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
+    ("lse", "16bit"): TileConfig(128, 128, 64, 8, 3),
+    ("lse_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
+    ("grad_atomic", "16bit"): TileConfig(128, 64, 64, 8, 2),
+    ("probs", "16bit"): TileConfig(128, 128, 64, 8, 3),
+    ("lse", "fp32"): TileConfig(128, 64, 32, 8, 3),
+    ("lse_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
+    ("grad_atomic", "fp32"): TileConfig(64, 64, 32, 4, 2),
+    ("probs", "fp32"): TileConfig(128, 64, 32, 8, 3),
+}
+# The interpreter runs every program in Python (~5-10 ms per tile iteration): small tiles, few of them.
+INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)
+
+KERNELS = {
+    "lse": row_lse_partial_kernel,
+    "lse_narrow": row_lse_partial_kernel,
+    "grad_atomic": softmax_grad_atomic_kernel,
+    "probs": softmax_probs_kernel,
+}
+
+
+def operand_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands use 3xTF32 (near-fp32 accuracy on tensor cores); 16-bit ones ignore this."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised buffer every kernel output goes through (tests poison it to catch unwritten lanes)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda and not INTERPRET
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda" and not INTERPRET:
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _pick_config(role: str, q: torch.Tensor, config: TileConfig | None) -> TileConfig:
+    if config is not None:
+        return config
+    if not _on_gpu(q):
+        return INTERPRETER_CONFIG
+    return GPU_CONFIGS[(role, operand_class(q.dtype))]
+
+
+def _common_constexprs(q: torch.Tensor, cfg: TileConfig, D: int) -> dict:
+    return {
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_K": cfg.block_k,
+        "EVEN_K": D % cfg.block_k == 0,
+        "UPCAST": not _on_gpu(q),
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+
+
+def _check_inputs(q, c, row_scale, col_scale, lse=None, row_weight=None):
+    """Validate the engine arguments; returns (q, c) with a unit stride along D."""
+    for name, t in (("q", q), ("c", c)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(t, 'shape', type(t))}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if q.shape[1] != c.shape[1]:
+        raise ValueError(f"q and c must share D: q {tuple(q.shape)} vs c {tuple(c.shape)}")
+    if q.dtype != c.dtype:
+        raise TypeError(f"q and c must have the same dtype: q {q.dtype} vs c {c.dtype}")
+    if c.shape[0] == 0 or q.shape[1] == 0:
+        raise ValueError(f"c must have at least one row and D >= 1, got c {tuple(c.shape)}")
+    vectors = {"row_scale": (row_scale, q.shape[0]), "col_scale": (col_scale, c.shape[0])}
+    if lse is not None:
+        vectors["lse"] = (lse, q.shape[0])
+    if row_weight is not None:
+        vectors["row_weight"] = (row_weight, q.shape[0])
+    for name, (t, n) in vectors.items():
+        if not isinstance(t, torch.Tensor) or t.shape != (n,):
+            raise ValueError(f"{name} must have shape ({n},), got {getattr(t, 'shape', type(t))}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+    for name, t in list(vectors.items()) + [("c", (c, 0))]:
+        if t[0].device != q.device:
+            raise ValueError(f"{name} is on {t[0].device} but q is on {q.device}")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise ValueError(f"the Triton engine needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
+    if q.stride(1) != 1:
+        q = q.contiguous()
+    if c.stride(1) != 1:
+        c = c.contiguous()
+    return q, c
+
+
+def choose_splits(M: int, N: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
+    """(splits, tiles per split): enough column splits that row blocks x splits fills every SM,
+    and at least L2_SPLITS for L2 reuse on large batches."""
+    row_blocks = triton.cdiv(M, cfg.block_m)
+    col_tiles = triton.cdiv(N, cfg.block_n)
+    want = max(L2_SPLITS, triton.cdiv(_sm_count(device), row_blocks))
+    splits = max(1, min(col_tiles, want, MAX_SPLITS))
+    tiles_per_split = triton.cdiv(col_tiles, splits)
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split
+
+
+def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+            *, config: TileConfig | None = None, splits: int | None = None) -> torch.Tensor:
+    """lse_i = log sum_j exp(row_scale_i * col_scale_j * <q_i, c_j>), fp32 [M].
+
+    `config` / `splits` override the tile configuration and the number of column splits (tests and
+    benchmarks); by default the narrow tile is used where wide tiles cannot fill the GPU.
+    """
+    q, c = _check_inputs(q, c, row_scale, col_scale)
+    M, D = q.shape
+    N = c.shape[0]
+    lse = _new_buffer((M,), torch.float32, q.device)
+    if M == 0:
+        return lse
+    role = "lse"
+    if config is None and _on_gpu(q):
+        wide = GPU_CONFIGS[("lse", operand_class(q.dtype))]
+        if triton.cdiv(M, wide.block_m) * triton.cdiv(N, wide.block_n) < _sm_count(q.device):
+            role = "lse_narrow"
+    cfg = _pick_config(role, q, config)
+    if splits is None:
+        splits, tiles_per_split = choose_splits(M, N, cfg, q.device)
+    else:
+        col_tiles = triton.cdiv(N, cfg.block_n)
+        tiles_per_split = triton.cdiv(col_tiles, max(1, min(splits, col_tiles)))
+        splits = triton.cdiv(col_tiles, tiles_per_split)
+    single = splits == 1
+    part = lse if single else _new_buffer((2, splits, M), torch.float32, q.device)
+    row_lse_partial_kernel[(splits, triton.cdiv(M, cfg.block_m))](
+        q, c, row_scale, col_scale, part, lse, M, N, D, q.stride(0), c.stride(0), tiles_per_split,
+        WRITE_LSE=single, **_common_constexprs(q, cfg, D), **cfg.launch_options())
+    if not single:
+        lse_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](part, lse, M, splits, BLOCK=MERGE_BLOCK)
+    return lse
+
+
+def choose_grad_path(M: int, N: int, D: int, atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES) -> str:
+    """'atomic' while the fp32 gradient buffers fit in L2, else 'gemm'."""
+    return "atomic" if (M + N) * D * 4 <= atomic_max_bytes else "gemm"
+
+
+def softmax_grad(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                 lse: torch.Tensor, row_weight: torch.Tensor, *, path: str | None = None,
+                 atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES, p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
+                 block_rows: int | None = None, block_cols: int | None = None,
+                 config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gq [M, D], gc [N, D]) in fp32 for P = row_weight * exp(s - lse); see the module docstring.
+
+    `path` forces "atomic" or "gemm" (default: `choose_grad_path` with `atomic_max_bytes`);
+    `p_block_bytes` bounds the P block of the gemm path, `block_rows`/`block_cols` set it exactly.
+    """
+    q, c = _check_inputs(q, c, row_scale, col_scale, lse, row_weight)
+    M, D = q.shape
+    N = c.shape[0]
+    path = path or choose_grad_path(M, N, D, atomic_max_bytes)
+    if path == "atomic":
+        return _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config)
+    if path == "gemm":
+        return _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes,
+                                  block_rows, block_cols, config)
+    raise ValueError(f"path must be 'atomic', 'gemm' or None, got {path!r}")
+
+
+def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
+    M, D = q.shape
+    N = c.shape[0]
+    grads = torch.zeros((M + N, D), dtype=torch.float32, device=q.device)  # one launch for both
+    gq, gc = grads[:M], grads[M:]
+    if M == 0:
+        return gq, gc
+    cfg = _pick_config("grad_atomic", q, config)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    softmax_grad_atomic_kernel[grid](
+        q, c, row_scale, col_scale, lse, row_weight, gq, gc, M, N, D, q.stride(0), c.stride(0),
+        GROUP_M=GROUP_M, **_common_constexprs(q, cfg, D), **cfg.launch_options())
+    return gq, gc
+
+
+def _scaled_rows(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk: int = 32768) -> torch.Tensor:
+    """dtype(scale[:, None] * x) computed in fp32, chunked so the fp32 temporary stays small."""
+    out = _new_buffer(x.shape, dtype, x.device)
+    for r in range(0, x.shape[0], chunk):
+        out[r:r + chunk] = x[r:r + chunk].float() * scale[r:r + chunk, None]
+    return out
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b for 16-bit a, b with fp32 accumulation and output where torch offers it."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if acc.is_cuda and _FP32_OUT_MM[0]:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except (RuntimeError, AttributeError, TypeError):
+            _FP32_OUT_MM[0] = False  # older torch: round each block product once, then add in fp32
+    acc += torch.mm(a, b).float()
+
+
+_FP32_OUT_MM = [True]
+
+
+def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows,
+                       block_cols, config):
+    M, D = q.shape
+    N = c.shape[0]
+    gq = torch.zeros((M, D), dtype=torch.float32, device=q.device)
+    gc = torch.zeros((N, D), dtype=torch.float32, device=q.device)
+    if M == 0:
+        return gq, gc
+    # GEMM operands: the interpreter keeps fp32 (exact reference path); the GPU keeps the input dtype
+    op_dtype = q.dtype if _on_gpu(q) else torch.float32
+    q_scaled = _scaled_rows(q, row_scale, op_dtype)
+    c_scaled = _scaled_rows(c, col_scale, op_dtype)
+    cfg = _pick_config("probs", q, config)
+    elem = torch.finfo(op_dtype).bits // 8
+    cols = block_cols or min(N, 32768)
+    rows = block_rows or max(cfg.block_m, min(M, p_block_bytes // (elem * cols)) // cfg.block_m * cfg.block_m)
+    rows, cols = min(rows, M), min(cols, N)
+    p_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
+    constexprs = _common_constexprs(q, cfg, D)
+    for r0 in range(0, M, rows):
+        r1 = min(r0 + rows, M)
+        for c0 in range(0, N, cols):
+            c1 = min(c0 + cols, N)
+            p = p_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            grid = (triton.cdiv(r1 - r0, cfg.block_m) * triton.cdiv(c1 - c0, cfg.block_n),)
+            softmax_probs_kernel[grid](
+                q[r0:r1], c[c0:c1], row_scale[r0:r1], col_scale[c0:c1], lse[r0:r1], row_weight[r0:r1],
+                p, r1 - r0, c1 - c0, D, q.stride(0), c.stride(0), p.stride(0),
+                GROUP_M=GROUP_M, **constexprs, **cfg.launch_options())
+            _accumulate_mm(gq[r0:r1], p, c_scaled[c0:c1])
+            _accumulate_mm(gc[c0:c1], p.t(), q_scaled[r0:r1])
+    return gq, gc

@@ -1,0 +1,197 @@
+"""Triton engine (`row_lse`, `softmax_grad`) against a float64 evaluation of the formula.
+
+On this CPU box the kernels run under TRITON_INTERPRET=1 (set by conftest). On a GPU machine with
+TRITON_INTERPRET=0 (bench/device_check.sh) the same tests run compiled on CUDA tensors, plus sizes
+that span several GPU tiles; VLM2VEC_TEST_DEVICE=cpu|cuda overrides the choice.
+Every run draws fresh inputs (the seed is in each failure message); every buffer the launchers
+allocate is poisoned with NaN so an unwritten element cannot pass.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from vlm2vec_kernels import triton_contrastive as engine
+from vlm2vec_kernels.triton_contrastive import TileConfig
+
+_GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")
+ON_GPU = DEVICE == "cuda"
+
+# (M, N, D): odd sizes, masked and unmasked feature loops (BLOCK_K 32 under the interpreter), M=1, N=1
+SIZES = [(37, 111, 40), (37, 111, 96), (1, 111, 40), (37, 1, 96)]
+if ON_GPU:  # several 128-wide tiles, column splits, D a multiple of the GPU BLOCK_K and not
+    SIZES += [(1040, 1100, 1536), (300, 700, 200)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# max |got - want| / max |want| for the gradients and max |got - want| for lse, per operand dtype.
+# Under the interpreter every tile is upcast to fp32. On the GPU 16-bit operands feed P to the
+# tensor cores rounded to the input dtype (as flash-attention does); fp32 uses 3xTF32.
+if ON_GPU:
+    GRAD_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2.5e-2}
+    LSE_TOL = {torch.float32: 2e-4, torch.float16: 1e-3, torch.bfloat16: 1e-3}
+else:
+    GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
+    LSE_TOL = {torch.float32: 2e-4, torch.float16: 2e-4, torch.bfloat16: 2e-4}
+
+
+def reference(q, c, row_scale, col_scale, row_weight):
+    """float64 lse, gq, gc straight from the definitions in notes/LOSS_DESIGN.md."""
+    q, c = q.double(), c.double()
+    rs, cs, w = row_scale.double(), col_scale.double(), row_weight.double()
+    s = rs[:, None] * cs[None, :] * (q @ c.T)
+    lse = torch.logsumexp(s, dim=1)
+    p = w[:, None] * torch.exp(s - lse[:, None])
+    gq = (p * cs[None, :]) @ c
+    gc = (p * rs[:, None]).T @ q
+    return lse, gq, gc
+
+
+@pytest.fixture
+def rng():
+    """Fresh generator per test; the seed goes into failure messages for replay."""
+    return torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: lanes a kernel forgets to write show up."""
+
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(engine, "_new_buffer", poisoned)
+
+
+def make_inputs(gen, M, N, D, dtype, *, zero_weights=True):
+    q = torch.randn(M, D, generator=gen).to(dtype)
+    c = torch.randn(N, D, generator=gen).to(dtype)
+    # inverse-norm-like scales of random size; logits then span roughly +-30
+    row_scale = (0.5 + 1.5 * torch.rand(M, generator=gen)) / math.sqrt(D) * 4
+    col_scale = 0.5 + torch.rand(N, generator=gen)
+    row_weight = torch.rand(M, generator=gen)
+    if zero_weights and M > 2:
+        row_weight[torch.randperm(M, generator=gen)[: M // 4]] = 0.0
+    return [t.to(DEVICE) for t in (q, c, row_scale, col_scale, row_weight)]
+
+
+def assert_close_rel(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values (unwritten or overflow)"
+    err = (got.double().cpu() - want.cpu()).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= tol * max(scale, 1e-30), f"{what}: max err {err:.3e} vs max |ref| {scale:.3e} (tol {tol})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,D", SIZES)
+def test_row_lse_matches_float64(rng, M, N, D, dtype):
+    q, c, rs, cs, _ = make_inputs(rng, M, N, D, dtype)
+    want, _, _ = reference(q, c, rs, cs, torch.ones_like(rs))
+    got = engine.row_lse(q, c, rs, cs)
+    assert got.dtype == torch.float32 and got.device.type == DEVICE
+    err = (got.double().cpu() - want.cpu()).abs().max().item()
+    assert torch.isfinite(got).all() and err <= LSE_TOL[dtype], f"seed {rng.initial_seed()}: lse err {err:.3e}"
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 64])
+def test_row_lse_any_split_count_gives_the_same_lse(rng, splits):
+    """One split writes lse directly; several go through the merge kernel (3 leaves a ragged split)."""
+    q, c, rs, cs, _ = make_inputs(rng, 37, 150, 40, torch.float32)
+    want, _, _ = reference(q, c, rs, cs, torch.ones_like(rs))
+    got = engine.row_lse(q, c, rs, cs, splits=splits)
+    err = (got.double().cpu() - want.cpu()).abs().max().item()
+    assert torch.isfinite(got).all() and err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: {err:.3e}"
+
+
+@pytest.mark.parametrize("path", ["atomic", "gemm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,D", SIZES)
+def test_softmax_grad_matches_float64(rng, M, N, D, dtype, path):
+    q, c, rs, cs, w = make_inputs(rng, M, N, D, dtype)
+    want_lse, want_gq, want_gc = reference(q, c, rs, cs, w)
+    lse = want_lse.float().to(DEVICE)
+    # small P blocks on the gemm path: several row and column blocks with ragged edges
+    blocks = {"block_rows": 32, "block_cols": 64} if path == "gemm" and not ON_GPU else {}
+    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path, **blocks)
+    assert gq.dtype == gc.dtype == torch.float32
+    assert_close_rel(gq, want_gq, GRAD_TOL[dtype], f"seed {rng.initial_seed()} gq")
+    assert_close_rel(gc, want_gc, GRAD_TOL[dtype], f"seed {rng.initial_seed()} gc")
+
+
+@pytest.mark.parametrize("path", ["atomic", "gemm"])
+def test_rectangular_tiles(rng, path):
+    """BLOCK_M != BLOCK_N: transposes and tile bookkeeping must not assume square tiles."""
+    q, c, rs, cs, w = make_inputs(rng, 70, 45, 40, torch.float32)
+    want_lse, want_gq, want_gc = reference(q, c, rs, cs, w)
+    cfg = TileConfig(64, 16, 16, 4, 2) if path == "atomic" else TileConfig(16, 64, 32, 4, 2)
+    lse = engine.row_lse(q, c, rs, cs, config=cfg)
+    err = (lse.double().cpu() - want_lse.cpu()).abs().max().item()
+    assert err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: lse err {err:.3e}"
+    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path, config=cfg, block_rows=48, block_cols=32)
+    assert_close_rel(gq, want_gq, GRAD_TOL[torch.float32], f"seed {rng.initial_seed()} gq")
+    assert_close_rel(gc, want_gc, GRAD_TOL[torch.float32], f"seed {rng.initial_seed()} gc")
+
+
+def test_confident_rows_keep_lse_precise(rng):
+    """Normalised rows at 1/tau = 50 with near-duplicate positives: p -> 1, logits near 50."""
+    M, D = 37, 96
+    q = torch.nn.functional.normalize(torch.randn(M, D, generator=rng), dim=1)
+    c = torch.cat([q + 0.01 * torch.randn(M, D, generator=rng), torch.randn(74, D, generator=rng)])
+    rs = torch.full((M,), 50.0) / q.norm(dim=1)
+    cs = 1.0 / c.norm(dim=1)
+    q, c, rs, cs = (t.to(DEVICE) for t in (q, c, rs, cs))
+    want, _, _ = reference(q, c, rs, cs, torch.ones_like(rs))
+    got = engine.row_lse(q, c, rs, cs)
+    assert want.min() > 45  # the case is what it claims to be
+    assert (got.double().cpu() - want.cpu()).abs().max() <= LSE_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("where", ["q", "c"])
+def test_non_finite_input_propagates(rng, bad, where):
+    M, N, D = 37, 111, 40
+    q, c, rs, cs, w = make_inputs(rng, M, N, D, torch.float32, zero_weights=False)
+    (q if where == "q" else c)[5, 7] = bad
+    lse = engine.row_lse(q, c, rs, cs)
+    if where == "q":
+        assert not torch.isfinite(lse[5]), "a non-finite query row gave a finite lse"
+    else:
+        assert not torch.isfinite(lse).any(), "a non-finite candidate left some lse finite"
+    for path in ("atomic", "gemm"):
+        gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path)
+        assert not torch.isfinite(gq).all() and not torch.isfinite(gc).all(), f"{path}: gradients finite"
+
+
+def test_path_choice_follows_the_l2_budget():
+    assert engine.choose_grad_path(1024, 1024, 1536) == "atomic"
+    assert engine.choose_grad_path(65536, 65536, 1536) == "gemm"
+    assert engine.choose_grad_path(37, 111, 40, atomic_max_bytes=0) == "gemm"
+
+
+def test_split_count_fills_the_gpu_and_stays_bounded():
+    dev = torch.device("cpu")
+    cfg = TileConfig(128, 64, 64, 4, 3)
+    splits, per = engine.choose_splits(1024, 1024, cfg, dev)
+    assert splits * per >= 1024 // 64 and (splits - 1) * per < 1024 // 64  # every tile, no empty split
+    splits, _ = engine.choose_splits(2**20, 2**20, cfg, dev)
+    assert splits <= engine.MAX_SPLITS
+
+
+def test_bad_arguments_are_named():
+    q, c, rs, cs = (t.to(DEVICE) for t in (torch.randn(4, 8), torch.randn(6, 8), torch.ones(4), torch.ones(6)))
+    with pytest.raises(ValueError, match="share D"):
+        engine.row_lse(q, c[:, :7], rs, cs)
+    with pytest.raises(TypeError, match="same dtype"):
+        engine.row_lse(q, c.half(), rs, cs)
+    with pytest.raises(TypeError, match="col_scale must be float32"):
+        engine.row_lse(q, c, rs, cs.double())
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        engine.row_lse(q, c, rs[:3], cs)
+    with pytest.raises(TypeError, match="q must be float32"):
+        engine.row_lse(q.long(), c, rs, cs)
+    with pytest.raises(ValueError, match="path must be"):
+        engine.softmax_grad(q, c, rs, cs, rs, rs, path="dense")

@@ -1,0 +1,200 @@
+"""Helpers shared by the built-in families: tiny tokenizers, placeholder handling, length checks,
+padding and packing of token rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from vlm2vec.backbones import STORED_IMAGE_PLACEHOLDER
+
+TINY_CORPUS = [
+    "Represent the given image.",
+    "Represent the given image with the following question:",
+    "Find a caption for the photo. A dog runs on the grass next to a small red car.",
+    "What is shown in this picture? Two cats sleep on a blue sofa.",
+    "Retrieve an image that matches the text: a man rides a bicycle in the city at night.",
+    "Select the news headline for this photograph of a football match in the rain.",
+    "0123456789 .,:;!?'\"()[]{}<>-_/+*=%&#@ abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+]
+
+
+def build_tiny_tokenizer(
+    special_tokens: Sequence[str],
+    *,
+    eos: str,
+    pad: str,
+    bos: str | None = None,
+    vocab_size: int = 320,
+) -> Any:
+    """A byte-level BPE tokenizer trained in-process (milliseconds) with the family's special tokens.
+
+    Byte-level: every string tokenises (no unknown tokens); the specials are atomic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(dict.fromkeys([t for t in (bos, eos, pad) if t] + list(special_tokens)))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS, trainer)
+    if bos:
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        additional_special_tokens=[t for t in special_tokens if t not in (bos, eos, pad)],
+    )
+
+
+def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -> str:
+    """Replace the stored `<|image_1|>` by the family token; an image row without it gets it prepended.
+
+    Exactly one image per row is supported (MMEB); a placeholder without an image is an error."""
+    count = text.count(STORED_IMAGE_PLACEHOLDER) + (
+        text.count(image_token) if image_token != STORED_IMAGE_PLACEHOLDER else 0
+    )
+    if has_image:
+        if count > 1:
+            raise ValueError(f"row {row}: the text has {count} image placeholders but one image")
+        if count == 0:
+            text = f"{STORED_IMAGE_PLACEHOLDER} {text}" if text else STORED_IMAGE_PLACEHOLDER
+    elif count:
+        raise ValueError(f"row {row}: the text has an image placeholder but no image was given")
+    return text.replace(STORED_IMAGE_PLACEHOLDER, image_token)
+
+
+def rgb(image: Any, row: int) -> Any:
+    """The row's image as an RGB PIL image (TypeError naming the row otherwise)."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"images[{row}] must be a PIL.Image or None, got {type(image).__name__}")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def resize_to_preset(image: Any, size: tuple[int, int] | None) -> Any:
+    """Apply a resolution preset (width, height); None keeps the image size."""
+    if size is None or image.size == size:
+        return image
+    from PIL import Image
+
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def fit_length(ids: list[int], max_len: int, protected: Iterable[int], row: int) -> list[int]:
+    """Cut a token row to max_len, refusing (ValueError naming the row) if that would cut image tokens."""
+    if len(ids) <= max_len:
+        return ids
+    protected = set(protected)
+    cut = [i for i in range(max_len, len(ids)) if ids[i] in protected]
+    if cut:
+        raise ValueError(
+            f"row {row}: max_len={max_len} would cut image tokens (the row has {len(ids)} tokens, image "
+            f"tokens reach position {max(cut)}); raise max_len or lower the image resolution"
+        )
+    return ids[:max_len]
+
+
+def pad_rows(
+    rows: list[list[int]],
+    pad_id: int,
+    padding_side: str,
+    extra: dict[str, tuple[list[list[int]], int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Pad token rows to the longest row; returns input_ids, attention_mask and padded `extra` rows."""
+    length = max((len(r) for r in rows), default=0)
+
+    def padded(values: list[int], fill: int) -> list[int]:
+        pad = [fill] * (length - len(values))
+        return pad + values if padding_side == "left" else values + pad
+
+    out = {
+        "input_ids": torch.tensor([padded(r, pad_id) for r in rows], dtype=torch.long).reshape(len(rows), length),
+        "attention_mask": torch.tensor([padded([1] * len(r), 0) for r in rows], dtype=torch.long).reshape(
+            len(rows), length
+        ),
+    }
+    for key, (values, fill) in (extra or {}).items():
+        out[key] = torch.tensor([padded(v, fill) for v in values], dtype=torch.long).reshape(len(rows), length)
+    return out
+
+
+def pack_rows(rows: list[list[int]], extra: dict[str, list[list[int]]] | None = None) -> dict[str, torch.Tensor]:
+    """Concatenate rows into one padding-free sequence [1, T] with per-row restarting position_ids and
+    cu_seqlens (flash-attention varlen layout; transformers builds a block-diagonal mask from the
+    position_ids for sdpa/eager)."""
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("cannot pack an empty row")
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    out = {
+        "input_ids": torch.tensor([t for r in rows for t in r], dtype=torch.long)[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths.tolist()])[None],
+        "cu_seqlens": cu,
+    }
+    for key, values in (extra or {}).items():
+        out[key] = torch.tensor([t for v in values for t in v], dtype=torch.long)[None]
+    return out
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count only real tokens, so left padding does not shift a row's positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+def model_kwargs(dtype: torch.dtype | None, attn_implementation: str | None, quantization: str | None,
+                 skip_modules: Sequence[str] = ()) -> dict[str, Any]:
+    """from_pretrained keyword arguments shared by the families."""
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization == "nf4":
+        from vlm2vec.lora import nf4_config
+
+        kwargs["quantization_config"] = nf4_config(dtype, skip_modules)
+    elif quantization is not None:
+        raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+    return kwargs
+
+
+def is_local_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+class ProcessorPair:
+    """A tokenizer + image processor saved and loaded side by side.
+
+    Used instead of the transformers multimodal Processor classes, some of which cannot be built
+    without torchvision (Qwen2VLProcessor needs a video processor); the families expand image tokens
+    themselves."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def save_pretrained(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        self.image_processor.save_pretrained(directory)
+
+    def __repr__(self) -> str:
+        return f"ProcessorPair({type(self.tokenizer).__name__}, {type(self.image_processor).__name__})"

@@ -1,0 +1,107 @@
+"""peft LoRA / DoRA on the language model of a backbone, and bitsandbytes NF4 config for QLoRA.
+
+Target names like `q_proj` also occur in CLIP vision towers, so targets are resolved to full module
+names outside the vision tower: the tower stays frozen whatever names the user passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+LORA_INITS = ("gaussian", "default", True, False)
+
+
+def lora_target_names(model: nn.Module, targets: Sequence[str], exclude: nn.Module | None = None) -> list[str]:
+    """Full names of Linear (or 4-bit Linear) modules whose last name part is in `targets`,
+    skipping everything inside `exclude` (the vision tower) and the LM head."""
+    excluded_prefixes = []
+    if exclude is not None:
+        excluded_prefixes = [name for name, module in model.named_modules() if module is exclude]
+    wanted = set(targets)
+    names = []
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in wanted or not _is_linear(module):
+            continue
+        if any(name == p or name.startswith(p + ".") for p in excluded_prefixes if p):
+            continue
+        names.append(name)
+    return names
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+
+        return isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+    except ImportError:
+        return False
+
+
+def add_lora(
+    model: nn.Module,
+    *,
+    targets: Sequence[str],
+    exclude: nn.Module | None = None,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.1,
+    dora: bool = False,
+    init: str | bool = "gaussian",
+) -> nn.Module:
+    """Wrap `model` in a peft LoRA (DoRA with dora=True) adapter; only adapter weights train.
+
+    init: "gaussian" (VLM2Vec's released checkpoints), "default"/True (Kaiming A, zero B), False
+    (random B: for tests that need a non-identity adapter)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if init not in LORA_INITS:
+        raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
+    names = lora_target_names(model, targets, exclude)
+    if not names:
+        raise ValueError(f"targets {list(targets)} match no Linear module outside the vision tower")
+    if is_quantized(model):
+        # casts norms to fp32 and makes inputs require grad so 4-bit layers pass gradients to LoRA
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if exclude is not None:
+            exclude.requires_grad_(False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=names,
+        use_dora=dora,
+        init_lora_weights=True if init == "default" else init,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when any weight is a bitsandbytes 4-bit parameter."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def nf4_config(compute_dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()):  # noqa: ANN201
+    """transformers BitsAndBytesConfig for 4-bit NF4 base weights (QLoRA); `skip_modules` stay dense."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+        llm_int8_skip_modules=list(skip_modules) or None,
+    )

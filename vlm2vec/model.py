@@ -1,0 +1,462 @@
+"""The VLM2Vec encoder: backbone -> last-layer hidden state of the last real token (or mean) -> L2 norm.
+
+One encoder serves queries and targets. Everything family-specific goes through `BackboneFamily` hooks
+(backbones.py), so this file never branches on the model kind.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlm2vec.backbones import BackboneFamily, ProcessorSettings, family_of, get_family
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+META_FILE = "vlm2vec.json"
+BASE_SUBDIR = "base"
+POOLINGS = ("last", "mean")
+
+
+def resolve_attn_implementation(requested: str | None, device: str | torch.device | None) -> str:
+    """flash_attention_2 when `flash_attn` imports and the device is CUDA, else sdpa; explicit wins."""
+    if requested not in (None, "auto"):
+        return requested
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    if on_cuda:
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding (or none)."""
+    length = attention_mask.shape[1]
+    flipped_first_real = attention_mask.flip(1).to(torch.int64).argmax(1)
+    return length - 1 - flipped_first_real
+
+
+def pool(hidden: torch.Tensor, inputs: dict[str, torch.Tensor], pooling: str) -> torch.Tensor:
+    """Pool hidden states [N, L, H] (padded) or [1, T, H] (packed, with `cu_seqlens`) to [N, H]."""
+    if "cu_seqlens" in inputs:
+        cu = inputs["cu_seqlens"].to(hidden.device)
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        if pooling == "last":
+            return flat[cu[1:] - 1]
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        return torch.stack([seg.mean(0) for seg in flat.split(lengths)])
+    mask = inputs["attention_mask"].to(hidden.device)
+    if pooling == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last_token_index(mask)]
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+
+def _same_call(a: tuple, ka: dict, b: tuple, kb: dict) -> bool:
+    if len(a) != len(b) or ka.keys() != kb.keys():
+        return False
+    return all(_same_value(x, y) for x, y in zip(list(a) + list(ka.values()), list(b) + [kb[k] for k in ka]))
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+        return (
+            isinstance(x, torch.Tensor)
+            and isinstance(y, torch.Tensor)
+            and x.shape == y.shape
+            and x.dtype == y.dtype
+            and x.device == y.device
+            and (x is y or torch.equal(x, y))
+        )
+    if isinstance(x, list | tuple) and isinstance(y, list | tuple):
+        return len(x) == len(y) and all(_same_value(p, q) for p, q in zip(x, y))
+    try:
+        return bool(x == y)
+    except Exception:  # noqa: BLE001 - values without a usable == are "different"
+        return False
+
+
+class VLM2Vec(nn.Module):
+    """Universal multimodal embedding model on top of a vision-language backbone.
+
+    forward(inputs) is the training path (pooled, normalised [N, D] fp32 embeddings with grad);
+    encode(texts, images) is the batched inference path.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        processor: Any,
+        family: BackboneFamily,
+        *,
+        pooling: str = "last",
+        normalize: bool = True,
+        max_len: int = 4096,
+        padding_side: str | None = None,
+        settings: ProcessorSettings | None = None,
+        freeze_vision: bool = True,
+        base_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        padding_side = padding_side or family.padding_side
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.backbone = backbone
+        self.processor = processor
+        self.family = family
+        self.pooling = pooling
+        self.normalize = normalize
+        self.max_len = max_len
+        self.padding_side = padding_side
+        self.settings = settings or copy.deepcopy(family.default_settings)
+        self.base_path = base_path
+        if freeze_vision and self.vision_tower is not None:
+            self.vision_tower.requires_grad_(False)
+
+    # ----------------------------------------------------------------------------------------- views
+    @property
+    def hf_model(self) -> nn.Module:
+        """The unwrapped backbone (peft layers, if any, are injected in place and still run)."""
+        return self.backbone.get_base_model() if self.is_peft else self.backbone
+
+    @property
+    def is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.backbone, PeftModel)
+
+    @property
+    def vision_tower(self) -> nn.Module | None:
+        """The image encoder (frozen by default), or None for text-only backbones."""
+        return self.family.vision_tower(self.hf_model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.backbone.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    # ------------------------------------------------------------------------------------- encoding
+    def prepare(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image | None] | None = None,
+        *,
+        packed: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise + process one chunk; pads only to this chunk's longest row (or packs it)."""
+        texts, images = _check_batch(texts, images)
+        if packed and not self.family.supports_packed:
+            raise ValueError(f"family {self.family.name!r} does not support packed=True")
+        return self.family.prepare(
+            self.processor,
+            texts,
+            images,
+            self.max_len,
+            packed,
+            padding_side=self.padding_side,
+            settings=self.settings,
+        )
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings [N, D] (fp32, L2-normalised when `normalize`) of a prepared chunk."""
+        inputs = self._to_device(inputs)
+        hidden = self.family.hidden_states(self.hf_model, inputs)
+        pooled = pool(hidden, inputs, self.pooling).float()
+        return F.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Image | None] | None = None,
+        batch_size: int = 8,
+        show_progress: bool = True,
+        packed: bool = False,
+    ) -> torch.Tensor:
+        """Embed texts (+ images) in batches, eval mode, no grad; returns fp32 [N, D] on the CPU.
+
+        A row gets the same vector whether it is encoded alone or in a mixed, padded batch."""
+        from tqdm.auto import tqdm
+
+        texts, images = _check_batch(texts, images)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        was_training = self.training
+        self.eval()
+        chunks = []
+        try:
+            starts = range(0, len(texts), batch_size)
+            for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
+                inputs = self.prepare(texts[s : s + batch_size], images[s : s + batch_size], packed=packed)
+                chunks.append(self(inputs).cpu())
+        finally:
+            self.train(was_training)
+        if not chunks:
+            return torch.empty(0, self.embedding_dim)
+        return torch.cat(chunks)
+
+    @property
+    def embedding_dim(self) -> int:
+        config = getattr(self.hf_model, "config", None)
+        text_config = getattr(config, "text_config", None) or config
+        return int(text_config.hidden_size)
+
+    def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        device, dtype = self.device, self.dtype
+        moved = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(device, dtype=dtype if value.is_floating_point() else None)
+            moved[key] = value
+        return moved
+
+    # ----------------------------------------------------------------------- frozen vision features
+    @contextmanager
+    def reuse_vision_features(self) -> Iterator[dict[str, int]]:
+        """Inside this block the (frozen) vision tower runs once per distinct input; repeats replay.
+
+        GradCache encodes each chunk twice (no-grad pass, then re-forward with grad); nothing in a
+        frozen tower needs gradients, so the second pass can reuse the first pass's outputs. Yields a
+        dict of counters {"computed", "reused"}. Raises ValueError if the tower has trainable weights."""
+        tower = self.vision_tower
+        stats = {"computed": 0, "reused": 0}
+        if tower is None:
+            yield stats
+            return
+        if any(p.requires_grad for p in tower.parameters()):
+            raise ValueError("the vision tower has trainable parameters; its features cannot be reused")
+        original = tower.forward
+        cache: list[tuple[tuple, dict, Any]] = []
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            for cached_args, cached_kwargs, output in cache:
+                if _same_call(cached_args, cached_kwargs, args, kwargs):
+                    stats["reused"] += 1
+                    return copy.copy(output)  # callers may reassign fields of a ModelOutput
+            with torch.no_grad():
+                output = original(*args, **kwargs)
+            cache.append((args, kwargs, output))
+            stats["computed"] += 1
+            return copy.copy(output)
+
+        had_instance_forward = "forward" in tower.__dict__
+        tower.forward = forward
+        try:
+            yield stats
+        finally:
+            if had_instance_forward:
+                tower.forward = original
+            else:
+                del tower.forward
+            cache.clear()
+
+    # ------------------------------------------------------------------------------ fine-tuning modes
+    def add_lora(
+        self,
+        r: int = 8,
+        alpha: int = 16,
+        dropout: float = 0.1,
+        targets: Sequence[str] | None = None,
+        dora: bool = False,
+        init: str | bool = "gaussian",
+    ) -> VLM2Vec:
+        """Wrap the backbone with a peft LoRA (or DoRA) adapter on the LLM; everything else frozen."""
+        from vlm2vec.lora import add_lora
+
+        if self.is_peft:
+            raise ValueError("the backbone already has a LoRA adapter (merge_lora() first)")
+        self.backbone = add_lora(
+            self.backbone,
+            targets=list(targets) if targets is not None else self.family.lora_targets,
+            exclude=self.vision_tower,
+            r=r,
+            alpha=alpha,
+            dropout=dropout,
+            dora=dora,
+            init=init,
+        )
+        return self
+
+    def load_adapter(self, directory: str, is_trainable: bool = False) -> VLM2Vec:
+        """Attach a saved peft adapter (adapter_config.json + weights) to the base backbone."""
+        from peft import PeftModel
+
+        if self.is_peft:
+            raise ValueError("the backbone already has a LoRA adapter")
+        self.backbone = PeftModel.from_pretrained(self.backbone, directory, is_trainable=is_trainable)
+        return self
+
+    def merge_lora(self) -> VLM2Vec:
+        """Fold the adapter into the base weights (plain backbone afterwards)."""
+        if not self.is_peft:
+            raise ValueError("merge_lora() needs a LoRA adapter; this backbone has none")
+        self.backbone = self.backbone.merge_and_unload()
+        return self
+
+    def enable_full_finetuning(self, train_vision: bool = False) -> VLM2Vec:
+        """Train every weight of the backbone (the vision tower only when train_vision=True)."""
+        if self.is_peft:
+            raise ValueError("full fine-tuning of a LoRA-wrapped backbone: merge_lora() first")
+        self.backbone.requires_grad_(True)
+        if self.vision_tower is not None and not train_vision:
+            self.vision_tower.requires_grad_(False)
+        return self
+
+    def gradient_checkpointing_enable(self) -> VLM2Vec:
+        """Recompute activations in backward (non-reentrant, works with frozen inputs and LoRA)."""
+        self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return self
+
+    # ---------------------------------------------------------------------------------- save / load
+    def save_pretrained(self, directory: str, save_base: bool | None = None) -> None:
+        """Write a directory `from_pretrained` loads back.
+
+        Full / merged models: weights + processor + vlm2vec.json. LoRA: the adapter + vlm2vec.json naming
+        the base; the base itself is written to `<dir>/base` when it has no loadable path (tiny models)
+        or when save_base=True."""
+        os.makedirs(directory, exist_ok=True)
+        meta: dict[str, Any] = {
+            "family": self.family.name,
+            "family_module": self.family.module,
+            "pooling": self.pooling,
+            "normalize": self.normalize,
+            "max_len": self.max_len,
+            "padding_side": self.padding_side,
+            "settings": self.settings.to_dict(),
+        }
+        if self.is_peft:
+            self.backbone.save_pretrained(directory)
+            if save_base or (save_base is None and not self.base_path):
+                base = copy.deepcopy(self.backbone).unload()
+                self.family.save(base, self.processor, os.path.join(directory, BASE_SUBDIR))
+                meta["base"] = BASE_SUBDIR
+            else:
+                meta["base"] = self.base_path
+        else:
+            self.family.save(self.hf_model, self.processor, directory)
+        with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str,
+        *,
+        family: str | None = None,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        quantization: str | None = None,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        max_len: int | None = None,
+        padding_side: str | None = None,
+        resolution: str | None = None,
+        num_crops: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        device: str | torch.device | None = None,
+        is_trainable: bool = False,
+        freeze_vision: bool = True,
+    ) -> VLM2Vec:
+        """Load a base model (hub id or directory) and, if the directory holds one, its LoRA adapter.
+
+        Explicit arguments override what vlm2vec.json recorded. quantization="nf4" loads the base with
+        bitsandbytes 4-bit NF4 weights (QLoRA). attn_implementation None/"auto": flash_attention_2 on
+        CUDA when flash_attn imports, else sdpa."""
+        if quantization not in (None, "nf4"):
+            raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+        path = os.fspath(path_or_id)
+        meta: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(path, META_FILE)):
+            with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+                meta = json.load(f)
+        adapter_dir = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
+        base_path = path
+        if adapter_dir is not None:
+            base_path = meta.get("base") or _adapter_base(adapter_dir)
+            if not os.path.isabs(base_path) and os.path.isdir(os.path.join(adapter_dir, base_path)):
+                base_path = os.path.join(adapter_dir, base_path)
+        if family is not None:
+            fam = get_family(family)
+        elif meta.get("family"):
+            if meta.get("family_module"):
+                import importlib
+
+                importlib.import_module(meta["family_module"])
+            fam = get_family(meta["family"])
+        else:
+            fam = family_of(base_path)
+        recorded = {**fam.default_settings.to_dict(), **meta.get("settings", {})}
+        explicit = {"resolution": resolution, "num_crops": num_crops, "min_pixels": min_pixels,
+                    "max_pixels": max_pixels}
+        settings = ProcessorSettings(**{**recorded, **{k: v for k, v in explicit.items() if v is not None}})
+        attn = resolve_attn_implementation(attn_implementation, device)
+        hf_model, processor = fam.load(
+            base_path, dtype=dtype, attn_implementation=attn, quantization=quantization, settings=settings
+        )
+        if device is not None and quantization is None:
+            hf_model.to(device)
+        model = cls(
+            hf_model,
+            processor,
+            fam,
+            pooling=pooling or meta.get("pooling", "last"),
+            normalize=meta.get("normalize", True) if normalize is None else normalize,
+            max_len=max_len or meta.get("max_len", 4096),
+            padding_side=padding_side or meta.get("padding_side"),
+            settings=settings,
+            freeze_vision=freeze_vision,
+            base_path=base_path if not os.path.isdir(base_path) else os.path.abspath(base_path),
+        )
+        if adapter_dir is not None:
+            model.load_adapter(adapter_dir, is_trainable=is_trainable)
+        return model
+
+
+def _adapter_base(adapter_dir: str) -> str:
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model and there is no {META_FILE}")
+    return base
+
+
+def _check_batch(
+    texts: Sequence[str], images: Sequence[Image | None] | None
+) -> tuple[list[str], list[Image | None]]:
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings, not a single string")
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
+    if images is None:
+        return texts, [None] * len(texts)
+    images = list(images)
+    if len(images) != len(texts):
+        raise ValueError(f"images has {len(images)} entries but texts has {len(texts)}; pass None for text-only rows")
+    return texts, images

@@ -1,0 +1,248 @@
+"""Small synthetic MMEB-format data for tests and demos: coloured shapes drawn with Pillow, whose
+texts name what is drawn ("a red circle"), so a model can actually learn the pairing.
+
+    python -m vlm2vec.synthetic --out DIR --rows N [--eval-rows M] [--format jsonl|parquet|arrow]
+
+writes DIR/train/<Subset>.<fmt> + DIR/train/images/..., DIR/eval/<Dataset>.<fmt> + DIR/eval/images/...
+(image paths relative to DIR/train resp. DIR/eval, the readers' default image roots). Deterministic by seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vlm2vec.mmeb_tables import IMAGE_PLACEHOLDER
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215), "yellow": (230, 200, 30),
+    "purple": (140, 60, 180), "orange": (240, 140, 20), "black": (20, 20, 20), "cyan": (30, 190, 200),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
+IMAGE_PROMPT = f"{IMAGE_PLACEHOLDER}\nRepresent the given image."
+
+# train subset -> kind; eval datasets reuse the names (MMEB-eval format, ground truth at candidate 0)
+TRAIN_SUBSETS = ("ShapeClassification", "ShapeVQA", "ShapeRetrieval_t2i", "ShapeRetrieval_i2t")
+EVAL_DATASETS = ("ShapeClassification", "ShapeVQA", "ShapeRetrieval_t2i")
+
+
+def draw_shape(color: str, shape: str, size: int, rng: random.Random) -> Image.Image:
+    """One RGB image of a `color` `shape` at a random place and scale on a light, slightly tinted ground."""
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    img = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(img)
+    r = rng.uniform(0.22, 0.38) * size
+    cx, cy = rng.uniform(r + 1, size - r - 1), rng.uniform(r + 1, size - r - 1)
+    fill = COLORS[color]
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+    elif shape == "cross":
+        w = r / 3
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+    elif shape == "star":
+        pts = [
+            (cx + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / 5),
+             cy - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / 5))
+            for k in range(10)
+        ]  # fmt: skip
+        draw.polygon(pts, fill=fill)
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    return img
+
+
+def write_rows(path: str | Path, rows: Sequence[dict]) -> Path:
+    """Write rows as .jsonl, .parquet or .arrow (an Arrow IPC stream, as `datasets.save_to_disk`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        with open(path, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return path
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(list(rows))
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    elif path.suffix == ".arrow":
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    else:
+        raise ValueError(f"path must end in .jsonl, .parquet or .arrow, got {path}")
+    return path
+
+
+class _Painter:
+    """Draws and saves images under one root, returning paths relative to that root."""
+
+    def __init__(self, root: Path, folder: str, size: int, rng: random.Random):
+        self.root, self.folder, self.size, self.rng, self.n = root, folder, size, rng, 0
+        (root / "images" / folder).mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, color: str, shape: str) -> str:
+        rel = f"images/{self.folder}/{self.n:05d}.png"
+        draw_shape(color, shape, self.size, self.rng).save(self.root / rel)
+        self.n += 1
+        return rel
+
+
+def _label(color: str, shape: str) -> str:
+    return f"{color} {shape}"
+
+
+def _train_rows(subset: str, n: int, root: Path, size: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}/train/{subset}")
+    paint = _Painter(root, subset, size, rng)
+    rows = []
+    for _ in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        other_color = rng.choice([c for c in COLORS if c != color])
+        other_shape = rng.choice([s for s in SHAPES if s != shape])
+        if subset == "ShapeClassification":  # 2 hard negatives as lists: same colour / same shape
+            row = dict(
+                qry=f"{IMAGE_PLACEHOLDER}\nRepresent the given image for classification",
+                qry_image_path=paint(color, shape), pos_text=_label(color, shape), pos_image_path="",
+                neg_text=[_label(color, other_shape), _label(other_color, shape)], neg_image_path=["", ""],
+            )  # fmt: skip
+        elif subset == "ShapeVQA":  # no hard negatives (empty strings, as most MMEB-train rows)
+            question, answer = rng.choice(
+                [("What color is the shape?", color), ("What shape is drawn?", shape)]
+            )
+            row = dict(
+                qry=f"{IMAGE_PLACEHOLDER}\nRepresent the given image with the following question: {question}",
+                qry_image_path=paint(color, shape), pos_text=answer, pos_image_path="",
+                neg_text="", neg_image_path="",
+            )  # fmt: skip
+        elif subset == "ShapeRetrieval_t2i":  # one hard negative image (same shape, other colour)
+            row = dict(
+                qry=f"Find an image that matches the given caption: a {_label(color, shape)}.",
+                qry_image_path="", pos_text=IMAGE_PROMPT, pos_image_path=paint(color, shape),
+                neg_text=IMAGE_PROMPT, neg_image_path=paint(other_color, shape),
+            )  # fmt: skip
+        elif subset == "ShapeRetrieval_i2t":
+            row = dict(
+                qry=f"{IMAGE_PLACEHOLDER}\nFind a caption describing the given image.",
+                qry_image_path=paint(color, shape), pos_text=f"a {_label(color, shape)}", pos_image_path="",
+                neg_text="", neg_image_path="",
+            )  # fmt: skip
+        else:
+            raise ValueError(f"unknown synthetic subset {subset!r}")
+        rows.append(row)
+    return rows
+
+
+def _eval_rows(dataset: str, n: int, num_candidates: int, root: Path, size: int, seed: int) -> list[dict]:
+    rng = random.Random(f"{seed}/eval/{dataset}")
+    paint = _Painter(root, dataset, size, rng)
+    classes = [(c, s) for c in COLORS for s in SHAPES]
+    rows = []
+    for _ in range(n):
+        color, shape = rng.choice(classes)
+        if dataset == "ShapeClassification":
+            others = rng.sample(
+                [_label(c, s) for c, s in classes if (c, s) != (color, shape)], num_candidates - 1
+            )
+            rows.append(dict(
+                qry_text=f"{IMAGE_PLACEHOLDER}\nRepresent the given image for classification",
+                qry_img_path=paint(color, shape), tgt_text=[_label(color, shape), *others],
+                tgt_img_path=[""] * num_candidates,
+            ))  # fmt: skip
+        elif dataset == "ShapeVQA":
+            k = min(num_candidates, len(COLORS))
+            others = rng.sample([c for c in COLORS if c != color], k - 1)
+            rows.append(dict(
+                qry_text=f"{IMAGE_PLACEHOLDER}\nRepresent the given image with the following question: "
+                "What color is the shape?",
+                qry_img_path=paint(color, shape), tgt_text=[color, *others], tgt_img_path=[""] * k,
+            ))  # fmt: skip
+        elif dataset == "ShapeRetrieval_t2i":
+            others = rng.sample([cs for cs in classes if cs != (color, shape)], num_candidates - 1)
+            rows.append(dict(
+                qry_text=f"Find an image that matches the given caption: a {_label(color, shape)}.",
+                qry_img_path="", tgt_text=[IMAGE_PROMPT] * num_candidates,
+                tgt_img_path=[paint(color, shape), *(paint(c, s) for c, s in others)],
+            ))  # fmt: skip
+        else:
+            raise ValueError(f"unknown synthetic eval dataset {dataset!r}")
+    return rows
+
+
+@dataclass
+class SyntheticMMEB:
+    """Where the generator wrote what."""
+
+    train_dir: Path
+    eval_dir: Path
+    train_subsets: tuple[str, ...]
+    eval_datasets: tuple[str, ...]
+
+
+def write_synthetic_mmeb(
+    out_dir: str | Path,
+    *,
+    rows: int = 32,
+    eval_rows: int | None = None,
+    num_candidates: int = 8,
+    image_size: int = 64,
+    seed: int = 0,
+    fmt: str = "jsonl",
+    subsets: Sequence[str] = TRAIN_SUBSETS,
+    eval_datasets: Sequence[str] = EVAL_DATASETS,
+) -> SyntheticMMEB:
+    """Write `rows` train rows per subset and `eval_rows` (default rows // 2, at least 1) eval rows per
+    dataset with `num_candidates` candidates each. Same arguments -> byte-identical files."""
+    if rows < 1 or image_size < 8 or not 2 <= num_candidates <= len(COLORS) * len(SHAPES):
+        raise ValueError(
+            f"need rows >= 1, image_size >= 8, 2 <= num_candidates <= {len(COLORS) * len(SHAPES)}; "
+            f"got rows={rows}, image_size={image_size}, num_candidates={num_candidates}"
+        )
+    if fmt not in ("jsonl", "parquet", "arrow"):
+        raise ValueError(f"fmt must be 'jsonl', 'parquet' or 'arrow', got {fmt!r}")
+    eval_rows = max(1, rows // 2) if eval_rows is None else eval_rows
+    out = Path(out_dir)
+    train_dir, eval_dir = out / "train", out / "eval"
+    for subset in subsets:
+        write_rows(train_dir / f"{subset}.{fmt}", _train_rows(subset, rows, train_dir, image_size, seed))
+    for dataset in eval_datasets:
+        data = _eval_rows(dataset, eval_rows, num_candidates, eval_dir, image_size, seed)
+        write_rows(eval_dir / f"{dataset}.{fmt}", data)
+    return SyntheticMMEB(train_dir, eval_dir, tuple(subsets), tuple(eval_datasets))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlm2vec.synthetic", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (train/ and eval/ are created)")
+    parser.add_argument("--rows", type=int, default=32, help="train rows per subset")
+    parser.add_argument("--eval-rows", type=int, default=None, help="eval rows per dataset (default rows/2)")
+    parser.add_argument("--candidates", type=int, default=8, help="candidates per eval row")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=("jsonl", "parquet", "arrow"), default="jsonl")
+    args = parser.parse_args(argv)
+    made = write_synthetic_mmeb(
+        args.out, rows=args.rows, eval_rows=args.eval_rows, num_candidates=args.candidates,
+        image_size=args.image_size, seed=args.seed, fmt=args.format,
+    )  # fmt: skip
+    print(f"train: {made.train_dir} subsets {', '.join(made.train_subsets)}")
+    print(f"eval:  {made.eval_dir} datasets {', '.join(made.eval_datasets)}")
+
+
+if __name__ == "__main__":
+    main()
