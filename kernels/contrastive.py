@@ -28,6 +28,7 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
+ROW_BLOCK_ELEMENTS = 2**18  # bound on the [rows, D] temporaries of the O(B*D) steps (1 MiB in fp32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,8 +157,8 @@ def _row_dot(a: Tensor, b: Tensor, b_rows: Tensor | None = None) -> Tensor:
 
 
 def _row_blocks(x: Tensor):
-    """(start, stop) of row blocks of x holding at most MAX_CHUNK_ELEMENTS elements each."""
-    step = max(1, torch_ref.MAX_CHUNK_ELEMENTS // max(x.shape[1], 1))
+    """(start, stop) of row blocks of x with at most ROW_BLOCK_ELEMENTS elements (temporaries stay small)."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(x.shape[1], 1))
     for start in range(0, x.shape[0], step):
         yield start, min(start + step, x.shape[0])
 
@@ -169,8 +170,14 @@ def _norms(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _subtract_positive_(
-    gq: Tensor, gc: Tensor, rows: Tensor, cands: Tensor, targets: Tensor, weight: Tensor,
-    row_scale: Tensor, col_scale: Tensor,
+    gq: Tensor,
+    gc: Tensor,
+    rows: Tensor,
+    cands: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    row_scale: Tensor,
+    col_scale: Tensor,
 ) -> None:
     """Adds the gradient pieces of -sum_i weight_i * s_i,t(i) to the engine's gq, gc (same split:
     gq_i -= w_i col_scale_t c_t, gc_t -= w_i row_scale_i q_i), in fp32 before any rounding."""
@@ -206,12 +213,9 @@ class _DirectionalInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, cands, tau, targets, rows_eng, cands_eng, normalize, engine, as_sum, want_grad):
-        if normalize:
-            row_norms, row_inverse = _norms(rows)
-            cand_norms, col_scale = _norms(cands)
-        else:
-            row_norms = cand_norms = None
-            row_inverse, col_scale = rows.new_ones(rows.shape[0]), cands.new_ones(cands.shape[0])
+        (row_norms, row_inverse), (cand_norms, col_scale) = _norms(rows), _norms(cands)
+        if not normalize:
+            row_inverse, col_scale = torch.ones_like(row_norms), torch.ones_like(cand_norms)
         row_scale = row_inverse / tau
         positive = row_scale * col_scale[targets] * _row_dot(rows, cands, targets)
         fused = getattr(engine, "row_lse_and_grad", None)
@@ -225,7 +229,9 @@ class _DirectionalInfoNCE(torch.autograd.Function):
         ctx.save_for_backward(
             rows, cands, tau, targets, rows_eng, cands_eng, row_scale, col_scale, lse, row_norms, cand_norms
         )
-        losses = lse - positive
+        # 0 * norm is NaN for a row holding Inf/NaN: without normalisation an Inf candidate can give
+        # s = -Inf everywhere, which the LSE rightly ignores, but the loss must not look finite.
+        losses = (lse - positive).add_((row_norms + cand_norms.sum()).mul_(0))
         return losses.sum() if as_sum else losses
 
     @staticmethod
@@ -248,16 +254,24 @@ class _DirectionalInfoNCE(torch.autograd.Function):
         d_rows = d_cands = None
         if need_rows:
             d_inverse = d_row_scale / tau if ctx.normalize else None
-            d_rows = _input_grad_(gq, rows, row_scale, row_norms, d_inverse)
+            d_rows = _input_grad_(gq, rows, row_scale, row_norms if ctx.normalize else None, d_inverse)
         if need_cands:
             d_inverse = _row_dot(gc, cands) if ctx.normalize else None
-            d_cands = _input_grad_(gc, cands, col_scale, cand_norms, d_inverse)
+            d_cands = _input_grad_(gc, cands, col_scale, cand_norms if ctx.normalize else None, d_inverse)
         return d_rows, d_cands, d_tau, None, None, None, None, None, None, None
 
 
 def _directional_loss(
-    rows: Tensor, cands: Tensor, tau: Tensor, targets: Tensor, *, normalize: bool, engine: ModuleType,
-    engine_dtype: torch.dtype, as_sum: bool, originals: tuple[Tensor | None, Tensor | None],
+    rows: Tensor,
+    cands: Tensor,
+    tau: Tensor,
+    targets: Tensor,
+    *,
+    normalize: bool,
+    engine: ModuleType,
+    engine_dtype: torch.dtype,
+    as_sum: bool,
+    originals: tuple[Tensor | None, Tensor | None],
 ) -> Tensor:
     """Calls _DirectionalInfoNCE, handing the engine `originals` (the caller's tensors) when they
     already hold the values in the engine dtype, else a cast of the accumulation-dtype tensors."""
@@ -342,7 +356,12 @@ def contrastive_loss(
         if targets is None:
             targets = _default_targets(query.shape[0], candidates.shape[0], query.device)
         loss = torch_ref.reference_contrastive_loss(
-            query, candidates, tau, normalize=normalize, targets=targets, symmetric=symmetric,
+            query,
+            candidates,
+            tau,
+            normalize=normalize,
+            targets=targets,
+            symmetric=symmetric,
             reduction=reduction,
         )
         return loss.to(acc)
@@ -426,8 +445,15 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, query: Tensor, candidates: Tensor, targets: Tensor | None = None) -> Tensor:
         return contrastive_loss(
-            query, candidates, self.temperature, normalize=self.normalize, targets=targets,
-            symmetric=self.symmetric, reduction=self.reduction, group=self.group, backend=self.backend,
+            query,
+            candidates,
+            self.temperature,
+            normalize=self.normalize,
+            targets=targets,
+            symmetric=self.symmetric,
+            reduction=self.reduction,
+            group=self.group,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

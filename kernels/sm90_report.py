@@ -108,9 +108,10 @@ def shipped_configurations() -> list[dict]:
                     out.append({"fn": fn, "kernel": role, "config": label, "dtype": dtype,
                                 "pointer_types": pointer_types, "constexprs": constexprs,
                                 "options": cfg.launch_options(), "needs_hgmma": True})
-    out.append({"fn": lse_merge_kernel, "kernel": "lse_merge", "config": f"BLOCK {MERGE_BLOCK} w4", "dtype": "fp32",
-                "pointer_types": {"part_ptr": "*fp32", "lse_ptr": "*fp32"}, "constexprs": {"BLOCK": MERGE_BLOCK},
-                "options": {"num_warps": 4, "num_stages": 1}, "needs_hgmma": False})
+    out.append({"fn": lse_merge_kernel, "kernel": "lse_merge", "config": f"BLOCK {MERGE_BLOCK} w4",
+                "dtype": "fp32", "pointer_types": {"part_ptr": "*fp32", "lse_ptr": "*fp32"},
+                "constexprs": {"BLOCK": MERGE_BLOCK}, "options": {"num_warps": 4, "num_stages": 1},
+                "needs_hgmma": False})
     return out
 
 
@@ -156,18 +157,20 @@ def compile_all(jobs: int = 1) -> list[CompileReport]:
 
 
 def format_table(reports: list[CompileReport]) -> str:
-    head = f"{'kernel':<12} {'config':<28} {'dtype':<5} {'regs':>4} {'shared KB':>9} {'stack':>5} {'HGMMA':>5}  status"
+    head = (f"{'kernel':<12} {'config':<28} {'dtype':<5} {'regs':>4} {'shared KB':>9} {'stack':>5} "
+            f"{'HGMMA':>5}  status")
     lines = [head, "-" * len(head)]
     for r in reports:
         status = "; ".join(r.problems()) or "ok"
         hgmma = str(r.hgmma) if r.needs_hgmma else "-"
-        lines.append(f"{r.kernel:<12} {r.config:<28} {r.dtype:<5} {r.registers:>4} {r.shared_bytes / 1024:>9.1f} "
-                     f"{r.stack_bytes:>5} {hgmma:>5}  {status}")
+        lines.append(f"{r.kernel:<12} {r.config:<28} {r.dtype:<5} {r.registers:>4} "
+                     f"{r.shared_bytes / 1024:>9.1f} {r.stack_bytes:>5} {hgmma:>5}  {status}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", help="also write the reports to this JSON file")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
                         help="parallel compilations (default: min(4, CPUs))")

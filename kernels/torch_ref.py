@@ -91,8 +91,14 @@ def _lse_and_exp_(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _accumulate_grads(
-    exps: Tensor, row_factor: Tensor, scaled_rows: Tensor, c: Tensor, col_scale: Tensor, gq_rows: Tensor,
-    gc: Tensor, first: bool,
+    exps: Tensor,
+    row_factor: Tensor,
+    scaled_rows: Tensor,
+    c: Tensor,
+    col_scale: Tensor,
+    gq_rows: Tensor,
+    gc: Tensor,
+    first: bool,
 ) -> None:
     """With P = row_factor[:, None] * exps: gc += P^T (row_scale q) and gq_rows = (P * col_scale) c.
 

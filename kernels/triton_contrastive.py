@@ -247,7 +247,7 @@ def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
     return gq, gc
 
 
-def _scaled_rows(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk: int = 32768) -> torch.Tensor:
+def _scaled_rows(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk: int = 32768):
     """dtype(scale[:, None] * x) computed in fp32, chunked so the fp32 temporary stays small."""
     out = _new_buffer(x.shape, dtype, x.device)
     for r in range(0, x.shape[0], chunk):

@@ -60,10 +60,10 @@ def row_lse_partial_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, part_ptr,
     row_scale = tl.load(row_scale_ptr + rows) * LOG2E
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tile_start = pid_s * tiles_per_split
-    tile_end = tl.minimum(tile_start + tiles_per_split, tl.cdiv(N, BLOCK_N))
-    for tile in range(tile_start, tile_end):
-        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    # the last split may run past the final column tile: those columns are masked to -inf below
+    # (same time as the other splits, and no data-dependent loop bound)
+    for step in range(0, tiles_per_split):
+        offs_n = (pid_s * tiles_per_split + step) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % N
         acc = _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
                           BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)

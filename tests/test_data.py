@@ -119,7 +119,8 @@ def test_eval_table_matches_design():
     ood = {d.name for d in MMEB_EVAL_DATASETS if d.ood}
     assert ood == {
         "Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211", "ScienceQA", "VizWiz", "GQA",
-        "TextVQA", "OVEN", "FashionIQ", "EDIS", "Wiki-SS-NQ", "Visual7W-Pointing", "RefCOCO", "RefCOCO-Matching",
+        "TextVQA", "OVEN", "FashionIQ", "EDIS", "Wiki-SS-NQ", "Visual7W-Pointing", "RefCOCO",
+        "RefCOCO-Matching",
     }  # fmt: skip
     assert (
         eval_dataset_info("MSCOCO").meta_task == "Grounding"
@@ -209,7 +210,8 @@ def test_image_token_replacement(tmp_path):
 def test_caps_keep_first_valid_rows(tmp_path):
     write_rows(tmp_path / "A.jsonl", _text_rows("a", 10))
     write_rows(tmp_path / "B.jsonl", [_row(q="", p="bad"), *_text_rows("b", 6)])
-    data = load_train_data(tmp_path, num_sample_per_subset=4, skip_bad_rows=True)
+    with pytest.warns(UserWarning, match="skipping bad row"):
+        data = load_train_data(tmp_path, num_sample_per_subset=4, skip_bad_rows=True)
     assert data.sizes() == {"A": 4, "B": 4} and data.bad_rows.count == 1
     assert [e.query_text for e in data.subsets["B"]] == [f"b query {i}" for i in range(4)]
     assert load_train_data(tmp_path, num_sample_per_subset={"A": 2}, skip_bad_rows=True).sizes() == {
@@ -244,6 +246,23 @@ def test_epoch_covers_every_row_once():
     first = [r for step in range(3) for _, r in sampler.rows(step)]
     second = [r for step in range(3, 6) for _, r in sampler.rows(step)]
     assert sorted(first) == list(range(24)) and sorted(second) == list(range(24)) and first != second
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_every_epoch_is_a_permutation_across_draw_blocks(group):
+    sizes = {"A": 70, "B": 30, "C": 9}
+    sampler = StepSampler(sizes, 8, homogeneous_size=group, seed=7)
+    sampler.block = 5  # many block boundaries (and a partial block) within the checked steps
+    drawn: dict[str, list[int]] = {s: [] for s in sizes}
+    for step in range(120):
+        for s, r in sampler.rows(step):
+            drawn[s].append(r)
+    for s, rows in drawn.items():
+        full = len(rows) // sizes[s] * sizes[s]
+        assert full >= 2 * sizes[s], (s, len(rows))
+        for e in range(0, full, sizes[s]):
+            assert sorted(rows[e : e + sizes[s]]) == list(range(sizes[s])), (s, e)
+        assert len(set(rows[full:])) == len(rows[full:])
 
 
 def test_homogeneous_groups():
@@ -325,6 +344,10 @@ def test_determinism_and_resume(tmp_path):
 
 
 def _mixed_batch(tmp_path, n=10, k=1):
+    return TrainBatches(load_train_data(_mixed_batch_dir(tmp_path, n), num_negatives=k), n, seed=4)[0]
+
+
+def _mixed_batch_dir(tmp_path, n=10) -> Path:
     """Queries/candidates of very different lengths (text-only and 32x32 images = 4 image tokens)."""
     _img(tmp_path / "big.png", size=32)
     rows = []
@@ -338,7 +361,7 @@ def _mixed_batch(tmp_path, n=10, k=1):
             pos, pos_image = (IMG_T, "big.png") if i % 2 else (f"t {i}", "")
             rows.append(_row(q=f"find {i} {words}", p=pos, pi=pos_image, nt=[f"neg {i} " + words], ni=[""]))
     write_rows(tmp_path / "S.jsonl", rows)
-    return TrainBatches(load_train_data(tmp_path, num_negatives=k), n, seed=4)[0]
+    return tmp_path
 
 
 @pytest.mark.parametrize("sort", [False, True])
@@ -364,6 +387,21 @@ def test_chunks_padded_to_their_own_longest_row(tmp_path, encoder, sort):
         assert prepared.targets.tolist() == batch.targets.tolist()
     else:
         assert sorted(prepared.query_order.tolist()) == list(range(len(batch)))
+
+
+def test_dataloader_workers_build_the_same_batches(tmp_path, encoder):
+    batch_fn = TrainBatches(load_train_data(_mixed_batch_dir(tmp_path), num_negatives=1), 4, seed=4)
+    collator = ChunkCollator(encoder, query_chunk_size=2, cand_chunk_size=3)
+    loader = torch.utils.data.DataLoader(
+        batch_fn, batch_size=None, sampler=range(1, 4), collate_fn=collator, num_workers=2
+    )
+    for step, got in zip(range(1, 4), loader, strict=True):
+        want = collator(batch_fn[step])
+        assert got.targets.tolist() == want.targets.tolist()
+        for a, b in zip(
+            got.query_chunks + got.cand_chunks, want.query_chunks + want.cand_chunks, strict=True
+        ):
+            assert all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_sorting_reduces_padding(tmp_path, encoder):
@@ -446,6 +484,7 @@ def test_skip_bad_rows_at_batch_time_counts(tmp_path, case):
     assert "target 1" not in batch.cand_texts and all(img is not None for img in batch.query_images)
     again = TrainBatches(data, 4, seed=0, skip_bad_rows=True)[0]  # replacement is deterministic
     assert again.query_texts == batch.query_texts and again.cand_texts == batch.cand_texts
+    assert data.bad_rows.count == 1 and "(known bad)" in again.skipped[0]  # counted once, listed per batch
     early = (
         load_train_data(tmp_path, check_images=True, skip_bad_rows=True) if case == "missing_image" else None
     )
@@ -461,10 +500,14 @@ def test_skip_rows_whose_image_tokens_would_be_cut(tmp_path, encoder):
         prepared = collator(batch)
     assert collator.bad_rows.count == 1 and prepared.num_queries == 3 and prepared.num_candidates == 3
     assert len(prepared.skipped) == 1 and "S.jsonl, row 1" in prepared.skipped[0]
-    kept = [batch.sources[i] for i in range(4) if "row 1" not in batch.sources[i]]
-    assert sorted(kept) == sorted(
-        batch.select([i for i in range(4) if "row 1" not in batch.sources[i]]).sources
-    )
+    bad = next(i for i in range(4) if batch.sources[i].endswith("row 1"))
+    good = [i for i in range(4) if i != bad]
+    assert prepared.query_order.tolist() == good and prepared.cand_order.tolist() == good
+    clean = ChunkCollator(encoder, query_chunk_size=2)(batch.select(good))
+    for a, b in zip(
+        prepared.query_chunks + prepared.cand_chunks, clean.query_chunks + clean.cand_chunks, strict=True
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in b)
     assert prepared.targets.tolist() == [0, 1, 2]
 
 
@@ -529,3 +572,39 @@ def test_eval_reader_layouts_and_bad_rows(tmp_path):
         ev = load_eval_dataset(tmp_path, "Z", skip_bad_rows=True)
     assert ev.bad_rows.count == 2 and len(ev) == 1 and ev[0].row == 2
     assert json.loads((tmp_path / "Z.jsonl").read_text().splitlines()[2])["qry_text"] == ev[0].query_text
+
+
+def test_collator_with_tiny_qwen2_vl(tmp_path):
+    """The same per-chunk contract through the real encoder (tiny Qwen2-VL: dynamic image tokens,
+    left padding), and its max_len error re-raised with the file and row."""
+    from vlm2vec.backbones import tiny
+
+    model = tiny("qwen2_vl", max_len=512)
+    batch = _mixed_batch(tmp_path, n=8)
+    prepared = ChunkCollator(model, query_chunk_size=3, cand_chunk_size=5)(batch)
+    for chunks, texts, images, size in (
+        (prepared.query_chunks, batch.query_texts, batch.query_images, 3),
+        (prepared.cand_chunks, batch.cand_texts, batch.cand_images, 5),
+    ):
+        lengths = [int(model.prepare([t], [i])["attention_mask"].sum()) for t, i in zip(texts, images)]
+        widths = [c["input_ids"].shape[1] for c in chunks]
+        assert widths == [max(lengths[s : s + size]) for s in range(0, len(lengths), size)]
+        assert len(set(widths)) > 1
+    assert prepared.targets.tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    packed = ChunkCollator(model, query_chunk_size=3, packed=True)(batch)  # flash-attention varlen layout
+    for chunk, start in zip(packed.query_chunks, range(0, 8, 3)):
+        rows = range(start, min(start + 3, 8))
+        lengths = [
+            int(model.prepare([batch.query_texts[r]], [batch.query_images[r]])["attention_mask"].sum())
+            for r in rows
+        ]
+        assert (
+            chunk["input_ids"].shape == (1, sum(lengths)) and chunk["cu_seqlens"].diff().tolist() == lengths
+        )
+    _img(tmp_path / "huge.png", size=512)
+    rows = [_row(q=IMG_Q, qi="big.png", p="x"), _row(q=IMG_Q, qi="huge.png", p="y")]
+    write_rows(tmp_path / "bad" / "S.jsonl", rows)
+    bad_batch = TrainBatches(load_train_data(tmp_path / "bad", image_root=tmp_path), 2, seed=0)[0]
+    model.max_len = 12
+    with pytest.raises(DataError, match=r"bad/S\.jsonl, row 1 \[S\] query: .*cut image tokens"):
+        ChunkCollator(model, query_chunk_size=2)(bad_batch)

@@ -13,7 +13,6 @@ import random
 
 import pytest
 import torch
-
 from vlm2vec_kernels import triton_contrastive as engine
 from vlm2vec_kernels.triton_contrastive import TileConfig
 
@@ -94,7 +93,7 @@ def test_row_lse_matches_float64(rng, M, N, D, dtype):
     got = engine.row_lse(q, c, rs, cs)
     assert got.dtype == torch.float32 and got.device.type == DEVICE
     err = (got.double().cpu() - want.cpu()).abs().max().item()
-    assert torch.isfinite(got).all() and err <= LSE_TOL[dtype], f"seed {rng.initial_seed()}: lse err {err:.3e}"
+    assert torch.isfinite(got).all() and err <= LSE_TOL[dtype], f"seed {rng.initial_seed()}: err {err:.3e}"
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3, 64])
@@ -104,7 +103,8 @@ def test_row_lse_any_split_count_gives_the_same_lse(rng, splits):
     want, _, _ = reference(q, c, rs, cs, torch.ones_like(rs))
     got = engine.row_lse(q, c, rs, cs, splits=splits)
     err = (got.double().cpu() - want.cpu()).abs().max().item()
-    assert torch.isfinite(got).all() and err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: {err:.3e}"
+    assert torch.isfinite(got).all(), f"seed {rng.initial_seed()}: non-finite lse"
+    assert err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: lse err {err:.2e}"
 
 
 @pytest.mark.parametrize("path", ["atomic", "gemm"])
@@ -182,7 +182,8 @@ def test_split_count_fills_the_gpu_and_stays_bounded():
 
 
 def test_bad_arguments_are_named():
-    q, c, rs, cs = (t.to(DEVICE) for t in (torch.randn(4, 8), torch.randn(6, 8), torch.ones(4), torch.ones(6)))
+    q, c, rs, cs = (t.to(DEVICE) for t in (torch.randn(4, 8), torch.randn(6, 8), torch.ones(4),
+                                           torch.ones(6)))
     with pytest.raises(ValueError, match="share D"):
         engine.row_lse(q, c[:, :7], rs, cs)
     with pytest.raises(TypeError, match="same dtype"):

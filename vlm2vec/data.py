@@ -30,6 +30,8 @@ Eval directory: `<dataset>.jsonl`, `<dataset>.parquet`, `<dataset>.arrow` or a f
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import warnings
@@ -42,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, IMAGE_PLACEHOLDER, MMEB_TRAIN_SUBSETS, EvalDatasetInfo
 
@@ -291,6 +294,18 @@ def _hub_rows(name: str, config: str, split: str, limit: int | None) -> Iterator
         yield f"{name}[{config}/{split}], row {i}", record, None
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Reading builds millions of small objects; the cyclic GC rescanning them doubles the time."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _collect(
     records: Iterable[tuple[str, dict | None, str | None]],
     parse: Callable[[dict, str, int], Any],
@@ -318,7 +333,7 @@ def _collect(
 # -------------------------------------------------------------------------------------------- train
 
 
-@dataclass
+@dataclass(slots=True)
 class TrainExample:
     """One MMEB-train row. Images are paths relative to the image root (loaded per batch)."""
 
@@ -390,6 +405,8 @@ class TrainData:
     num_negatives: int = 0
     missing_negatives: Literal["error", "sample"] = "error"
     bad_rows: BadRows = field(default_factory=BadRows)
+    # (subset, index) of rows whose images failed to load under skip_bad_rows: counted once, then skipped
+    known_bad: set[tuple[str, int]] = field(default_factory=set)
 
     def sizes(self) -> dict[str, int]:
         return {name: len(rows) for name, rows in self.subsets.items()}
@@ -423,7 +440,8 @@ def read_train_file(
             check_images=check_images,
         )  # fmt: skip
 
-    return _collect(_iter_records(path), parse, max_rows, skip_bad_rows, bad_rows if bad_rows else BadRows())
+    with _gc_paused():
+        return _collect(_iter_records(path), parse, max_rows, skip_bad_rows, bad_rows or BadRows())
 
 
 def _cap_for(num_sample_per_subset: int | Mapping[str, int] | None, name: str) -> int | None:
@@ -488,7 +506,9 @@ def load_train_data(
         raise FileNotFoundError(f"train data source {str(source)!r} is neither a local path nor a hub name")
 
     out: dict[str, list[TrainExample]] = {}
-    for name in wanted:
+    for name in tqdm(
+        wanted, desc="reading train subsets", unit="subset", disable=len(wanted) < 4, leave=False
+    ):
         cap = _cap_for(num_sample_per_subset, name)
         rows: list[TrainExample] = []
         for src, records in sources[name]:
@@ -503,7 +523,8 @@ def load_train_data(
                     check_images=check_images,
                 )  # fmt: skip
 
-            rows.extend(_collect(records, parse, remaining, skip_bad_rows, bad))
+            with _gc_paused():
+                rows.extend(_collect(records, parse, remaining, skip_bad_rows, bad))
         if not rows:
             raise DataError(f"subset {name!r} has no usable rows ({[s for s, _ in sources[name]]})")
         out[name] = rows
@@ -511,8 +532,6 @@ def load_train_data(
 
 
 # ------------------------------------------------------------------------------------------ sampling
-
-_BLOCK = 8192  # groups per block of subset draws (batch n needs only its blocks and cumulative counts)
 
 
 class StepSampler:
@@ -522,6 +541,8 @@ class StepSampler:
     batch_size = one subset per batch). Each group's subset is drawn by weight; within a subset rows
     are consumed along a per-epoch permutation, so every row is used once before any repeats.
     """
+
+    block = 8192  # groups per block of subset draws (batch n needs only its blocks and cumulative counts)
 
     def __init__(
         self,
@@ -566,7 +587,7 @@ class StepSampler:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a saved step to mean the same batch after a restart."""
         return {
-            "seed": self.seed, "batch_size": self.batch_size, "homogeneous_size": self.group,
+            "seed": self.seed, "batch_size": self.batch_size, "homogeneous_size": self.group, "block": self.block,
             "sizes": dict(zip(self.names, self.sizes.tolist())),
             "probs": [round(float(p), 12) for p in self.probs],
         }  # fmt: skip
@@ -575,8 +596,8 @@ class StepSampler:
         """Subset of each group in block k, and how many earlier groups of the block share it."""
         if k not in self._blocks:
             rng = np.random.default_rng([self.seed, 1, k])
-            assign = rng.choice(len(self.names), size=_BLOCK, p=self.probs)
-            occ = np.empty(_BLOCK, dtype=np.int64)
+            assign = rng.choice(len(self.names), size=self.block, p=self.probs)
+            occ = np.empty(self.block, dtype=np.int64)
             for s in range(len(self.names)):
                 where = np.flatnonzero(assign == s)
                 occ[where] = np.arange(len(where))
@@ -591,15 +612,14 @@ class StepSampler:
             self._cum.append(self._cum[-1] + np.bincount(assign, minlength=len(self.names)))
         return self._cum[k]
 
-    def _row(self, s: int, j: int) -> int:
-        """The j-th row drawn from subset s: epoch j // n walks a fresh seeded permutation."""
-        n = int(self.sizes[s])
-        key = (s, j // n)
+    def _perm(self, s: int, epoch: int) -> np.ndarray:
+        """Row order of subset s in one epoch: a fresh seeded permutation per (subset, epoch)."""
+        key = (s, epoch)
         if key not in self._perms:
-            self._perms[key] = np.random.default_rng([self.seed, 2, s, key[1]]).permutation(n)
+            self._perms[key] = np.random.default_rng([self.seed, 2, s, epoch]).permutation(int(self.sizes[s]))
             if len(self._perms) > 2 * len(self.names) + 2:
                 self._perms.popitem(last=False)
-        return int(self._perms[key][j % n])
+        return self._perms[key]
 
     def rows(self, step: int, rank: int = 0, world_size: int = 1) -> list[tuple[str, int]]:
         """(subset, row index) of each example of batch `step`; with world_size > 1, this rank's
@@ -608,16 +628,25 @@ class StepSampler:
             raise ValueError(f"step must be >= 0, got {step}")
         if world_size < 1 or not 0 <= rank < world_size or self.batch_size % world_size:
             raise ValueError(f"rank={rank}, world_size={world_size} must split batch_size={self.batch_size}")
-        groups_per_batch = self.batch_size // self.group
-        out = []
-        for g in range(step * groups_per_batch, (step + 1) * groups_per_batch):
-            k, off = divmod(g, _BLOCK)
+        per_batch = self.batch_size // self.group
+        blocks, offsets = np.divmod(np.arange(step * per_batch, (step + 1) * per_batch), self.block)
+        subset = np.empty(per_batch, dtype=np.int64)
+        used = np.empty(per_batch, dtype=np.int64)  # earlier groups of the same subset
+        for k in np.unique(blocks).tolist():
+            here = blocks == k
             assign, occ = self._block(k)
-            s = int(assign[off])
-            used = int(self._counts_before(k)[s] + occ[off])  # earlier groups of subset s
-            out.extend((self.names[s], self._row(s, used * self.group + b)) for b in range(self.group))
+            subset[here] = assign[offsets[here]]
+            used[here] = self._counts_before(k)[subset[here]] + occ[offsets[here]]
+        subset = np.repeat(subset, self.group)
+        j = np.repeat(used, self.group) * self.group + np.tile(np.arange(self.group), per_batch)
+        epoch, within = np.divmod(j, self.sizes[subset])
+        row = np.empty_like(j)
+        for s, e in np.unique(np.stack([subset, epoch], 1), axis=0).tolist():
+            here = (subset == s) & (epoch == e)
+            row[here] = self._perm(s, e)[within[here]]
         local = self.batch_size // world_size
-        return out[rank * local : (rank + 1) * local]
+        sl = slice(rank * local, (rank + 1) * local)
+        return [(self.names[s], r) for s, r in zip(subset[sl].tolist(), row[sl].tolist())]
 
 
 @dataclass
@@ -688,7 +717,7 @@ class TrainBatches(torch.utils.data.Dataset):
         self.skip_bad_rows = skip_bad_rows
         self.bad_rows = data.bad_rows
         self.step = 0
-        self._known_bad: set[tuple[str, int]] = set()
+        self._known_bad = data.known_bad
 
     @property
     def steps_per_epoch(self) -> int:
@@ -703,7 +732,7 @@ class TrainBatches(torch.utils.data.Dataset):
     def __iter__(self) -> Iterator[ContrastiveBatch]:
         while self.num_steps is None or self.step < self.num_steps:
             batch = self[self.step]
-            pass  # : a checkpoint taken now resumes at the next batch
+            self.step += 1  # before yielding: a checkpoint taken now resumes at the next batch
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
@@ -816,8 +845,9 @@ def estimate_length(text: str, image: Image.Image | None) -> int:
 class PreparedBatch:
     """Model inputs, one dict per GradCache chunk, each padded only to its own longest row.
 
-    Rows may be reordered (sort_by_length): `query_order[i]` / `cand_order[j]` give the original batch
-    index of prepared row i / j, and `targets[i]` indexes the concatenated candidate chunks."""
+    Rows may be reordered (sort_by_length) or dropped (skip_bad_rows): `query_order[i]` / `cand_order[j]`
+    give the index in the collated ContrastiveBatch of prepared row i / j, and `targets[i]` indexes the
+    concatenated candidate chunks (the positive of prepared query i)."""
 
     query_chunks: list[dict[str, torch.Tensor]]
     cand_chunks: list[dict[str, torch.Tensor]]
@@ -904,6 +934,7 @@ class ChunkCollator:
     def __call__(self, batch: ContrastiveBatch) -> PreparedBatch:
         g = batch.num_negatives + 1
         skipped = list(batch.skipped)
+        kept = list(range(len(batch)))  # original index of each remaining query
         while True:
             if len(batch) == 0:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
@@ -930,7 +961,8 @@ class ChunkCollator:
             for msg in bad_queries.values():
                 self.bad_rows.add(msg, "prepare")
                 skipped.append(msg)
-            batch = batch.select([q for q in range(len(batch)) if q not in bad_queries])
+            keep = [q for q in range(len(batch)) if q not in bad_queries]
+            batch, kept = batch.select(keep), [kept[q] for q in keep]
         cand_pos = torch.empty(len(c_order), dtype=torch.long)
         cand_pos[torch.tensor(c_order, dtype=torch.long)] = torch.arange(len(c_order))
         targets = cand_pos[torch.tensor(q_order, dtype=torch.long) * g]
@@ -938,8 +970,8 @@ class ChunkCollator:
             query_chunks=q_chunks,
             cand_chunks=c_chunks,
             targets=targets,
-            query_order=torch.tensor(q_order, dtype=torch.long),
-            cand_order=torch.tensor(c_order, dtype=torch.long),
+            query_order=torch.tensor([kept[q] for q in q_order], dtype=torch.long),
+            cand_order=torch.tensor([kept[c // g] * g + c % g for c in c_order], dtype=torch.long),
             subsets=[batch.subsets[q] for q in q_order],
             num_negatives=batch.num_negatives,
             skipped=skipped,
@@ -949,7 +981,7 @@ class ChunkCollator:
 # --------------------------------------------------------------------------------------------- eval
 
 
-@dataclass
+@dataclass(slots=True)
 class EvalExample:
     """One MMEB-eval row: a query and its candidates, ground truth at index 0 (image paths unloaded)."""
 
@@ -1074,7 +1106,8 @@ def load_eval_dataset(
                 check_images=check_images,
             )  # fmt: skip
 
-        examples.extend(_collect(records, parse, remaining, skip_bad_rows, bad))
+        with _gc_paused():
+            examples.extend(_collect(records, parse, remaining, skip_bad_rows, bad))
     if not examples:
         raise DataError(f"eval dataset {name!r} has no usable rows ({[s for s, _ in sources]})")
     return EvalSet(name, examples, root, EVAL_DATASET_INFO.get(name), bad)

@@ -130,6 +130,7 @@ class VLM2Vec(nn.Module):
         self.base_path = base_path
         if freeze_vision and self.vision_tower is not None:
             self.vision_tower.requires_grad_(False)
+        self.train(backbone.training)  # follow the backbone (transformers loads models in eval mode)
 
     # ----------------------------------------------------------------------------------------- views
     @property

@@ -3,14 +3,15 @@
 transformers has no Phi-3(.5)-vision class (only remote code on the hub). The model is a CLIP ViT-L/14-336
 vision tower, an HD-crop image embedding with learnable separators (`glb_GN`, `sub_GN`) and a 2-layer
 MLP projection, in front of a stock `Phi3Model`. Module names follow the released checkpoint
-`microsoft/Phi-3.5-vision-instruct`, so its safetensors load as they are (`RELEASED_LAYOUT` documents
-the names; `convert_released_state_dict` drops the one alias the checkpoint may carry):
+`microsoft/Phi-3.5-vision-instruct` (`RELEASED_LAYOUT` documents the names; `convert_released_state_dict`
+maps them, `released_name` goes the other way):
 
     model.embed_tokens.weight                            -> Phi3Model.embed_tokens
     model.layers.{i}.self_attn.{qkv_proj,o_proj}.weight  -> Phi3Model layers (fused qkv, like transformers)
     model.layers.{i}.mlp.{gate_up_proj,down_proj}.weight
     model.layers.{i}.{input,post_attention}_layernorm.weight, model.norm.weight, lm_head.weight
-    model.vision_embed_tokens.img_processor.vision_model.*   -> CLIPVisionModel
+    model.vision_embed_tokens.img_processor.vision_model.*   -> CLIPVisionModel (transformers 5: no
+                                                                `vision_model.` level; renamed on load)
     model.vision_embed_tokens.img_projection.{0,2}.{weight,bias}  -> Linear(4C, H), GELU, Linear(H, H)
     model.vision_embed_tokens.{glb_GN,sub_GN}                 -> separators
     model.vision_embed_tokens.wte.weight (alias of embed_tokens, if present) -> dropped
@@ -56,19 +57,45 @@ RELEASED_LAYOUT = [
 """Parameter names of the released checkpoint (regular expressions, one per group)."""
 
 _DROPPED_KEYS = re.compile(r"^model\.vision_embed_tokens\.wte\.")
+_CLIP_PREFIX = re.compile(r"(img_processor\.)(?!vision_model\.)")
 
 
-def convert_released_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Released `microsoft/Phi-3.5-vision-instruct` names -> this module's names (identity except the
-    `wte` alias); raises ValueError on a key that is not part of the known layout."""
+def released_name(key: str) -> str:
+    """A parameter name of this module -> its name in the released checkpoint.
+
+    transformers 5.x flattened `CLIPVisionModel` (no `vision_model.` level); the checkpoint keeps it."""
+    return _CLIP_PREFIX.sub(r"\1vision_model.", key)
+
+
+def convert_released_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Released `microsoft/Phi-3.5-vision-instruct` names -> the names of `model` (a Phi3VForCausalLM):
+    drops the `wte` alias and adapts the CLIP `vision_model.` level to the installed transformers.
+    Raises ValueError on a key that is not part of the released layout."""
+    flat = not hasattr(model.model.vision_embed_tokens.img_processor, "vision_model")
     out = {}
     for key, value in state_dict.items():
         if _DROPPED_KEYS.match(key):
             continue
         if not any(re.fullmatch(p, key) for p in RELEASED_LAYOUT):
             raise ValueError(f"unexpected key {key!r} for the Phi-3.5-vision checkpoint layout")
-        out[key] = value
+        out[key.replace("img_processor.vision_model.", "img_processor.") if flat else key] = value
     return out
+
+
+def load_released_weights(model: nn.Module, directory: str) -> None:
+    """Load the released safetensors shards of `directory` into `model` (strict: every weight present).
+
+    `Phi3VForCausalLM.from_pretrained` does the same renaming through transformers' own conversion of
+    nested CLIP models; this is the explicit path (and the test of the mapping)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no .safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(os.path.join(directory, name)))
+    model.load_state_dict(convert_released_state_dict(state, model), strict=True)
 
 
 class Phi3VConfig(Phi3Config):

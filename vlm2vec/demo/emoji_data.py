@@ -69,7 +69,9 @@ def parse_emoji_test(path: str | os.PathLike = EMOJI_TEST_FILE) -> list[Emoji]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"emoji test file {path} not found: install the Debian package `unicode-data`")
+        raise FileNotFoundError(
+            f"emoji test file {path} not found: install the Debian package `unicode-data`"
+        )
     group = subgroup = ""
     emoji: list[Emoji] = []
     for raw in path.read_text(encoding="utf-8").splitlines():
@@ -92,7 +94,9 @@ def parse_emoji_test(path: str | os.PathLike = EMOJI_TEST_FILE) -> list[Emoji]:
 
 def load_emoji_font(path: str | os.PathLike = EMOJI_FONT_FILE) -> ImageFont.FreeTypeFont:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"emoji font {path} not found: install the Debian package `fonts-noto-color-emoji`")
+        raise FileNotFoundError(
+            f"emoji font {path} not found: install the Debian package `fonts-noto-color-emoji`"
+        )
     return ImageFont.truetype(str(path), FONT_SIZE)
 
 
@@ -124,22 +128,58 @@ def eval_rows(items: list[Emoji], images: list[str], groups: list[str]) -> dict[
     no_image = [""] * len(items)
     i2t, t2i, group = [], [], []
     for i, emoji in enumerate(items):
-        i2t.append({"qry_text": I2T_QUERY, "qry_img_path": images[i],
-                    "tgt_text": _rotate_first(names, i), "tgt_img_path": no_image})
-        t2i.append({"qry_text": T2I_QUERY.format(name=emoji.name), "qry_img_path": "",
-                    "tgt_text": [IMAGE_TARGET] * len(items), "tgt_img_path": _rotate_first(images, i)})
+        i2t.append(
+            {
+                "qry_text": I2T_QUERY,
+                "qry_img_path": images[i],
+                "tgt_text": _rotate_first(names, i),
+                "tgt_img_path": no_image,
+            }
+        )
+        t2i.append(
+            {
+                "qry_text": T2I_QUERY.format(name=emoji.name),
+                "qry_img_path": "",
+                "tgt_text": [IMAGE_TARGET] * len(items),
+                "tgt_img_path": _rotate_first(images, i),
+            }
+        )
         g = groups.index(emoji.group)
-        group.append({"qry_text": GROUP_QUERY, "qry_img_path": images[i],
-                      "tgt_text": _rotate_first(groups, g), "tgt_img_path": [""] * len(groups)})
+        group.append(
+            {
+                "qry_text": GROUP_QUERY,
+                "qry_img_path": images[i],
+                "tgt_text": _rotate_first(groups, g),
+                "tgt_img_path": [""] * len(groups),
+            }
+        )
     return {"EmojiI2T": i2t, "EmojiT2I": t2i, "EmojiGroup": group}
 
 
 def train_rows(items: list[Emoji], images: list[str]) -> dict[str, list[dict]]:
     """MMEB-train style pairs (no hard negatives: in-batch negatives only) for the training emoji."""
-    i2t = [{"qry": I2T_QUERY, "qry_image_path": img, "pos_text": e.name, "pos_image_path": "",
-            "neg_text": "", "neg_image_path": ""} for e, img in zip(items, images)]
-    t2i = [{"qry": T2I_QUERY.format(name=e.name), "qry_image_path": "", "pos_text": IMAGE_TARGET,
-            "pos_image_path": img, "neg_text": "", "neg_image_path": ""} for e, img in zip(items, images)]
+    i2t = [
+        {
+            "qry": I2T_QUERY,
+            "qry_image_path": img,
+            "pos_text": e.name,
+            "pos_image_path": "",
+            "neg_text": "",
+            "neg_image_path": "",
+        }
+        for e, img in zip(items, images)
+    ]
+    t2i = [
+        {
+            "qry": T2I_QUERY.format(name=e.name),
+            "qry_image_path": "",
+            "pos_text": IMAGE_TARGET,
+            "pos_image_path": img,
+            "neg_text": "",
+            "neg_image_path": "",
+        }
+        for e, img in zip(items, images)
+    ]
     return {"EmojiI2T": i2t, "EmojiT2I": t2i}
 
 
@@ -185,13 +225,17 @@ def build_emoji_dataset(
         rel = f"images/{i:04d}.png"
         render_emoji(emoji[i].chars, font).save(out / rel)
         image_of[i] = rel
-    for name, rows in eval_rows([emoji[i] for i in eval_idx], [image_of[i] for i in eval_idx], groups).items():
+    for name, rows in eval_rows(
+        [emoji[i] for i in eval_idx], [image_of[i] for i in eval_idx], groups
+    ).items():
         _write_jsonl(out / f"{name}.jsonl", rows)
     for name, rows in train_rows([emoji[i] for i in train_idx], [image_of[i] for i in train_idx]).items():
         _write_jsonl(out / "train" / f"{name}.jsonl", rows)
     split_of = {**{i: "train" for i in train_idx}, **{i: "eval" for i in eval_idx}}
-    _write_jsonl(out / "items.jsonl", [{"index": i, **asdict(emoji[i]), "split": split_of[i], "image": image_of[i]}
-                                       for i in used])
+    _write_jsonl(
+        out / "items.jsonl",
+        [{"index": i, **asdict(emoji[i]), "split": split_of[i], "image": image_of[i]} for i in used],
+    )
     manifest = {
         "settings": settings,
         "source": {"emoji_test_file": str(emoji_test_file), "font_file": str(font_file)},
@@ -206,5 +250,7 @@ def build_emoji_dataset(
 
 def load_items(data_dir: str | os.PathLike, split: str | None = None) -> list[dict]:
     """The item table of a built data set, optionally only the "train" or "eval" items."""
-    rows = [json.loads(line) for line in (Path(data_dir) / "items.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(data_dir) / "items.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
     return [r for r in rows if split is None or r["split"] == split]

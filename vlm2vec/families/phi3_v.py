@@ -112,7 +112,7 @@ def load(path_or_id: str, *, dtype, attn_implementation, quantization, settings)
     model = Phi3VForCausalLM.from_pretrained(
         path_or_id, config=config, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES)
     )
-    tokenizer = AutoTokenizer.from_pretrained(path_or_id)
+    tokenizer = AutoTokenizer.from_pretrained(path_or_id, config=config)
     if os.path.isdir(path_or_id):
         image_processor = Phi3VImageProcessor.from_pretrained(path_or_id)
     else:

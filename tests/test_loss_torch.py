@@ -1,0 +1,391 @@
+"""contrastive_loss (torch and Triton engines) against the float64 reference, on fresh random inputs.
+
+Each case compares the loss and every element of every gradient (query, candidates, temperature) with
+`reference_contrastive_loss` run in float64 on the same (already rounded) inputs, so the only error
+allowed is the kernel's own: fp32 accumulation and one rounding of the gradients to the input dtype.
+Inputs are drawn from a fresh seed each run (printed on failure). The torch engine runs with tiny
+chunks so several row blocks, a ragged last block and the cross-chunk gradient sum are exercised.
+"""
+
+import secrets
+
+import pytest
+import torch
+import vlm2vec_kernels
+from vlm2vec_kernels import contrastive, torch_ref
+from vlm2vec_kernels.torch_ref import reference_contrastive_loss
+
+
+def _triton_engine():
+    try:
+        from vlm2vec_kernels import triton_contrastive
+    except Exception:  # not importable here: the Triton cases are not collected
+        return None
+    return triton_contrastive
+
+
+TRITON = _triton_engine()
+BACKENDS = ["torch"] + (["triton"] if TRITON is not None else [])
+ENGINES = [torch_ref] + ([TRITON] if TRITON is not None else [])
+
+# (loss rtol, gradient tolerance relative to the largest reference gradient element)
+TOLERANCES = {torch.float32: (1e-4, 5e-5), torch.float16: (1e-4, 1.5e-3), torch.bfloat16: (1e-4, 8e-3)}
+DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class SeededGenerator:
+    """A fresh torch.Generator that remembers its seed (printed in failure messages)."""
+
+    def __init__(self) -> None:
+        self.seed_value = secrets.randbits(31)
+        self.generator = torch.Generator().manual_seed(self.seed_value)
+
+
+@pytest.fixture
+def gen():
+    return SeededGenerator()
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Force many row blocks at test sizes (a block of 7 rows for 111 candidates)."""
+    monkeypatch.setattr(torch_ref, "MAX_CHUNK_ELEMENTS", 7 * 111)
+    monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", 5 * 40)
+
+
+def make_batch(gen, n_q, k, d, dtype, explicit_targets=False):
+    """Rows of norm 0.8-1.2 (so normalize=False sees logits of the same size) whose positive is its
+    query plus twice as much noise (cosine ~0.45): at temperature 0.05 the positive takes much of the
+    softmax but not all of it, so every gradient term counts."""
+    n_c = n_q * (1 + k) if not explicit_targets else n_q * (1 + k) + 3
+    q = torch.randn(n_q, d, generator=gen.generator)
+    c = torch.randn(n_c, d, generator=gen.generator)
+    if explicit_targets:
+        targets = torch.randint(0, n_c, (n_q,), generator=gen.generator)
+    else:
+        targets = torch.arange(n_q) * (1 + k)
+    c[targets] = q + 2 * torch.randn(n_q, d, generator=gen.generator)
+
+    def rescale(x):
+        return torch.nn.functional.normalize(x, dim=1) * (
+            0.8 + 0.4 * torch.rand(len(x), 1, generator=gen.generator)
+        )
+
+    return rescale(q).to(dtype), rescale(c).to(dtype), (targets if explicit_targets else None)
+
+
+def reference_options(q, c, options):
+    targets = options["targets"]
+    if targets is None:
+        targets = torch.arange(q.shape[0]) * (c.shape[0] // q.shape[0])
+    return dict(options, targets=targets)
+
+
+def run_both(q, c, tau, upstream, backend, **options):
+    """(loss, dq, dc, dtau) from `backend` and from the float64 reference on the same inputs, and the
+    scale of the temperature gradient: sum_i |w_i| |dloss_i/dtau| (w_i: row i's weight in the loss)."""
+    results = []
+    for name in (backend, "reference"):
+        dtype = torch.float64 if name == "reference" else q.dtype
+        q_ = q.detach().to(dtype).requires_grad_()
+        c_ = c.detach().to(dtype).requires_grad_()
+        tau_dtype = torch.float64 if name == "reference" else torch.float32
+        tau_ = torch.tensor(tau, dtype=tau_dtype, requires_grad=True)
+        if name == "reference":
+            loss = reference_contrastive_loss(q_, c_, tau_, **reference_options(q, c, options))
+        else:
+            loss = vlm2vec_kernels.contrastive_loss(q_, c_, tau_, backend=name, **options)
+        grads = torch.autograd.grad(loss, (q_, c_, tau_), upstream.to(loss.dtype) if loss.dim() else None)
+        results.append((loss, *grads))
+
+    # one temperature per row ([Bq, 1], broadcast by the reference): grad of the sum = dloss_i/dtau_i
+    per_row = dict(reference_options(q, c, options), reduction="sum")
+    row_taus = torch.full((q.shape[0], 1), tau, dtype=torch.float64, requires_grad=True)
+    (row_dtau,) = torch.autograd.grad(
+        reference_contrastive_loss(q.double(), c.double(), row_taus, **per_row), row_taus
+    )
+    row_dtau = row_dtau[:, 0]
+    weights = {"mean": 1 / q.shape[0], "sum": 1.0}.get(options["reduction"])
+    weights = upstream.double().abs() if weights is None else weights
+    return results[0], results[1], (weights * row_dtau.abs()).sum().item()
+
+
+def assert_matches(actual, expected, dtau_scale, dtype, seed):
+    """Every element: loss within loss_tol of the largest loss, gradients within grad_tol (relative
+    and of the largest element), the temperature gradient within 1e-4 of its terms' magnitude."""
+    loss_tol, grad_tol = TOLERANCES[dtype]
+    loss, dq, dc, dtau = actual
+    ref_loss, ref_dq, ref_dc, ref_dtau = expected
+    assert loss.dtype == torch.float32 and dq.dtype == dtype and dc.dtype == dtype, "output dtypes"
+    for name, x in (("loss", loss), ("dq", dq), ("dc", dc), ("dtau", dtau)):
+        assert torch.isfinite(x).all(), f"{name} has non-finite elements (seed {seed})"
+    msg = f"(seed {seed})"
+    atol = loss_tol * ref_loss.abs().max().item()
+    torch.testing.assert_close(
+        loss.double(), ref_loss, rtol=loss_tol, atol=atol, msg=lambda m: f"loss {m} {msg}"
+    )
+    for name, x, ref in (("dq", dq, ref_dq), ("dc", dc, ref_dc)):
+        atol = grad_tol * ref.abs().max().item()
+        torch.testing.assert_close(
+            x.double(), ref, rtol=grad_tol, atol=atol, msg=lambda m, n=name: f"{n} {m} {msg}"
+        )
+    torch.testing.assert_close(
+        dtau.double(), ref_dtau, rtol=0, atol=1e-4 * dtau_scale, msg=lambda m: f"dtau {m} {msg}"
+    )
+
+
+LAYOUTS = {
+    "Bq37_K2_D40": (37, 2, 40, False),
+    "Bq37_K0_D96": (37, 0, 96, False),
+    "targets_Bq37_D40": (37, 1, 40, True),
+}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onedir", "symmetric"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("layout", LAYOUTS.keys())
+@pytest.mark.parametrize("dtype", TOLERANCES.keys(), ids=DTYPE_IDS.get)
+def test_torch_engine_matches_reference(gen, tiny_chunks, dtype, layout, normalize, symmetric, reduction):
+    n_q, k, d, explicit = LAYOUTS[layout]
+    q, c, targets = make_batch(gen, n_q, k, d, dtype, explicit)
+    upstream = torch.randn(n_q, generator=gen.generator)
+    options = dict(normalize=normalize, targets=targets, symmetric=symmetric, reduction=reduction)
+    assert_matches(*run_both(q, c, 0.05, upstream, "torch", **options), dtype, gen.seed_value)
+
+
+# The interpreter runs ~5-10 ms per program: a handful of cases that together cover every option.
+TRITON_CASES = [
+    (torch.float32, "Bq37_K2_D40", True, False, "mean"),
+    (torch.bfloat16, "Bq37_K2_D40", True, False, "mean"),
+    (torch.float16, "Bq37_K2_D40", True, True, "sum"),
+    (torch.float32, "Bq37_K0_D96", False, True, "sum"),
+    (torch.bfloat16, "targets_Bq37_D40", True, True, "none"),
+    (torch.float32, "targets_Bq37_D40", False, False, "none"),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype, layout, normalize, symmetric, reduction",
+    TRITON_CASES if TRITON is not None else [],
+    ids=[f"{DTYPE_IDS[c[0]]}-{c[1]}-{c[2]}-{c[3]}-{c[4]}" for c in TRITON_CASES],
+)
+def test_triton_engine_matches_reference(gen, dtype, layout, normalize, symmetric, reduction):
+    n_q, k, d, explicit = LAYOUTS[layout]
+    q, c, targets = make_batch(gen, n_q, k, d, dtype, explicit)
+    upstream = torch.randn(n_q, generator=gen.generator)
+    options = dict(normalize=normalize, targets=targets, symmetric=symmetric, reduction=reduction)
+    assert_matches(*run_both(q, c, 0.05, upstream, "triton", **options), dtype, gen.seed_value)
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onedir", "symmetric"])
+def test_default_chunking_matches_reference(gen, symmetric):
+    """Without tiny chunks: one block covers the batch (and the temperature is the 0.02 default)."""
+    q, c, _ = make_batch(gen, 37, 2, 96, torch.float32)
+    options = dict(normalize=True, targets=None, symmetric=symmetric, reduction="mean")
+    assert_matches(*run_both(q, c, 0.02, None, "torch", **options), torch.float32, gen.seed_value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e.__name__.rsplit(".", 1)[-1])
+def test_engine_ops_match_formula(gen, tiny_chunks, engine, dtype):
+    """The engine contract (row_lse, softmax_grad; row_lse_and_grad where offered) in isolation, with
+    arbitrary scales and signed row weights, against the formula in float64."""
+    m, n, d = 37, 53, 40
+    q, c = (
+        torch.randn(m, d, generator=gen.generator).to(dtype),
+        torch.randn(n, d, generator=gen.generator).to(dtype),
+    )
+    row_scale = 2 + 3 * torch.rand(m, generator=gen.generator)
+    col_scale = 0.5 + torch.rand(n, generator=gen.generator)
+    weight = torch.randn(m, generator=gen.generator)
+    s = row_scale.double()[:, None] * col_scale.double()[None, :] * (q.double() @ c.double().T)
+    lse_ref = torch.logsumexp(s, dim=1)
+    p = weight.double()[:, None] * torch.exp(s - lse_ref[:, None])
+    gq_ref = (p * col_scale.double()[None, :]) @ c.double()
+    gc_ref = (p * row_scale.double()[:, None]).T @ q.double()
+
+    def check(lse, gq, gc):
+        assert lse.dtype == gq.dtype == gc.dtype == torch.float32
+        torch.testing.assert_close(
+            lse.double(), lse_ref, rtol=1e-5, atol=1e-5, msg=f"lse (seed {gen.seed_value})"
+        )
+        for name, x, ref in (("gq", gq, gq_ref), ("gc", gc, gc_ref)):
+            atol = 1e-5 * ref.abs().max().item()
+            torch.testing.assert_close(
+                x.double(), ref, rtol=1e-4, atol=atol, msg=f"{name} (seed {gen.seed_value})"
+            )
+
+    lse = engine.row_lse(q, c, row_scale, col_scale)
+    check(lse, *engine.softmax_grad(q, c, row_scale, col_scale, lse, weight))
+    if hasattr(engine, "row_lse_and_grad"):
+        check(*engine.row_lse_and_grad(q, c, row_scale, col_scale, weight))
+
+
+GRADCHECK_LAYOUTS = {"K1": (4, 1, False), "targets": (4, 2, True)}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onedir", "symmetric"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS.keys())
+def test_gradcheck_torch_path(gen, monkeypatch, layout, normalize, symmetric, reduction):
+    monkeypatch.setattr(torch_ref, "MAX_CHUNK_ELEMENTS", 3 * 12)  # blocks of 3 rows: 4 = 3 + 1
+    monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", 3 * 5)
+    n_q, k, explicit = GRADCHECK_LAYOUTS[layout]
+    q, c, targets = make_batch(gen, n_q, k, 5, torch.float64, explicit)
+    tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    inputs = (q.requires_grad_(), c.requires_grad_(), tau)
+
+    def loss(q_, c_, tau_):
+        return vlm2vec_kernels.contrastive_loss(
+            q_,
+            c_,
+            tau_,
+            normalize=normalize,
+            targets=targets,
+            symmetric=symmetric,
+            reduction=reduction,
+            backend="torch",
+        )
+
+    # nondet_tol: a repeated backward recomputes (fp64 rounding differs from the fused first pass)
+    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, nondet_tol=1e-12)
+
+
+def test_repeated_backward_recomputes_the_same_gradient(gen):
+    """The first backward of a scalar loss uses gradients produced in the forward; a retained graph's
+    second backward recomputes them and must add exactly the same amount."""
+    q, c, _ = make_batch(gen, 37, 2, 40, torch.float32)
+    q.requires_grad_()
+    c.requires_grad_()
+    loss = vlm2vec_kernels.contrastive_loss(q, c, 0.05, symmetric=True, backend="torch")
+    loss.backward(retain_graph=True)
+    first_q, first_c = q.grad.clone(), c.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(q.grad, 2 * first_q, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(c.grad, 2 * first_c, rtol=1e-5, atol=1e-7)
+
+
+def test_float_temperature_equals_tensor_temperature(gen):
+    q, c, _ = make_batch(gen, 37, 2, 40, torch.float32)
+    as_float = vlm2vec_kernels.contrastive_loss(q, c, 0.07, backend="torch")
+    shaped = torch.tensor([0.07], requires_grad=True)  # one-element [1] tensors are accepted too
+    as_tensor = vlm2vec_kernels.contrastive_loss(q, c, shaped, backend="torch")
+    as_tensor.backward()
+    torch.testing.assert_close(as_float, as_tensor.detach())
+    assert shaped.grad.shape == (1,) and torch.isfinite(shaped.grad).all() and shaped.grad.abs().item() > 0
+
+
+def test_auto_backend_on_cpu_is_the_torch_engine(gen):
+    q, c, _ = make_batch(gen, 37, 2, 40, torch.float32)
+    auto = vlm2vec_kernels.contrastive_loss(q, c, symmetric=True, reduction="none")
+    torch_path = vlm2vec_kernels.contrastive_loss(q, c, symmetric=True, reduction="none", backend="torch")
+    assert torch.equal(auto, torch_path)
+
+
+def test_module_with_learnable_temperature(gen):
+    q, c, _ = make_batch(gen, 37, 2, 40, torch.float32)
+    module = vlm2vec_kernels.ContrastiveLoss(
+        0.05, learnable_temperature=True, symmetric=True, backend="torch"
+    )
+    assert [name for name, _ in module.named_parameters()] == ["log_temperature"]
+    loss = module(q, c)
+    loss.backward()
+    tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    targets = torch.arange(37) * 3
+    ref = reference_contrastive_loss(
+        q, c, tau, normalize=True, targets=targets, symmetric=True, reduction="mean"
+    )
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    # d/dlog(tau) = tau * d/dtau
+    torch.testing.assert_close(module.log_temperature.grad.double(), 0.05 * tau.grad, rtol=1e-4, atol=1e-6)
+    fixed = vlm2vec_kernels.ContrastiveLoss(0.05, symmetric=True, backend="torch")
+    assert list(fixed.parameters()) == []
+    torch.testing.assert_close(fixed(q, c), loss.detach())
+
+
+BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+NON_FINITE_CASES = [
+    (bad, where, normalize, symmetric, reduction)
+    for bad in BAD_VALUES
+    for where in ("query", "candidate")
+    for normalize in (True, False)
+    for symmetric in (False, True)
+    for reduction in ("mean", "none")
+]
+# the interpreter is slow: for Triton, the cases where a plain LSE could hide the bad value
+TRITON_NON_FINITE_CASES = [
+    ("-inf", "candidate", False, False, "none"),
+    ("inf", "candidate", False, True, "mean"),
+    ("nan", "query", True, False, "none"),
+    ("inf", "query", True, True, "mean"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize(
+    "backend, bad, where, normalize, symmetric, reduction",
+    [("torch", *case) for case in NON_FINITE_CASES]
+    + ([("triton", *case) for case in TRITON_NON_FINITE_CASES] if TRITON is not None else []),
+)
+def test_non_finite_embeddings_never_give_a_finite_loss(
+    gen, backend, bad, where, normalize, symmetric, reduction
+):
+    """A bad query row poisons its own loss; a bad candidate is scored by every query, so it poisons all
+    rows. The candidate cases include an Inf whose logits are -Inf for every query without
+    normalisation (which a plain log-sum-exp would silently ignore)."""
+    q = (
+        torch.rand(8, 16, generator=gen.generator) + 0.1
+    )  # positive entries: c = [-inf, 0, ...] gives s = -inf
+    c = torch.rand(16, 16, generator=gen.generator) + 0.1
+    row = 3
+    if where == "query":
+        q[row, 5] = BAD_VALUES[bad]
+    else:
+        c[2 * row + 1] = 0.0
+        c[2 * row + 1, 0] = BAD_VALUES[bad]
+    loss = vlm2vec_kernels.contrastive_loss(
+        q, c, 0.05, normalize=normalize, symmetric=symmetric, reduction=reduction, backend=backend
+    )
+    if reduction == "mean":
+        assert not torch.isfinite(loss), f"finite loss {loss.item()} from a {bad} in {where}"
+    elif where == "query":
+        assert not torch.isfinite(loss[row]), f"finite loss for the row holding {bad}"
+    else:
+        assert not torch.isfinite(loss).any(), f"finite per-row losses with a {bad} candidate"
+
+
+def test_large_finite_half_inputs_stay_finite(gen):
+    """Norms are taken in fp32, so fp16 rows near the fp16 maximum do not overflow to Inf."""
+    q, c, _ = make_batch(gen, 16, 1, 40, torch.float32)
+    q16 = (q / q.abs().max() * 6.0e4).half()
+    c16 = (c / c.abs().max() * 6.0e4).half()
+    loss = vlm2vec_kernels.contrastive_loss(q16, c16, 0.05, backend="torch")
+    ref = reference_contrastive_loss(
+        q16, c16, 0.05, normalize=True, targets=torch.arange(16) * 2, symmetric=False, reduction="mean"
+    )
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_gradient_is_rounded_once_when_the_positive_dominates(gen, backend):
+    """Positive probability ~0.99: dq = rs * (sum_j p_j c_j - c_t) is a small difference of large
+    terms. Summed in fp32 and rounded once it keeps bf16 relative accuracy; rounding the LSE part
+    and the positive part to bf16 separately would leave errors near 100% of the result."""
+    q = torch.randn(37, 40, generator=gen.generator)
+    c = torch.randn(74, 40, generator=gen.generator)
+    c[::2] = q  # cosine 1 with the positive, ~0 +- 0.16 with the rest: at tau 0.1, p_pos ~ 0.99
+    q, c = q.bfloat16(), c.bfloat16()
+    actual, expected, _ = run_both(
+        q, c, 0.1, None, backend, normalize=True, targets=None, symmetric=False, reduction="mean"
+    )
+    p_neg = 1 - torch.exp(-expected[0]).item()  # mean loss ~ -log p_pos
+    assert 1e-3 < p_neg < 0.05, f"setup: positive probability {1 - p_neg}"
+    for got, ref in zip(actual[1:3], expected[1:3]):
+        atol = 1e-2 * ref.abs().max().item()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=atol, msg=f"seed {gen.seed_value}")
