@@ -10,6 +10,11 @@ Batch n is a pure function of (seed, n, the data), so a checkpoint only needs th
 (`TrainBatches.state_dict()`), and DataLoader workers may build batches in any order
 (`DataLoader(batches, batch_size=None, sampler=range(start, stop), collate_fn=collator)`).
 
+Hard negatives: `neg_text` / `neg_image_path` may each hold one item or a list ("", None, [] = none).
+With `num_negatives=K` a row with more keeps K (drawn per step); a row with fewer is a bad row at read
+time, unless `missing_negatives="sample"` fills it at batch time with positives of other rows of the
+same subset (never one equal to its own positive). Every batch then has exactly K per query.
+
 Bad input (unreadable file or image, missing column, empty query, placeholder/image mismatch, too few
 hard negatives, image tokens cut by max_len) raises `DataError` naming the file and row; with
 `skip_bad_rows=True` the row is skipped and counted in a `BadRows` (warned, never silent).
@@ -587,8 +592,8 @@ class StepSampler:
     def fingerprint(self) -> dict[str, Any]:
         """What must match for a saved step to mean the same batch after a restart."""
         return {
-            "seed": self.seed, "batch_size": self.batch_size, "homogeneous_size": self.group, "block": self.block,
-            "sizes": dict(zip(self.names, self.sizes.tolist())),
+            "seed": self.seed, "batch_size": self.batch_size, "homogeneous_size": self.group,
+            "block": self.block, "sizes": dict(zip(self.names, self.sizes.tolist())),
             "probs": [round(float(p), 12) for p in self.probs],
         }  # fmt: skip
 

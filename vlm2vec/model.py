@@ -329,7 +329,11 @@ class VLM2Vec(nn.Module):
 
     def gradient_checkpointing_enable(self) -> VLM2Vec:
         """Recompute activations in backward (non-reentrant, works with frozen inputs and LoRA)."""
-        self.hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model = self.hf_model
+        if hasattr(hf_model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            hf_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return self
 
     # ---------------------------------------------------------------------------------- save / load

@@ -1,0 +1,79 @@
+"""GradCache: a contrastive step over a large batch with the activation memory of one chunk.
+
+The batch is encoded chunk by chunk. With `grad_cache=True` every chunk runs under non-reentrant
+`torch.utils.checkpoint`: its activations are dropped as soon as its embeddings exist, so the forward
+costs what a no-grad pass costs. The loss then sees the whole batch (every query against every
+candidate, across processes). One backward call does the rest of GradCache: autograd first computes
+the loss's gradient w.r.t. all embeddings, then reaches the chunks one at a time (later chunks first)
+and, for each, re-runs its forward with the CPU and accelerator RNG state of the first pass restored
+(torch's checkpoint saves both), so dropout masks match, and back-propagates the cached embedding
+gradient through it before the next chunk is recomputed. Peak memory: one chunk's activations.
+
+Why one backward instead of one backward per chunk (the reference implementation's GradCache):
+every parameter receives all chunks' gradient contributions inside a single autograd pass, summed
+before its gradient-accumulation hook fires once. Data-parallel engines therefore reduce gradients
+once per step: DeepSpeed ZeRO-2/3 reduce-scatter on every backward call (a per-chunk backward costs a
+reduction per chunk, measured in tests/test_train_deepspeed.py), DDP all-reduces once instead of per
+chunk, and nothing needs `no_sync` or `set_gradient_accumulation_boundary`. The gradients equal the
+plain step's (same chunks, same RNG stream) exactly.
+
+Frozen vision towers: run the step inside `VLM2Vec.reuse_vision_features()` and the recompute replays
+the image features of the first pass instead of running the tower again (one vision pass per step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+Inputs = Mapping[str, Tensor]
+Encoder = Callable[[Inputs], Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+__all__ = ["Encoder", "Inputs", "LossFn", "encode_chunks", "contrastive_step"]
+
+
+def encode_chunks(encoder: Encoder, chunks: Sequence[Inputs], *, grad_cache: bool = True) -> Tensor:
+    """Embeddings [sum of chunk rows, D] of `chunks`, concatenated in order.
+
+    grad_cache=True: each chunk keeps no activations; backward recomputes it (same RNG state) once the
+    embedding gradients are known. grad_cache=False: plain forward, every chunk's graph is kept (one
+    chunk holding the whole batch is the ordinary full-batch step). Under no_grad both are the same."""
+    if not chunks:
+        raise ValueError("chunks is empty: need at least one chunk of inputs")
+    if not grad_cache or not torch.is_grad_enabled():
+        reps = [encoder(chunk) for chunk in chunks]
+    else:
+        # early stop off: the recompute runs each chunk's forward to the end, so module hooks that
+        # pair up around forward (DeepSpeed ZeRO-3 gathers/releases parameters) always see both halves
+        with set_checkpoint_early_stop(False):
+            reps = [checkpoint(encoder, c, use_reentrant=False, preserve_rng_state=True) for c in chunks]
+    for i, rep in enumerate(reps):
+        if rep.dim() != 2:
+            raise ValueError(f"encoder must return [rows, D] embeddings; chunk {i} gave {tuple(rep.shape)}")
+    return torch.cat(reps) if len(reps) > 1 else reps[0]
+
+
+def contrastive_step(
+    encoder: Encoder,
+    query_chunks: Sequence[Inputs],
+    cand_chunks: Sequence[Inputs],
+    loss_fn: LossFn,
+    *,
+    grad_cache: bool = True,
+) -> Tensor:
+    """The loss of one batch, ready for a single `.backward()` (or `engine.backward(loss)`).
+
+    query_chunks / cand_chunks: model inputs per chunk (sized separately, e.g. by
+    `vlm2vec.data.ChunkCollator`); loss_fn(queries [Bq, D], candidates [Bc, D]) -> scalar, e.g. a
+    `vlm2vec_kernels.contrastive_loss` partial with targets and the process group for cross-device
+    negatives. Backward recomputes the chunks (grad_cache=True) or uses the kept graphs (False)."""
+    queries = encode_chunks(encoder, query_chunks, grad_cache=grad_cache)
+    candidates = encode_chunks(encoder, cand_chunks, grad_cache=grad_cache)
+    loss = loss_fn(queries, candidates)
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    return loss
