@@ -92,7 +92,9 @@ def shipped_configurations() -> list[dict]:
 
             precision = dot_precision(getattr(torch, torch_names[dtype]))
             pointer_types = {n: "*fp32" for n in fn.arg_names}
-            pointer_types.update(q_ptr=f"*{dtype}", c_ptr=f"*{dtype}", p_ptr=f"*{dtype}")
+            # the gemm path's P buffers are bf16 for both 16-bit input types (grad_operand_dtype)
+            p_type = "*fp32" if dtype == "fp32" else "*bf16"
+            pointer_types.update(q_ptr=f"*{dtype}", c_ptr=f"*{dtype}", pq_ptr=p_type, pc_ptr=p_type)
             variants = [{"WRITE_LSE": False}, {"WRITE_LSE": True}] if role.startswith("lse") else [{}]
             for extra in variants:
                 for even_k in (True, False):
@@ -102,6 +104,8 @@ def shipped_configurations() -> list[dict]:
                                   "EVEN_K": even_k, "UPCAST": False, "DOT_PRECISION": precision, **extra}
                     if "GROUP_M" in fn.arg_names:
                         constexprs["GROUP_M"] = GROUP_M
+                    if "GRAD_BF16" in fn.arg_names:
+                        constexprs["GRAD_BF16"] = dtype != "fp32"
                     label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
                              f"{'' if even_k else ' maskK'}"
                              f"{' lse' if extra.get('WRITE_LSE') else ''}")

@@ -9,8 +9,9 @@ Forward: one kernel over a (row blocks x column splits) grid sized to fill the G
 kernel when there is more than one split. Backward has two paths:
   * "atomic" (small/medium batches): one kernel per P tile, gq/gc accumulated with fp32 atomics,
     which stay cheap while the [M+N, D] buffers sit in L2;
-  * "gemm" (large batches): P written block by block ([rows x cols] bounded by `p_block_bytes`),
-    then two cuBLAS GEMMs per block accumulate gq and gc in fp32 (compute-bound at any size).
+  * "gemm": P written block by block ([rows x cols], bounded by `p_block_bytes`) as P*col_scale and
+    P*row_scale, then two cuBLAS GEMMs per block on the raw q and c write / accumulate gq and gc in
+    fp32 (compute-bound at any size; 3 launches per block).
 Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to fp32 after loading; on the GPU bf16/fp16
 go to tensor cores and fp32 uses 3xTF32. Nothing of size M x N is allocated except one P block.
 """
@@ -32,10 +33,13 @@ from .triton_contrastive_kernels import (
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# [M+N, D] fp32 gradient buffers up to this size use the atomic path (they stay in the H100's 50 MB L2)
-DEFAULT_ATOMIC_MAX_BYTES = 40 * 2**20
-# one P block of the gemm path (bf16: 16k x 32k); larger blocks make the GEMMs more efficient
-DEFAULT_P_BLOCK_BYTES = 2**30
+# [M+N, D] fp32 gradient buffers up to this size use the atomic path. Default 0 (gemm path always):
+# sm_90 triton emits scalar fp32 REDs, B^2 D (1/BM + 1/BN) of them, ~25-40 M at B=1024, D=1536,
+# which costs more than the two cuBLAS GEMMs; bench/loss_kernel.py --sweep times both.
+DEFAULT_ATOMIC_MAX_BYTES = 0
+# both P blocks of the gemm path together (bf16: 2 x 16k x 32k); large blocks keep the GEMMs efficient
+# and the fp32 read-modify-write of gq / gc per block small
+DEFAULT_P_BLOCK_BYTES = 2**31
 MAX_SPLITS = 64
 # column splits of the forward even when row blocks alone fill the GPU: the programs running at
 # once then cover ~SMs/16 row blocks x 16 column ranges and re-read q and c tiles from L2, not HBM
@@ -65,10 +69,12 @@ GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
     ("lse_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
     ("grad_atomic", "16bit"): TileConfig(128, 64, 64, 8, 2),
     ("probs", "16bit"): TileConfig(128, 128, 64, 8, 3),
+    ("probs_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
     ("lse", "fp32"): TileConfig(128, 64, 32, 8, 3),
     ("lse_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
     ("grad_atomic", "fp32"): TileConfig(64, 64, 32, 4, 2),
     ("probs", "fp32"): TileConfig(128, 64, 32, 8, 3),
+    ("probs_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
 }
 # The interpreter runs every program in Python (~5-10 ms per tile iteration): small tiles, few of them.
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)
@@ -78,6 +84,7 @@ KERNELS = {
     "lse_narrow": row_lse_partial_kernel,
     "grad_atomic": softmax_grad_atomic_kernel,
     "probs": softmax_probs_kernel,
+    "probs_narrow": softmax_probs_kernel,
 }
 
 
@@ -93,6 +100,13 @@ def dot_precision(dtype: torch.dtype) -> str:
 def _new_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised buffer every kernel output goes through (tests poison it to catch unwritten lanes)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def grad_operand_dtype(q: torch.Tensor) -> torch.dtype:
+    """dtype of P and of the q/c operands in the gradient products: bf16 for 16-bit inputs on the GPU
+    (fp16's range would flush the small P = w * p of large mean-reduced batches to zero), fp32 for
+    fp32 inputs and under the interpreter (whose bf16 dot is wrong)."""
+    return torch.bfloat16 if _on_gpu(q) and q.dtype != torch.float32 else torch.float32
 
 
 def _on_gpu(t: torch.Tensor) -> bool:
@@ -125,7 +139,8 @@ def _common_constexprs(q: torch.Tensor, cfg: TileConfig, D: int) -> dict:
 
 
 def _check_inputs(q, c, row_scale, col_scale, lse=None, row_weight=None):
-    """Validate the engine arguments; returns (q, c) with a unit stride along D."""
+    """Validate the engine arguments; returns q, c with a unit stride along D and the given vectors
+    (row_scale, col_scale[, lse][, row_weight]) contiguous."""
     for name, t in (("q", q), ("c", c)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor [rows, D], got {getattr(t, 'shape', type(t))}")
@@ -156,7 +171,7 @@ def _check_inputs(q, c, row_scale, col_scale, lse=None, row_weight=None):
         q = q.contiguous()
     if c.stride(1) != 1:
         c = c.contiguous()
-    return q, c
+    return q, c, *(t.contiguous() for t, _ in vectors.values())
 
 
 def choose_splits(M: int, N: int, cfg: TileConfig, device: torch.device) -> tuple[int, int]:
@@ -177,7 +192,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale
     `config` / `splits` override the tile configuration and the number of column splits (tests and
     benchmarks); by default the narrow tile is used where wide tiles cannot fill the GPU.
     """
-    q, c = _check_inputs(q, c, row_scale, col_scale)
+    q, c, row_scale, col_scale = _check_inputs(q, c, row_scale, col_scale)
     M, D = q.shape
     N = c.shape[0]
     lse = _new_buffer((M,), torch.float32, q.device)
@@ -206,7 +221,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale
 
 
 def choose_grad_path(M: int, N: int, D: int, atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES) -> str:
-    """'atomic' while the fp32 gradient buffers fit in L2, else 'gemm'."""
+    """'atomic' while the fp32 gradient buffers [M + N, D] fit in `atomic_max_bytes`, else 'gemm'."""
     return "atomic" if (M + N) * D * 4 <= atomic_max_bytes else "gemm"
 
 
@@ -220,7 +235,7 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_
     `path` forces "atomic" or "gemm" (default: `choose_grad_path` with `atomic_max_bytes`);
     `p_block_bytes` bounds the P block of the gemm path, `block_rows`/`block_cols` set it exactly.
     """
-    q, c = _check_inputs(q, c, row_scale, col_scale, lse, row_weight)
+    q, c, row_scale, col_scale, lse, row_weight = _check_inputs(q, c, row_scale, col_scale, lse, row_weight)
     M, D = q.shape
     N = c.shape[0]
     path = path or choose_grad_path(M, N, D, atomic_max_bytes)
@@ -243,30 +258,33 @@ def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     softmax_grad_atomic_kernel[grid](
         q, c, row_scale, col_scale, lse, row_weight, gq, gc, M, N, D, q.stride(0), c.stride(0),
-        GROUP_M=GROUP_M, **_common_constexprs(q, cfg, D), **cfg.launch_options())
+        GROUP_M=GROUP_M, GRAD_BF16=grad_operand_dtype(q) == torch.bfloat16,
+        **_common_constexprs(q, cfg, D), **cfg.launch_options())
     return gq, gc
 
 
-def _scaled_rows(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, chunk: int = 32768):
-    """dtype(scale[:, None] * x) computed in fp32, chunked so the fp32 temporary stays small."""
-    out = _new_buffer(x.shape, dtype, x.device)
-    for r in range(0, x.shape[0], chunk):
-        out[r:r + chunk] = x[r:r + chunk].float() * scale[r:r + chunk, None]
-    return out
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b for 16-bit a, b with fp32 accumulation and output where torch offers it."""
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out (fp32) = or += a @ b; 16-bit a, b go through cuBLAS with an fp32 output where torch has it."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        if accumulate:
+            out.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=out)
         return
-    if acc.is_cuda and _FP32_OUT_MM[0]:
+    if _FP32_OUT_MM[0]:
         try:
-            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            if accumulate:
+                torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+            else:
+                torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
             return
-        except (RuntimeError, AttributeError, TypeError):
+        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
             _FP32_OUT_MM[0] = False  # older torch: round each block product once, then add in fp32
-    acc += torch.mm(a, b).float()
+    product = torch.mm(a, b)
+    if accumulate:
+        out.add_(product)
+    else:
+        out.copy_(product)
 
 
 _FP32_OUT_MM = [True]
@@ -274,33 +292,41 @@ _FP32_OUT_MM = [True]
 
 def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows,
                        block_cols, config):
+    """P in [rows x cols] blocks (two scaled copies), then cuBLAS: gq[r] (+)= Pq @ c[cols] and
+    gc[cols] (+)= Pc^T @ q[r]. The first block along the sum writes, the later ones accumulate."""
     M, D = q.shape
     N = c.shape[0]
-    gq = torch.zeros((M, D), dtype=torch.float32, device=q.device)
-    gc = torch.zeros((N, D), dtype=torch.float32, device=q.device)
+    gq = _new_buffer((M, D), torch.float32, q.device)
+    gc = _new_buffer((N, D), torch.float32, q.device)
     if M == 0:
-        return gq, gc
-    # GEMM operands: the interpreter keeps fp32 (exact reference path); the GPU keeps the input dtype
-    op_dtype = q.dtype if _on_gpu(q) else torch.float32
-    q_scaled = _scaled_rows(q, row_scale, op_dtype)
-    c_scaled = _scaled_rows(c, col_scale, op_dtype)
-    cfg = _pick_config("probs", q, config)
+        return gq, gc.zero_()
+    op_dtype = grad_operand_dtype(q)
+    q_op, c_op = q.to(op_dtype), c.to(op_dtype)  # no copy unless fp16 (-> bf16) or interpreted 16-bit
+    role = "probs"
+    if config is None and _on_gpu(q):
+        wide = GPU_CONFIGS[("probs", operand_class(q.dtype))]
+        if triton.cdiv(M, wide.block_m) * triton.cdiv(N, wide.block_n) < 2 * _sm_count(q.device):
+            role = "probs_narrow"
+    cfg = _pick_config(role, q, config)
     elem = torch.finfo(op_dtype).bits // 8
-    cols = block_cols or min(N, 32768)
-    rows = block_rows or max(cfg.block_m, min(M, p_block_bytes // (elem * cols)) // cfg.block_m * cfg.block_m)
-    rows, cols = min(rows, M), min(cols, N)
-    p_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
+    cols = min(block_cols or 32768, N)
+    rows = block_rows or max(cfg.block_m, p_block_bytes // (2 * elem * cols) // cfg.block_m * cfg.block_m)
+    rows = min(rows, M)
+    pq_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
+    pc_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
     constexprs = _common_constexprs(q, cfg, D)
     for r0 in range(0, M, rows):
         r1 = min(r0 + rows, M)
         for c0 in range(0, N, cols):
             c1 = min(c0 + cols, N)
-            p = p_buffer[:(r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+            size = (r1 - r0) * (c1 - c0)
+            pq = pq_buffer[:size].view(r1 - r0, c1 - c0)
+            pc = pc_buffer[:size].view(r1 - r0, c1 - c0)
             grid = (triton.cdiv(r1 - r0, cfg.block_m) * triton.cdiv(c1 - c0, cfg.block_n),)
             softmax_probs_kernel[grid](
                 q[r0:r1], c[c0:c1], row_scale[r0:r1], col_scale[c0:c1], lse[r0:r1], row_weight[r0:r1],
-                p, r1 - r0, c1 - c0, D, q.stride(0), c.stride(0), p.stride(0),
+                pq, pc, r1 - r0, c1 - c0, D, q.stride(0), c.stride(0), pq.stride(0),
                 GROUP_M=GROUP_M, **constexprs, **cfg.launch_options())
-            _accumulate_mm(gq[r0:r1], p, c_scaled[c0:c1])
-            _accumulate_mm(gc[c0:c1], p.t(), q_scaled[r0:r1])
+            _mm_into(gq[r0:r1], pq, c_op[c0:c1], accumulate=c0 > 0)
+            _mm_into(gc[c0:c1], pc.t(), q_op[r0:r1], accumulate=r0 > 0)
     return gq, gc

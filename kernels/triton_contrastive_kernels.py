@@ -142,7 +142,8 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
                                gq_ptr, gc_ptr, M, N, D, stride_q, stride_c,
                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr):
+                               DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+                               GRAD_BF16: tl.constexpr):
     """One P tile, then gq[rows] += (P*cs) @ c[cols] and gc[cols] += (P*rs)^T @ q[rows].
 
     1-D grouped grid over P tiles; gq/gc are zeroed fp32 [*, D] buffers updated with relaxed
@@ -154,12 +155,14 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
     p, row_scale, col_scale, rows, cols = _prob_tile(
         q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
         M, N, D, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
-    if UPCAST:
+    # P goes to the tensor cores as bf16 for 16-bit inputs (fp16 would flush small P to zero),
+    # as fp32 otherwise (3xTF32 on the GPU, exact under the interpreter)
+    if GRAD_BF16:
+        p_q = (p * col_scale[None, :]).to(tl.bfloat16)
+        p_c = tl.trans((p * row_scale[:, None]).to(tl.bfloat16))
+    else:
         p_q = p * col_scale[None, :]
         p_c = tl.trans(p * row_scale[:, None])
-    else:
-        p_q = (p * col_scale[None, :]).to(q_ptr.dtype.element_ty)
-        p_c = tl.trans((p * row_scale[:, None]).to(q_ptr.dtype.element_ty))
     offs_k = tl.arange(0, BLOCK_K)
     q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_q + offs_k[None, :]
     c_ptrs = c_ptr + cols.to(tl.int64)[:, None] * stride_c + offs_k[None, :]
@@ -179,7 +182,10 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
             c_blk = tl.load(c_ptrs, mask=k_ok, other=0.0)
             gq_mask = row_ok & k_ok
             gc_mask = col_ok & k_ok
-        if UPCAST:
+        if GRAD_BF16:
+            q_blk = q_blk.to(tl.bfloat16)
+            c_blk = c_blk.to(tl.bfloat16)
+        else:
             q_blk = q_blk.to(tl.float32)
             c_blk = c_blk.to(tl.float32)
         gq_part = tl.dot(p_q, c_blk, input_precision=DOT_PRECISION)
@@ -193,18 +199,20 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
 
 
 @triton.jit
-def softmax_probs_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, p_ptr,
-                         M, N, D, stride_q, stride_c, stride_p,
+def softmax_probs_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr,
+                         pq_ptr, pc_ptr, M, N, D, stride_q, stride_c, stride_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          GROUP_M: tl.constexpr):
-    """Writes one [M, N] block of P = w * exp(s - lse) (in p_ptr's dtype) for the two GEMMs."""
+    """Writes one [M, N] block of P * col_scale (-> gq = . @ c) and of P * row_scale
+    (-> gc = .^T @ q), P = w * exp(s - lse), in the buffers' dtype, for two GEMMs on raw q and c."""
     pid_m, pid_n = _grouped_tile(GROUP_M, M, N, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p, _, _, _, _ = _prob_tile(
+    p, row_scale, col_scale, _, _ = _prob_tile(
         q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
         M, N, D, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
-    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_p + offs_n[None, :]
+    offsets = offs_m.to(tl.int64)[:, None] * stride_p + offs_n[None, :]
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    tl.store(p_ptrs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(pq_ptr + offsets, (p * col_scale[None, :]).to(pq_ptr.dtype.element_ty), mask=mask)
+    tl.store(pc_ptr + offsets, (p * row_scale[:, None]).to(pc_ptr.dtype.element_ty), mask=mask)

@@ -60,7 +60,9 @@ def test_builtin_families_are_registered_with_their_facts() -> None:
     assert get_family("phi3_v").image_token == "<|image_1|>"
     assert get_family("phi3_v").default_settings.num_crops == 4
     q = get_family("qwen2_vl").default_settings
-    assert (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (256 * 28 * 28, 1280 * 28 * 28)
+    assert (
+        (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (256 * 28 * 28, 1280 * 28 * 28)
+    )
     assert get_family("qwen3_vl").default_settings.max_pixels == 1280 * 32 * 32  # same token budget, patch 16
     assert RESOLUTIONS["low"] == (336, 336) and RESOLUTIONS["high"] == (1344, 1344)
     with pytest.raises(ValueError, match="unknown backbone family"):
@@ -77,7 +79,9 @@ def test_register_family_and_detection(models: dict, tmp_path) -> None:
         register_family("llava_next")
     with pytest.raises(ValueError, match="padding_side"):
         BackboneFamily(**{**fam.__dict__, "name": "x", "padding_side": "middle"})
-    custom = register_family(BackboneFamily(**{**fam.__dict__, "name": "test_custom", "model_types": ("zzz",)}))
+    custom = register_family(
+        BackboneFamily(**{**fam.__dict__, "name": "test_custom", "model_types": ("zzz",)})
+    )
     try:
         assert get_family("test_custom") is custom
         (tmp_path / "config.json").write_text(json.dumps({"model_type": "zzz"}))
@@ -270,9 +274,15 @@ def test_phi3_v_loads_a_released_style_directory(models: dict, tmp_path) -> None
     head_half = cfg["hidden_size"] // cfg["num_attention_heads"] // 2
     cfg.update(
         architectures=["Phi3VForCausalLM"],
-        auto_map={"AutoConfig": "configuration_phi3_v.Phi3VConfig",
-                  "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
-        rope_scaling={"type": "longrope", "short_factor": [1.0] * head_half, "long_factor": [2.0] * head_half},
+        auto_map={
+            "AutoConfig": "configuration_phi3_v.Phi3VConfig",
+            "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM",
+        },
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0] * head_half,
+            "long_factor": [2.0] * head_half,
+        },
     )
     cfg.pop("rope_parameters", None)
     cfg.pop("image_token_id", None)
@@ -283,12 +293,20 @@ def test_phi3_v_loads_a_released_style_directory(models: dict, tmp_path) -> None
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     src.processor.tokenizer.save_pretrained(str(tmp_path))
     ip = src.processor.image_processor
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
-        "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
-        "image_processor_type": "Phi3VImageProcessor", "num_crops": 4, "do_convert_rgb": True,
-        "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-        "crop_size": ip.crop_size, "tokens_per_side": ip.tokens_per_side,
-    }))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"},
+                "image_processor_type": "Phi3VImageProcessor",
+                "num_crops": 4,
+                "do_convert_rgb": True,
+                "image_mean": list(ip.image_mean),
+                "image_std": list(ip.image_std),
+                "crop_size": ip.crop_size,
+                "tokens_per_side": ip.tokens_per_side,
+            }
+        )
+    )
     assert not os.path.exists(tmp_path / "vlm2vec.json")
     loaded = VLM2Vec.from_pretrained(str(tmp_path))
     assert loaded.family.name == "phi3_v" and loaded.settings.num_crops == 4

@@ -50,8 +50,9 @@ def test_lora_save_load_merge_reproduces_embeddings(name: str, tmp_path) -> None
     assert not loaded.is_peft
     torch.testing.assert_close(embed(loaded), adapted, rtol=0, atol=1e-5)
     loaded.save_pretrained(str(tmp_path / "merged"))  # merged = a plain full model again
-    torch.testing.assert_close(embed(VLM2Vec.from_pretrained(str(tmp_path / "merged"))), adapted,
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        embed(VLM2Vec.from_pretrained(str(tmp_path / "merged"))), adapted, rtol=0, atol=1e-5
+    )
     trainable_again = VLM2Vec.from_pretrained(str(tmp_path), is_trainable=True)
     assert any(p.requires_grad for p in trainable_again.parameters())
 
@@ -62,8 +63,9 @@ def test_adapter_of_a_saved_base_records_the_base_path(tmp_path) -> None:
     model.save_pretrained(str(tmp_path / "adapter"))
     meta = json.loads((tmp_path / "adapter" / "vlm2vec.json").read_text())
     assert meta["base"] == str(tmp_path / "base_model") and not (tmp_path / "adapter" / "base").exists()
-    torch.testing.assert_close(embed(VLM2Vec.from_pretrained(str(tmp_path / "adapter"))), embed(model),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        embed(VLM2Vec.from_pretrained(str(tmp_path / "adapter"))), embed(model), rtol=0, atol=1e-6
+    )
 
 
 def test_dora_and_gaussian_init(tmp_path) -> None:
@@ -71,9 +73,19 @@ def test_dora_and_gaussian_init(tmp_path) -> None:
     base = embed(model)
     model.add_lora()  # paper defaults: r=8, alpha=16, dropout=0.1, gaussian init (B = 0)
     config = model.backbone.peft_config["default"]
-    assert (config.r, config.lora_alpha, config.lora_dropout, config.init_lora_weights) == (8, 16, 0.1, "gaussian")
-    assert set(n.rsplit(".", 1)[-1] for n in config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj",
-                                                                         "down_proj"}
+    assert (config.r, config.lora_alpha, config.lora_dropout, config.init_lora_weights) == (
+        8,
+        16,
+        0.1,
+        "gaussian",
+    )
+    assert set(n.rsplit(".", 1)[-1] for n in config.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "down_proj",
+    }
     torch.testing.assert_close(embed(model), base, rtol=0, atol=1e-6)  # identity at init
     dora = tiny("llava_next").add_lora(dora=True, init=False, targets=["q_proj", "v_proj"])
     assert dora.backbone.peft_config["default"].use_dora
@@ -117,7 +129,9 @@ def test_qlora_nf4_forward_backward_reaches_lora_only(name: str, tmp_path) -> No
     assert torch.isfinite(out).all()
     (out[0] @ out[1:].T).sum().backward()
     lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
-    assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    assert lora and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n
+    )
     assert all(p.grad is None for n, p in model.named_parameters() if n not in lora)
     model.eval()
     adapted = embed(model)

@@ -25,8 +25,13 @@ def image(h: int, w: int, seed: int) -> Image.Image:
     return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
 
 
-TEXTS = ["<|image_1|> Represent the given image.", "a dog on the grass", "<|image_1|> Find the caption.",
-         "two cats sleep on a blue sofa", "a man rides a bicycle"]
+TEXTS = [
+    "<|image_1|> Represent the given image.",
+    "a dog on the grass",
+    "<|image_1|> Find the caption.",
+    "two cats sleep on a blue sofa",
+    "a man rides a bicycle",
+]
 IMAGES = [image(60, 90, 1), None, image(56, 112, 2), None, None]
 
 
@@ -60,10 +65,12 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
     assert loaded.family is model.family and loaded.pooling == "mean" and loaded.max_len == 77
     assert loaded.padding_side == model.padding_side
     torch.testing.assert_close(
-        loaded.encode(TEXTS, IMAGES, show_progress=False), model.encode(TEXTS, IMAGES, show_progress=False),
-        rtol=0, atol=0,
+        loaded.encode(TEXTS, IMAGES, show_progress=False),
+        model.encode(TEXTS, IMAGES, show_progress=False),
+        rtol=0,
+        atol=0,
     )
-    override = VLM2Vec.from_pretrained(str(tmp_path), pooling="last", dtype=torch.bfloat16)
+    override = VLM2Vec.from_pretrained(str(tmp_path), pooling="last", dtype=torch.bfloat16, device="cpu")
     assert override.pooling == "last" and override.dtype == torch.bfloat16
     emb = override.encode(TEXTS, IMAGES, show_progress=False)
     assert emb.dtype == torch.float32 and torch.isfinite(emb).all()
@@ -146,8 +153,10 @@ def test_eager_attention_gives_the_same_embeddings(tmp_path) -> None:
     eager = VLM2Vec.from_pretrained(str(tmp_path), attn_implementation="eager")
     assert eager.hf_model.config._attn_implementation == "eager"
     torch.testing.assert_close(
-        eager.encode(TEXTS, IMAGES, show_progress=False), model.encode(TEXTS, IMAGES, show_progress=False),
-        rtol=0, atol=2e-5,
+        eager.encode(TEXTS, IMAGES, show_progress=False),
+        model.encode(TEXTS, IMAGES, show_progress=False),
+        rtol=0,
+        atol=2e-5,
     )
 
 

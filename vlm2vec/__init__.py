@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from vlm2vec.model import VLM2Vec
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy attribute
+def __getattr__(name: str) -> object:  # PEP 562: lazy attribute
     if name == "VLM2Vec":
         from vlm2vec.model import VLM2Vec
 

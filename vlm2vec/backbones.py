@@ -49,6 +49,7 @@ class LoadFn(Protocol):
         attn_implementation: str | None,
         quantization: Quantization,
         settings: ProcessorSettings,
+        device: str | torch.device | None = None,
     ) -> tuple[nn.Module, Any]: ...
 
 
@@ -112,7 +113,8 @@ class BackboneFamily:
     vision tower stays frozen).
 
     Hooks:
-      load(path_or_id, *, dtype, attn_implementation, quantization, settings) -> (hf_model, processor)
+      load(path_or_id, *, dtype, attn_implementation, quantization, settings[, device]) -> (hf_model,
+          processor); `device` is optional in the signature (when absent the model is moved after load)
       tiny() -> (hf_model, processor): random init, built offline (tests, benchmarks).
       prepare(processor, texts, images, max_len, packed=False, *, padding_side, settings) -> inputs:
           pads only to the longest row of this call (or packs: input_ids [1, T] + position_ids +

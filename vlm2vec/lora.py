@@ -7,6 +7,7 @@ names outside the vision tower: the tower stays frozen whatever names the user p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,9 @@ from torch import nn
 LORA_INITS = ("gaussian", "default", True, False)
 
 
-def lora_target_names(model: nn.Module, targets: Sequence[str], exclude: nn.Module | None = None) -> list[str]:
+def lora_target_names(
+    model: nn.Module, targets: Sequence[str], exclude: nn.Module | None = None
+) -> list[str]:
     """Full names of Linear (or 4-bit Linear) modules whose last name part is in `targets`,
     skipping everything inside `exclude` (the vision tower) and the LM head."""
     excluded_prefixes = []
@@ -94,7 +97,7 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def nf4_config(compute_dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()):  # noqa: ANN201
+def nf4_config(compute_dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()) -> Any:
     """transformers BitsAndBytesConfig for 4-bit NF4 base weights (QLoRA); `skip_modules` stay dense."""
     from transformers import BitsAndBytesConfig
 

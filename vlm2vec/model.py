@@ -7,6 +7,7 @@ One encoder serves queries and targets. Everything family-specific goes through 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -86,7 +87,7 @@ def _same_value(x: Any, y: Any) -> bool:
         return len(x) == len(y) and all(_same_value(p, q) for p, q in zip(x, y))
     try:
         return bool(x == y)
-    except Exception:  # noqa: BLE001 - values without a usable == are "different"
+    except Exception:  # values without a usable == count as different
         return False
 
 
@@ -222,8 +223,15 @@ class VLM2Vec(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        config = getattr(self.hf_model, "config", None)
+        """D of the embeddings: the LM hidden size (`config.text_config.hidden_size` / `config.hidden_size`,
+        or an `embedding_dim` attribute on a custom backbone module)."""
+        hf_model = self.hf_model
+        if hasattr(hf_model, "embedding_dim"):
+            return int(hf_model.embedding_dim)
+        config = getattr(hf_model, "config", None)
         text_config = getattr(config, "text_config", None) or config
+        if text_config is None or not hasattr(text_config, "hidden_size"):
+            raise AttributeError(f"cannot tell the embedding size of {type(hf_model).__name__}")
         return int(text_config.hidden_size)
 
     def _to_device(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -416,14 +424,22 @@ class VLM2Vec(nn.Module):
         else:
             fam = family_of(base_path)
         recorded = {**fam.default_settings.to_dict(), **meta.get("settings", {})}
-        explicit = {"resolution": resolution, "num_crops": num_crops, "min_pixels": min_pixels,
-                    "max_pixels": max_pixels}
+        explicit = {
+            "resolution": resolution,
+            "num_crops": num_crops,
+            "min_pixels": min_pixels,
+            "max_pixels": max_pixels,
+        }
         settings = ProcessorSettings(**{**recorded, **{k: v for k, v in explicit.items() if v is not None}})
         attn = resolve_attn_implementation(attn_implementation, device)
-        hf_model, processor = fam.load(
-            base_path, dtype=dtype, attn_implementation=attn, quantization=quantization, settings=settings
+        load_kwargs: dict[str, Any] = dict(
+            dtype=dtype, attn_implementation=attn, quantization=quantization, settings=settings
         )
-        if device is not None and quantization is None:
+        takes_device = "device" in inspect.signature(fam.load).parameters
+        if takes_device:
+            load_kwargs["device"] = device
+        hf_model, processor = fam.load(base_path, **load_kwargs)
+        if device is not None and not takes_device:
             hf_model.to(device)
         model = cls(
             hf_model,
@@ -446,7 +462,9 @@ def _adapter_base(adapter_dir: str) -> str:
     with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
         base = json.load(f).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{adapter_dir}: adapter_config.json names no base model and there is no {META_FILE}")
+        raise ValueError(
+            f"{adapter_dir}: adapter_config.json names no base model and there is no {META_FILE}"
+        )
     return base
 
 
@@ -463,5 +481,7 @@ def _check_batch(
         return texts, [None] * len(texts)
     images = list(images)
     if len(images) != len(texts):
-        raise ValueError(f"images has {len(images)} entries but texts has {len(texts)}; pass None for text-only rows")
+        raise ValueError(
+            f"images has {len(images)} entries but texts has {len(texts)}; pass None for text-only rows"
+        )
     return texts, images

@@ -39,8 +39,16 @@ from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedMode
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                  image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 RELEASED_LAYOUT = [
@@ -67,7 +75,9 @@ def released_name(key: str) -> str:
     return _CLIP_PREFIX.sub(r"\1vision_model.", key)
 
 
-def convert_released_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def convert_released_state_dict(
+    state_dict: dict[str, torch.Tensor], model: nn.Module
+) -> dict[str, torch.Tensor]:
     """Released `microsoft/Phi-3.5-vision-instruct` names -> the names of `model` (a Phi3VForCausalLM):
     drops the `wte` alias and adapts the CLIP `vision_model.` level to the installed transformers.
     Raises ValueError on a key that is not part of the released layout."""
@@ -114,12 +124,26 @@ class Phi3VConfig(Phi3Config):
     ) -> None:
         super().__init__(**kwargs)
         self.vision_config = dict(vision_config or CLIP_L_336)
-        self.img_processor = dict(img_processor or {"image_dim_out": self.vision_config["hidden_size"],
-                                                    "name": "clip_vision_model", "num_img_tokens": 144,
-                                                    "layer_idx": -2, "type_feature": "patch"})
-        self.embd_layer = dict(embd_layer or {"embedding_cls": "image", "hd_transform_order": "sub_glb",
-                                              "projection_cls": "mlp", "use_hd_transform": True,
-                                              "with_learnable_separator": True})
+        self.img_processor = dict(
+            img_processor
+            or {
+                "image_dim_out": self.vision_config["hidden_size"],
+                "name": "clip_vision_model",
+                "num_img_tokens": 144,
+                "layer_idx": -2,
+                "type_feature": "patch",
+            }
+        )
+        self.embd_layer = dict(
+            embd_layer
+            or {
+                "embedding_cls": "image",
+                "hd_transform_order": "sub_glb",
+                "projection_cls": "mlp",
+                "use_hd_transform": True,
+                "with_learnable_separator": True,
+            }
+        )
         # released checkpoints mark image positions with negative ids; here a real, unused row (the last
         # one of the padded embedding) is used so input_ids stay valid indices
         self.image_token_id = self.vocab_size - 1 if image_token_id is None else image_token_id
@@ -142,13 +166,15 @@ class Phi3VImageEmbedding(nn.Module):
         self.glb_GN = nn.Parameter(torch.randn(1, 1, 4 * dim) * 0.02)
         self.sub_GN = nn.Parameter(torch.randn(1, 1, 1, 4 * dim) * 0.02)
         self.img_projection = nn.Sequential(
-            nn.Linear(4 * dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+            nn.Linear(4 * dim, config.hidden_size),
+            nn.GELU(),
+            nn.Linear(config.hidden_size, config.hidden_size),
         )
 
     def merged(self, features: torch.Tensor) -> torch.Tensor:
         """[n, g*g, C] patch features -> [n, g/2, g/2, 4C] (2x2 neighbours concatenated)."""
         n, _, dim = features.shape
-        g, h = self.grid, self.grid // 2
+        h = self.grid // 2
         x = features.reshape(n, h, 2, h, 2, dim).permute(0, 1, 3, 2, 4, 5)
         return x.reshape(n, h, h, 4 * dim)
 
@@ -205,8 +231,11 @@ class Phi3VModel(Phi3Model):
                     )
                 inputs_embeds = inputs_embeds.masked_scatter(positions[..., None], features)
         return super().forward(
-            input_ids=None, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-            position_ids=position_ids, **kwargs,
+            input_ids=None,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **kwargs,
         )
 
 
@@ -226,12 +255,26 @@ class Phi3VForCausalLM(Phi3PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, pixel_values=None,  # noqa: ANN001
-                image_sizes=None, **kwargs: Any) -> CausalLMOutputWithPast:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
-        return CausalLMOutputWithPast(logits=self.lm_head(out.last_hidden_state),
-                                      hidden_states=(out.last_hidden_state,))
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            **kwargs,
+        )
+        return CausalLMOutputWithPast(
+            logits=self.lm_head(out.last_hidden_state), hidden_states=(out.last_hidden_state,)
+        )
 
 
 # ----------------------------------------------------------------------------------- image processor
@@ -240,8 +283,14 @@ class Phi3VImageProcessor:
 
     tokens_per_side: g = crop / patch / 2 (12 for CLIP-336/14)."""
 
-    def __init__(self, num_crops: int = 4, crop_size: int = 336, tokens_per_side: int = 12,
-                 image_mean: tuple[float, ...] = CLIP_MEAN, image_std: tuple[float, ...] = CLIP_STD) -> None:
+    def __init__(
+        self,
+        num_crops: int = 4,
+        crop_size: int = 336,
+        tokens_per_side: int = 12,
+        image_mean: tuple[float, ...] = CLIP_MEAN,
+        image_std: tuple[float, ...] = CLIP_STD,
+    ) -> None:
         if num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
         self.num_crops = num_crops
@@ -289,7 +338,9 @@ class Phi3VImageProcessor:
             x = torch.from_numpy(np.asarray(hd, dtype=np.float32) / 255.0).permute(2, 0, 1)
             x = (x - mean) / std
             _, height, width = x.shape
-            glb = torch.nn.functional.interpolate(x[None], size=(crop, crop), mode="bicubic", align_corners=False)
+            glb = torch.nn.functional.interpolate(
+                x[None], size=(crop, crop), mode="bicubic", align_corners=False
+            )
             crops = x.reshape(3, height // crop, crop, width // crop, crop).permute(1, 3, 0, 2, 4)
             crops = crops.reshape(-1, 3, crop, crop)
             all_crops = torch.cat([glb, crops])
@@ -304,9 +355,14 @@ class Phi3VImageProcessor:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_processor_type": "Phi3VImageProcessor", "num_crops": self.num_crops,
-                "crop_size": self.crop_size, "tokens_per_side": self.tokens_per_side,
-                "image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        return {
+            "image_processor_type": "Phi3VImageProcessor",
+            "num_crops": self.num_crops,
+            "crop_size": self.crop_size,
+            "tokens_per_side": self.tokens_per_side,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+        }
 
     def save_pretrained(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -318,9 +374,13 @@ class Phi3VImageProcessor:
         """Reads our preprocessor_config.json or the released one (num_crops, mean, std; 336/14 CLIP)."""
         with open(os.path.join(directory, PREPROCESSOR_FILE), encoding="utf-8") as f:
             cfg = json.load(f)
-        return cls(num_crops=cfg.get("num_crops", 4), crop_size=cfg.get("crop_size", 336),
-                   tokens_per_side=cfg.get("tokens_per_side", 12),
-                   image_mean=tuple(cfg.get("image_mean", CLIP_MEAN)), image_std=tuple(cfg.get("image_std", CLIP_STD)))
+        return cls(
+            num_crops=cfg.get("num_crops", 4),
+            crop_size=cfg.get("crop_size", 336),
+            tokens_per_side=cfg.get("tokens_per_side", 12),
+            image_mean=tuple(cfg.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(cfg.get("image_std", CLIP_STD)),
+        )
 
     def __repr__(self) -> str:
         return f"Phi3VImageProcessor({self.to_dict()})"

@@ -124,17 +124,23 @@ def pad_rows(
         return pad + values if padding_side == "left" else values + pad
 
     out = {
-        "input_ids": torch.tensor([padded(r, pad_id) for r in rows], dtype=torch.long).reshape(len(rows), length),
+        "input_ids": torch.tensor([padded(r, pad_id) for r in rows], dtype=torch.long).reshape(
+            len(rows), length
+        ),
         "attention_mask": torch.tensor([padded([1] * len(r), 0) for r in rows], dtype=torch.long).reshape(
             len(rows), length
         ),
     }
     for key, (values, fill) in (extra or {}).items():
-        out[key] = torch.tensor([padded(v, fill) for v in values], dtype=torch.long).reshape(len(rows), length)
+        out[key] = torch.tensor([padded(v, fill) for v in values], dtype=torch.long).reshape(
+            len(rows), length
+        )
     return out
 
 
-def pack_rows(rows: list[list[int]], extra: dict[str, list[list[int]]] | None = None) -> dict[str, torch.Tensor]:
+def pack_rows(
+    rows: list[list[int]], extra: dict[str, list[list[int]]] | None = None
+) -> dict[str, torch.Tensor]:
     """Concatenate rows into one padding-free sequence [1, T] with per-row restarting position_ids and
     cu_seqlens (flash-attention varlen layout; transformers builds a block-diagonal mask from the
     position_ids for sdpa/eager)."""
@@ -159,10 +165,18 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp_min(0)
 
 
-def model_kwargs(dtype: torch.dtype | None, attn_implementation: str | None, quantization: str | None,
-                 skip_modules: Sequence[str] = ()) -> dict[str, Any]:
-    """from_pretrained keyword arguments shared by the families."""
+def model_kwargs(
+    dtype: torch.dtype | None,
+    attn_implementation: str | None,
+    quantization: str | None,
+    skip_modules: Sequence[str] = (),
+    device: str | torch.device | None = None,
+) -> dict[str, Any]:
+    """from_pretrained keyword arguments shared by the families (weights load straight onto `device`;
+    4-bit weights are quantised there)."""
     kwargs: dict[str, Any] = {}
+    if device is not None:
+        kwargs["device_map"] = {"": str(torch.device(device))}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:

@@ -84,11 +84,19 @@ def vision_tower(hf_model: nn.Module) -> nn.Module:
     return hf_model.model.vision_tower
 
 
-def load(path_or_id: str, *, dtype, attn_implementation, quantization, settings):  # noqa: ANN001, ANN201
+def load(
+    path_or_id: str,
+    *,
+    dtype: torch.dtype | None,
+    attn_implementation: str | None,
+    quantization: str | None,
+    settings: ProcessorSettings,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     model = LlavaNextForConditionalGeneration.from_pretrained(
-        path_or_id, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES)
+        path_or_id, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES, device)
     )
     processor = LlavaNextProcessor.from_pretrained(path_or_id)
     if processor.patch_size is None:  # old hub processors: fill in from the model config
@@ -106,13 +114,29 @@ def tiny() -> tuple[nn.Module, Any]:
     crop, patch = 28, 14
     pinpoints = [[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]]
     config = LlavaNextConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
-                           num_hidden_layers=2, num_attention_heads=2, image_size=crop, patch_size=patch,
-                           projection_dim=32),
-        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=crop,
+            patch_size=patch,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        ),
         image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
@@ -122,11 +146,16 @@ def tiny() -> tuple[nn.Module, Any]:
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(config)
     image_processor = LlavaNextImageProcessorPil(
-        size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints
+        size={"shortest_edge": crop},
+        crop_size={"height": crop, "width": crop},
+        image_grid_pinpoints=pinpoints,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     return model.eval(), processor
 

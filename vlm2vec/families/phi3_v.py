@@ -98,19 +98,29 @@ class Phi3VProcessor(ProcessorPair):
         super().__init__(tokenizer, image_processor)
         if image_token_id < len(tokenizer):
             raise ValueError(
-                f"image_token_id {image_token_id} collides with the tokenizer's vocabulary ({len(tokenizer)} ids)"
+                f"image_token_id {image_token_id} is inside the tokenizer vocabulary ({len(tokenizer)} ids)"
             )
         self.image_token_id = image_token_id
 
 
-def load(path_or_id: str, *, dtype, attn_implementation, quantization, settings):  # noqa: ANN001, ANN201
+def load(
+    path_or_id: str,
+    *,
+    dtype: torch.dtype | None,
+    attn_implementation: str | None,
+    quantization: str | None,
+    settings: ProcessorSettings,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Any]:
     from transformers import AutoTokenizer
 
     from vlm2vec.phi3_v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor
 
     config = Phi3VConfig.from_pretrained(path_or_id)  # the released config.json parses as is
     model = Phi3VForCausalLM.from_pretrained(
-        path_or_id, config=config, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES)
+        path_or_id,
+        config=config,
+        **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES, device),
     )
     tokenizer = AutoTokenizer.from_pretrained(path_or_id, config=config)
     if os.path.isdir(path_or_id):
@@ -138,16 +148,32 @@ def save(hf_model: nn.Module, processor: Phi3VProcessor, directory: str) -> None
 def tiny() -> tuple[nn.Module, Phi3VProcessor]:
     from vlm2vec.phi3_v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor
 
-    tok = build_tiny_tokenizer(["<|end|>", "<|user|>", "<|assistant|>"], bos="<s>", eos="<|endoftext|>",
-                               pad="<|endoftext|>")
+    tok = build_tiny_tokenizer(
+        ["<|end|>", "<|user|>", "<|assistant|>"], bos="<s>", eos="<|endoftext|>", pad="<|endoftext|>"
+    )
     crop, patch = 56, 14
     config = Phi3VConfig(
-        vocab_size=len(tok) + 8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        original_max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok) + 8,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=crop, patch_size=patch, projection_dim=32, hidden_act="quick_gelu"),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=crop,
+            patch_size=patch,
+            projection_dim=32,
+            hidden_act="quick_gelu",
+        ),
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)

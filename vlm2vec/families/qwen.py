@@ -8,13 +8,14 @@ chunk has images, mask-aware 1-D positions otherwise, so left padding never shif
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlm2vec.backbones import BackboneFamily, ProcessorSettings, register_family
+from vlm2vec.backbones import BackboneFamily, LoadFn, ProcessorSettings, register_family
 from vlm2vec.families._common import (
     ProcessorPair,
     build_tiny_tokenizer,
@@ -29,8 +30,14 @@ from vlm2vec.families._common import (
 )
 
 IMAGE_TOKEN = "<|vision_start|><|image_pad|><|vision_end|>"
-SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                  "<|video_pad|>"]
+SPECIAL_TOKENS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 QLORA_DENSE_MODULES = ["model.visual", "lm_head"]
 
@@ -46,12 +53,25 @@ class _QwenSpec:
 
 
 SPECS = {
-    "qwen2_vl": _QwenSpec("qwen2_vl", "qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig", 14,
-                          (0.48145466, 0.4578275, 0.40821073)),
-    "qwen2_5_vl": _QwenSpec("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
-                            "Qwen2_5_VLConfig", 14, (0.48145466, 0.4578275, 0.40821073)),
-    "qwen3_vl": _QwenSpec("qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", 16,
-                          (0.5, 0.5, 0.5)),
+    "qwen2_vl": _QwenSpec(
+        "qwen2_vl",
+        "qwen2_vl",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLConfig",
+        14,
+        (0.48145466, 0.4578275, 0.40821073),
+    ),
+    "qwen2_5_vl": _QwenSpec(
+        "qwen2_5_vl",
+        "qwen2_5_vl",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLConfig",
+        14,
+        (0.48145466, 0.4578275, 0.40821073),
+    ),
+    "qwen3_vl": _QwenSpec(
+        "qwen3_vl", "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig", 16, (0.5, 0.5, 0.5)
+    ),
 }
 
 
@@ -81,7 +101,11 @@ def prepare(
 ) -> dict[str, torch.Tensor]:
     tok, ip = processor.tokenizer, processor.image_processor
     pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    protected = {pad_id, tok.convert_tokens_to_ids("<|vision_start|>"), tok.convert_tokens_to_ids("<|vision_end|>")}
+    protected = {
+        pad_id,
+        tok.convert_tokens_to_ids("<|vision_start|>"),
+        tok.convert_tokens_to_ids("<|vision_end|>"),
+    }
     size = None
     if settings.min_pixels is not None or settings.max_pixels is not None:
         size = dict(ip.size)
@@ -170,14 +194,22 @@ def vision_tower(hf_model: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------ load / tiny
-def _make_load(spec: _QwenSpec):
-    def load(path_or_id: str, *, dtype, attn_implementation, quantization, settings):  # noqa: ANN001, ANN202
+def _make_load(spec: _QwenSpec) -> LoadFn:
+    def load(
+        path_or_id: str,
+        *,
+        dtype: torch.dtype | None,
+        attn_implementation: str | None,
+        quantization: str | None,
+        settings: ProcessorSettings,
+        device: str | torch.device | None = None,
+    ) -> tuple[nn.Module, ProcessorPair]:
         import transformers
         from transformers import AutoTokenizer
 
         cls = getattr(transformers, spec.model_class)
         model = cls.from_pretrained(
-            path_or_id, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES)
+            path_or_id, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES, device)
         )
         tokenizer = AutoTokenizer.from_pretrained(path_or_id)
         image_processor = _image_processor_class().from_pretrained(path_or_id)
@@ -186,30 +218,74 @@ def _make_load(spec: _QwenSpec):
     return load
 
 
-def _make_tiny(spec: _QwenSpec):
+def _make_tiny(spec: _QwenSpec) -> Callable[[], tuple[nn.Module, ProcessorPair]]:
     def tiny() -> tuple[nn.Module, ProcessorPair]:
         import transformers
 
         tok = build_tiny_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>")
         ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-        text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                    bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        text = dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=None,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         if spec.name == "qwen3_vl":
-            text.update(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True})
-            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                          patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
-                          num_position_embeddings=64, deepstack_visual_indexes=[0])
+            text.update(
+                head_dim=16,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "mrope_section": [4, 2, 2],
+                    "mrope_interleaved": True,
+                },
+            )
+            vision = dict(
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=64,
+                patch_size=16,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                num_position_embeddings=64,
+                deepstack_visual_indexes=[0],
+            )
         else:
-            text.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+            text.update(
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+            )
             if spec.name == "qwen2_vl":
-                vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14,
-                              spatial_merge_size=2, temporal_patch_size=2)
+                vision = dict(
+                    depth=2,
+                    embed_dim=32,
+                    hidden_size=64,
+                    num_heads=2,
+                    mlp_ratio=2,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                )
             else:
-                vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                              patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                              fullatt_block_indexes=[1])
+                vision = dict(
+                    depth=2,
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_heads=2,
+                    out_hidden_size=64,
+                    patch_size=14,
+                    spatial_merge_size=2,
+                    temporal_patch_size=2,
+                    window_size=56,
+                    fullatt_block_indexes=[1],
+                )
         config = getattr(transformers, spec.config_class)(
             text_config=text,
             vision_config=vision,
@@ -223,10 +299,15 @@ def _make_tiny(spec: _QwenSpec):
         model = getattr(transformers, spec.model_class)(config)
         unit = spec.patch_size * 2
         image_processor = _image_processor_class()(
-            patch_size=spec.patch_size, merge_size=2, temporal_patch_size=2,
-            min_pixels=4 * unit * unit, max_pixels=16 * unit * unit,
-            image_mean=list(spec.image_mean), image_std=list(spec.image_mean if spec.name == "qwen3_vl" else
-                                                             (0.26862954, 0.26130258, 0.27577711)),
+            patch_size=spec.patch_size,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=4 * unit * unit,
+            max_pixels=16 * unit * unit,
+            image_mean=list(spec.image_mean),
+            image_std=list(
+                spec.image_mean if spec.name == "qwen3_vl" else (0.26862954, 0.26130258, 0.27577711)
+            ),
         )
         return model.eval(), ProcessorPair(tok, image_processor)
 

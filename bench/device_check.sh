@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (no network): the kernel tests compiled for real, the loss
+# benchmark at GPU sizes (B up to 65,536 and the 1,048,576 point), logs + CSV + PNG under $OUT, and a
+# short table last. Runs in the repository root of a copy of the working tree:
+#
+#   OUT=/some/dir bash bench/device_check.sh        # (the device tool sets OUT)
+#
+# Wheels the machine lacks (inf-cl, deepspeed, datasets, ...) come from ./.whl, made on the dev box
+# by ../shared/tools/device-wheels.sh and carried along; nothing is downloaded. Every phase has a
+# time cap and the whole run keeps to DEVICE_CHECK_BUDGET_S (default 450 s) so that it fits in one
+# device call; a failing phase is logged and the next one runs.
+#   DEVICE_CHECK_BUDGET_S=600   raise the overall budget
+#   DEVICE_CHECK_DRY=1          plumbing check on a CPU box: interpreter tests, tiny CPU benchmark
+set -u
+cd "$(dirname "$0")/.."
+REPO=$PWD
+OUT=${OUT:-$REPO/bench/out/device}
+mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET=${DEVICE_CHECK_BUDGET_S:-450}
+DRY=${DEVICE_CHECK_DRY:-0}
+
+# carried wheels (lazy imports everywhere: a wheel that does not fit this image only loses its provider)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+    || echo "carried wheels did not install (see pip.log); going on without them"
+fi
+# import names without installing: kernels/ is the package vlm2vec_kernels
+SHIM=$(mktemp -d)
+ln -s "$REPO/kernels" "$SHIM/vlm2vec_kernels"
+[ -d "$REPO/vlm2vec" ] && ln -s "$REPO/vlm2vec" "$SHIM/vlm2vec"
+export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1 VLM2VEC_TEST_DEVICE=cpu
+else
+  export TRITON_INTERPRET=0 VLM2VEC_TEST_DEVICE=cuda
+fi
+PY=python3
+
+# phase NAME CAP_SECONDS CMD... : runs CMD under min(CAP, budget left - 20 s), log in $OUT/NAME.log
+phase() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - START) - 20 ))
+  [ "$left" -lt "$cap" ] && cap=$left
+  if [ "$cap" -lt 15 ]; then
+    echo "[$name] skipped: budget spent" | tee -a "$OUT/phases.txt"; return
+  fi
+  local t0; t0=$(date +%s)
+  echo "[$name] start (cap ${cap}s)"
+  timeout --signal=INT --kill-after=15 "$cap" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$name] rc=$rc ($(( $(date +%s) - t0 ))s)" | tee -a "$OUT/phases.txt"
+  tail -n 4 "$OUT/$name.log" | sed "s/^/    /"
+}
+
+{
+  date -Is; uname -a; nvidia-smi -L 2>&1 || true
+  $PY -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+  $PY -c "import inf_cl; print('inf-cl importable')" 2>&1 | tail -1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# 1. kernels compiled for real against float64 (and the loss tests, when their files exist)
+phase tests_engine 150 $PY -m pytest -q -p no:cacheprovider tests/test_triton_engine.py \
+  --junitxml "$OUT/junit_triton_engine.xml"
+LOSS_TESTS=$(ls tests/test_contrastive*.py tests/test_loss*.py 2>/dev/null | tr '\n' ' ')
+
+if [ "$DRY" = 1 ]; then
+  phase bench_grid 120 $PY bench/loss_kernel.py --device cpu --quick --sizes 256,512 --dims 64 --out "$OUT"
+else
+  # 2. provider grid (torch.compile separately below: it recompiles per shape)
+  phase bench_grid 170 $PY bench/loss_kernel.py --sizes 1024,4096,16384,65536 --dims 1536,3584 \
+    --providers fused,torch,eager,inf-cl --rep-ms 60 --out "$OUT" --no-plots
+  # 3. the 1,048,576 point (fused fwd+bwd once)
+  phase bench_big 75 $PY bench/loss_kernel.py --no-grid --big --out "$OUT" --no-plots
+fi
+if [ "$DRY" != 1 ]; then
+  # 4. engine kernels alone: tile / split variants, atomic vs gemm backward (for tuning defaults)
+  phase bench_sweep 50 $PY bench/loss_kernel.py --sweep --sizes 1024,4096,16384,65536 --dims 1536 \
+    --rep-ms 30 --out "$OUT"
+fi
+# 5. the loss tests (orchestration; mostly CPU tests, the Triton ones need VLM2VEC_TEST_DEVICE-aware code)
+[ -n "$LOSS_TESTS" ] && phase tests_loss 90 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
+  --junitxml "$OUT/junit_loss.xml"
+if [ "$DRY" != 1 ]; then
+  # 6. torch.compile baseline at two sizes
+  phase bench_compile 60 $PY bench/loss_kernel.py --providers compile --sizes 1024,16384 --dims 1536 \
+    --rep-ms 50 --out "$OUT" --no-plots
+fi
+
+# ---- HOOK: extra device checks (e.g. the lead's training-step benchmark) ---------------------------
+# Put commands in bench/device_extra.sh (run with the same environment; $OUT and phase() available)
+# or pass DEVICE_CHECK_EXTRA="command". Each runs as a capped phase after the loss checks.
+if [ -f bench/device_extra.sh ]; then
+  # shellcheck disable=SC1091
+  source bench/device_extra.sh
+fi
+if [ -n "${DEVICE_CHECK_EXTRA:-}" ]; then
+  phase extra 120 bash -c "$DEVICE_CHECK_EXTRA"
+fi
+# ---- end of hook ------------------------------------------------------------------------------------
+
+$PY -c "
+import sys; sys.path.insert(0, 'bench')
+import loss_kernel as lk, csv, pathlib
+p = pathlib.Path('$OUT') / 'loss_kernel.csv'
+rows = [r | {'B': int(r['B']), 'D': int(r['D'])} for r in csv.DictReader(open(p))] if p.exists() else []
+if rows:
+    for path in lk.plot(rows, pathlib.Path('$OUT'), rows[-1]['device'] + ', ' + rows[-1]['dtype']): print('plot:', path)
+" >"$OUT/plots.log" 2>&1
+echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/phases.txt"
+$PY bench/device_summary.py "$OUT" | tee "$OUT/summary.txt"

@@ -1,0 +1,511 @@
+"""Benchmark of the contrastive loss: fused Triton vs chunked torch vs eager vs torch.compile vs inf-cl.
+
+    python bench/loss_kernel.py                 # default sizes for the device found (GPU: bf16, CPU: fp32)
+    python bench/loss_kernel.py --quick         # CPU smoke run, < 2 minutes on 2 cores
+    python bench/loss_kernel.py --sizes 8192 --dims 1536 --providers torch,eager   # CPU target check
+    python bench/loss_kernel.py --big           # GPU: B = 1,048,576, fused fwd+bwd only
+    python bench/loss_kernel.py --sweep         # GPU: engine kernels alone, tile/split/path variants
+
+Every cell is one (provider, mode, B, D): B queries against their B positives (in-batch negatives),
+temperature 0.02, L2 normalisation included in every provider. Modes: `fwd` (no autograd, the loss
+value only) and `fwd+bwd` (loss.backward() into both inputs). TFLOP/s counts 2*B^2*D for fwd and
+8*B^2*D for fwd+bwd (the fused kernels' work with one recompute). Time: median and p20/p80 of
+triton.testing.do_bench on a GPU, of a wall-clock loop on the CPU. Peak memory: on a GPU
+torch.cuda.max_memory_allocated above the inputs; on the CPU the peak RSS growth during one call
+(sampled every 0.5 ms with glibc's mmap threshold lowered so freed blocks leave RSS at once).
+Out-of-memory and other failures are recorded per cell and the run goes on.
+
+Outputs (default --out bench/out/, gitignored): a table on stdout, rows appended to
+loss_kernel.csv (provider, mode, B, D, dtype, p20/p50/p80 ms, TFLOP/s, peak MB, status, rel. loss
+difference to the chunked torch engine, device, date, git commit) and PNG plots per mode and D.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TAU = 0.02
+PROVIDERS = ("fused", "torch", "eager", "compile", "inf-cl")
+MODES = ("fwd", "fwd+bwd")
+CSV_FIELDS = ["provider", "mode", "B", "D", "dtype", "p20_ms", "p50_ms", "p80_ms", "tflops", "peak_mb",
+              "status", "loss_rel_diff", "device", "date", "commit"]
+
+
+# ------------------------------------------------------------------------------------------------
+# providers: callables (q, c) -> scalar loss
+
+
+def _eager_loss(q, c):
+    import torch
+    import torch.nn.functional as F
+
+    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T / TAU
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+
+
+_COMPILED: dict = {}
+
+
+def make_provider(name: str) -> Callable:
+    """The loss function of one provider; raises ImportError when it is not available here."""
+    if name in ("fused", "torch"):
+        from vlm2vec_kernels import contrastive_loss
+
+        backend = "triton" if name == "fused" else "torch"
+        return lambda q, c: contrastive_loss(q, c, temperature=TAU, backend=backend)
+    if name == "eager":
+        return _eager_loss
+    if name == "compile":
+        import torch
+
+        if "fn" not in _COMPILED:
+            _COMPILED["fn"] = torch.compile(_eager_loss, dynamic=False)
+        return _COMPILED["fn"]
+    if name == "inf-cl":
+        import torch.nn.functional as F
+        from inf_cl import cal_inf_loss  # needs CUDA; D must be a multiple of 256
+
+        return lambda q, c: cal_inf_loss(F.normalize(q, dim=-1) / TAU, F.normalize(c, dim=-1))
+    raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def _quantiles_ms(times_s: list[float]) -> tuple[float, float, float]:
+    if len(times_s) == 1:
+        return (times_s[0] * 1e3,) * 3
+    q = statistics.quantiles(times_s, n=10, method="inclusive")
+    return q[1] * 1e3, statistics.median(times_s) * 1e3, q[7] * 1e3
+
+
+def time_cpu(fn: Callable, budget_s: float, min_reps: int = 3, max_reps: int = 30):
+    """p20/p50/p80 in ms of fn() after one warm-up call, within about budget_s of repetitions."""
+    fn()
+    times = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return _quantiles_ms(times)
+
+
+def time_gpu(fn: Callable, grads_to_none: list, rep_ms: int):
+    import triton
+
+    fn()  # compile / autotune outside the timed region
+    p20, p50, p80 = triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms,
+                                            grad_to_none=grads_to_none, quantiles=[0.2, 0.5, 0.8])
+    return p20, p50, p80
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_growth_mb(fn: Callable) -> float:
+    """Peak RSS above the level before the call, sampled in a thread every 0.5 ms."""
+    base = _rss_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(0, peak[0] - base) / 2**20
+
+
+def peak_cuda_mb(fn: Callable) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# one cell
+
+
+def _new_row(provider: str, mode: str, B: int, D: int, dtype) -> dict:
+    return {"provider": provider, "mode": mode, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""),
+            "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": "", "peak_mb": "", "status": "ok",
+            "loss_rel_diff": ""}
+
+
+def _sig3(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def _measure_cell(row: dict, device: str, dtype, args) -> None:
+    """Times one cell into `row` (inputs are freed when this returns)."""
+    import torch
+
+    provider, mode, B, D = row["provider"], row["mode"], row["B"], row["D"]
+    loss_fn = make_provider(provider)
+    gen = torch.Generator(device=device).manual_seed(B * 7 + D)
+    q = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
+    c = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return loss_fn(q, c)
+    else:
+        q.requires_grad_(True)
+        c.requires_grad_(True)
+
+        def step():
+            q.grad = c.grad = None
+            loss_fn(q, c).backward()
+
+    if device == "cuda":
+        p20, p50, p80 = time_gpu(step, [q, c], args.rep_ms)
+        row["peak_mb"] = round(peak_cuda_mb(step), 1)
+    else:
+        p20, p50, p80 = time_cpu(step, args.cpu_budget_s)
+        row["peak_mb"] = round(peak_rss_growth_mb(step), 1)
+    flop = (2 if mode == "fwd" else 8) * B * B * D
+    row.update(p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80),
+               tflops=_sig3(flop / (p50 * 1e-3) / 1e12))
+    if mode == "fwd":
+        with torch.no_grad():
+            row["_loss"] = float(loss_fn(q, c))
+
+
+def run_cell(provider: str, mode: str, B: int, D: int, device: str, dtype, args) -> dict:
+    """One (provider, mode, B, D) cell; failures (OOM, missing package, errors) become its status."""
+    import torch
+
+    row = _new_row(provider, mode, B, D, dtype)
+    try:
+        _measure_cell(row, device, dtype, args)
+    except ImportError as error:
+        row["status"] = f"unavailable: {error}"[:120]
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except RuntimeError as error:
+        row["status"] = ("oom" if "out of memory" in str(error).lower() else f"error: {error}")[:120]
+    except Exception as error:  # noqa: BLE001 - one failing provider must not end the benchmark
+        row["status"] = f"error: {type(error).__name__}: {error}"[:120]
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def run_big(device: str, dtype, B: int, D: int) -> dict:
+    """One timed fused fwd+bwd at a size too large to repeat (B = 1,048,576 by default)."""
+    import torch
+    from vlm2vec_kernels import contrastive_loss
+
+    row = _new_row("fused", "fwd+bwd", B, D, dtype)
+    try:
+        gen = torch.Generator(device=device).manual_seed(1)
+        q = torch.randn(B, D, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        c = torch.randn(B, D, device=device, dtype=dtype, generator=gen).requires_grad_(True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        loss = contrastive_loss(q, c, temperature=TAU, backend="triton")
+        loss.backward()
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - start) * 1e3
+        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(q.grad).all())
+        row.update(p20_ms=_sig3(ms), p50_ms=_sig3(ms), p80_ms=_sig3(ms),
+                   tflops=_sig3(8 * B * B * D / (ms * 1e-3) / 1e12),
+                   peak_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+                   status="ok" if finite else "non-finite result")
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except Exception as error:  # noqa: BLE001
+        row["status"] = f"error: {type(error).__name__}: {error}"[:120]
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# engine sweep (GPU): kernels alone, variants of tiles / splits / backward path
+
+
+def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
+    """Engine calls to time at one size: forward tile/split variants, both backward paths."""
+    from functools import partial
+
+    cls = eng.operand_class(q.dtype)
+    wide, narrow = eng.GPU_CONFIGS[("lse", cls)], eng.GPU_CONFIGS[("lse_narrow", cls)]
+    B, D = q.shape
+    cases = {
+        "row_lse default": partial(eng.row_lse, q, c, rs, cs),
+        "row_lse wide auto-splits": partial(eng.row_lse, q, c, rs, cs, config=wide),
+        "row_lse wide 1 split": partial(eng.row_lse, q, c, rs, cs, config=wide, splits=1),
+        "row_lse narrow auto-splits": partial(eng.row_lse, q, c, rs, cs, config=narrow),
+        "softmax_grad gemm": partial(eng.softmax_grad, q, c, rs, cs, lse, w, path="gemm"),
+    }
+    if 2 * B * D * 4 <= 512 * 2**20:  # the atomic path's buffers; beyond this it is hopeless
+        cases["softmax_grad atomic"] = partial(eng.softmax_grad, q, c, rs, cs, lse, w, path="atomic")
+    return cases
+
+
+def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int) -> list[dict]:
+    """Times row_lse and softmax_grad of the Triton engine directly, for choosing defaults."""
+    import torch
+    import triton
+    from vlm2vec_kernels import triton_contrastive as eng
+
+    rows = []
+    for B in sizes:
+        for D in dims:
+            q = torch.randn(B, D, device=device, dtype=dtype)
+            c = torch.randn(B, D, device=device, dtype=dtype)
+            rs = torch.full((B,), 1.0 / TAU, device=device) / q.float().norm(dim=1)
+            cs = 1.0 / c.float().norm(dim=1)
+            w = torch.full((B,), 1.0 / B, device=device)
+            lse = eng.row_lse(q, c, rs, cs)
+            for name, fn in _sweep_cases(eng, q, c, rs, cs, lse, w).items():
+                flop = (2 if name.startswith("row_lse") else 6) * B * B * D
+                row = {"case": name, "B": B, "D": D, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": ""}
+                try:
+                    fn()
+                    p20, p50, p80 = triton.testing.do_bench(fn, warmup=10, rep=rep_ms,
+                                                            quantiles=[0.2, 0.5, 0.8])
+                    row.update(p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80),
+                               tflops=_sig3(flop / (p50 * 1e-3) / 1e12))
+                except Exception as error:  # noqa: BLE001
+                    row["tflops"] = f"error: {type(error).__name__}: {error}"[:100]
+                rows.append(row)
+                print(f"  sweep {name:<28} B={B:<6} D={D:<5} {row['p50_ms']!s:>9} ms "
+                      f"{row['tflops']!s:>7} TFLOP/s", flush=True)
+            del q, c, rs, cs, w, lse
+            torch.cuda.empty_cache()
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPU"
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'provider':<8} {'mode':<7} {'B':>8} {'D':>5} {'p50 ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} "
+            f"{'peak MB':>9} {'vs torch':>9}  status")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spread = f"{r['p20_ms']}-{r['p80_ms']}" if r["p20_ms"] != "" else ""
+        lines.append(f"{r['provider']:<8} {r['mode']:<7} {r['B']:>8} {r['D']:>5} {r['p50_ms']!s:>10} "
+                     f"{spread:>19} {r['tflops']!s:>8} {r['peak_mb']!s:>9} {r['loss_rel_diff']!s:>9}  "
+                     f"{r['status']}")
+    return "\n".join(lines)
+
+
+def append_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot(rows: list[dict], out: Path, tag: str) -> list[Path]:
+    """One PNG per (mode, D): time, TFLOP/s and peak memory against B, a line per provider."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    written = []
+    for mode in MODES:
+        for D in sorted({int(r["D"]) for r in rows if r["mode"] == mode}):
+            cell = [r for r in rows if r["mode"] == mode and int(r["D"]) == D and r["status"] == "ok"]
+            if not cell:
+                continue
+            fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+            for provider in PROVIDERS:
+                latest = {int(r["B"]): r for r in cell if r["provider"] == provider}  # last row per B wins
+                if not latest:
+                    continue
+                xs = sorted(latest)
+                for ax, key in zip(axes, ("p50_ms", "tflops", "peak_mb")):
+                    ax.plot(xs, [float(latest[b][key] or "nan") for b in xs], marker="o", label=provider)
+            for ax, title in zip(axes, ("median time (ms)", "TFLOP/s", "peak memory (MB)")):
+                ax.set_xscale("log", base=2)
+                if title != "TFLOP/s":
+                    ax.set_yscale("log")
+                ax.set_xlabel("batch B")
+                ax.set_title(title)
+                ax.grid(True, alpha=0.3)
+            axes[0].legend()
+            fig.suptitle(f"contrastive loss {mode}, D={D}, {tag}")
+            fig.tight_layout()
+            path = out / f"loss_kernel_{mode.replace('+', '_')}_D{D}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+# ------------------------------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available (default)")
+    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        help="batch sizes B, comma-separated (GPU default 1024,4096,16384,65536; "
+                             "CPU default 1024,4096,16384; --quick: 1024,2048)")
+    parser.add_argument("--dims", type=lambda s: [int(x) for x in s.split(",")],
+                        help="embedding sizes D (default 1536,3584; --quick on CPU: 1536)")
+    parser.add_argument("--providers", type=lambda s: s.split(","),
+                        help=f"subset of {','.join(PROVIDERS)} (default: all; CPU: torch,eager,compile; "
+                             "--quick on CPU: torch,eager)")
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                        help="fwd and/or fwd+bwd (default both)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="input dtype (default bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--quick", action="store_true", help="small CPU run (< 2 min on 2 cores)")
+    parser.add_argument("--big", action="store_true",
+                        help="GPU only: add one fused fwd+bwd at B=1,048,576 (--big-size) after the grid")
+    parser.add_argument("--big-size", type=int, default=1_048_576, help="B of the --big point")
+    parser.add_argument("--big-dim", type=int, default=1536, help="D of the --big point")
+    parser.add_argument("--sweep", action="store_true",
+                        help="GPU only: time the engine kernels alone (tile configs, splits, atomic vs gemm "
+                             "backward) at --sizes x --dims instead of the provider grid")
+    parser.add_argument("--no-grid", action="store_true", help="skip the provider grid (e.g. only --big)")
+    parser.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time per cell (ms)")
+    parser.add_argument("--cpu-budget-s", type=float, default=3.0, help="CPU: timing budget per cell (s)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out",
+                        help="directory for loss_kernel.csv and the PNGs (default bench/out/)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    return parser.parse_args(argv)
+
+
+def _lower_malloc_mmap_threshold():
+    """Re-exec once with glibc's mmap threshold fixed at 64 KiB: freed tensors then leave RSS at once,
+    so the CPU peak-RSS probe measures each call and not memory kept by malloc from earlier cells."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and platform.system() == "Linux":
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        _lower_malloc_mmap_threshold()
+    if device == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
+        print("TRITON_INTERPRET=1 with a GPU: unset it to benchmark compiled kernels", file=sys.stderr)
+        return 2
+    on_gpu = device == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if on_gpu else "fp32")]
+    quick_cpu = args.quick and not on_gpu
+    sizes = args.sizes or ([1024, 4096, 16384, 65536] if on_gpu else [1024, 2048] if quick_cpu
+                           else [1024, 4096, 16384])
+    dims = args.dims or ([1536] if quick_cpu else [1536, 3584])
+    providers = args.providers or (list(PROVIDERS) if on_gpu else ["torch", "eager"] if quick_cpu
+                                   else ["torch", "eager", "compile"])
+    for p in providers:
+        if p not in PROVIDERS:
+            raise SystemExit(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.resolve() == (REPO / "bench" / "out").resolve() and not (args.out / ".gitignore").exists():
+        (args.out / ".gitignore").write_text("*\n")  # results stay local unless copied to bench/results/
+    meta = {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "commit": _commit()}
+    print(f"# loss_kernel: {meta['device']}, {dtype}, commit {meta['commit']}, out {args.out}", flush=True)
+
+    if args.sweep:
+        if not on_gpu:
+            raise SystemExit("--sweep needs a GPU (the interpreter's timings mean nothing)")
+        rows = run_sweep(device, dtype, sizes, dims, args.rep_ms)
+        append_csv(args.out / "engine_sweep.csv", [r | meta for r in rows],
+                   ["case", "B", "D", "p20_ms", "p50_ms", "p80_ms", "tflops", "device", "date", "commit"])
+        return 0
+
+    rows: list[dict] = []
+    if not args.no_grid:
+        for D in dims:
+            for B in sizes:
+                reference_loss = None
+                for mode in args.modes:
+                    for provider in sorted(providers, key=lambda p: p != "torch"):  # torch first: reference
+                        row = run_cell(provider, mode, B, D, device, dtype, args)
+                        if provider == "torch" and "_loss" in row:
+                            reference_loss = row["_loss"]
+                        if "_loss" in row and reference_loss is not None:
+                            diff = abs(row["_loss"] - reference_loss) / abs(reference_loss)
+                            row["loss_rel_diff"] = f"{diff:.1e}"
+                        rows.append(row | meta)
+                        print(format_table([row | meta]).splitlines()[-1], flush=True)
+    if args.big:
+        if not on_gpu:
+            print("--big needs a GPU: skipped", file=sys.stderr)
+        else:
+            rows.append(run_big(device, dtype, args.big_size, args.big_dim) | meta)
+            print(format_table([rows[-1]]).splitlines()[-1], flush=True)
+    if not rows:
+        return 0
+    append_csv(args.out / "loss_kernel.csv", rows, CSV_FIELDS)
+    print()
+    print(format_table(rows))
+    if not args.no_plots:
+        for path in plot(rows, args.out, f"{meta['device']}, {str(dtype).replace('torch.', '')}"):
+            print(f"plot: {path}")
+    print(f"csv: {args.out / 'loss_kernel.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

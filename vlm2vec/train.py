@@ -1,0 +1,460 @@
+"""Train a VLM2Vec embedding model: `deepspeed vlm2vec/train.py --ds_config configs/ds_zero2.json`.
+
+With no other argument this trains the built-in default on the CPU (a tiny model on small synthetic
+MMEB-format data). `--config configs/<setup>.yaml` and `--key value` flags select a real setup; the
+VLM2Vec reference implementation's flags are accepted too (see vlm2vec/config.py, `--help`).
+Launchers: `deepspeed` (any ZeRO stage), `torchrun`, or plain `python vlm2vec/train.py` (one process).
+
+One training step (the loop in `train`):
+
+    batches[step]           rows of this step for this process, chosen by (seed, step) only
+    collate(batch)          model inputs per GradCache chunk, each padded to its own longest row
+    contrastive_step(...)   chunks encoded without keeping activations -> loss over the global batch
+    engine.backward(loss)   loss gradient -> each chunk re-encoded (same RNG) and back-propagated;
+                            gradients reduced across processes once
+    engine.step()           clip, AdamW, learning-rate schedule
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not __package__:  # run as a script: sibling files must not shadow packages
+    sys.path.pop(0)
+
+import contextlib
+import json
+import math
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vlm2vec import checkpoint as ckpt
+from vlm2vec.config import (
+    TINY_PREFIX,
+    ConfigError,
+    TrainConfig,
+    format_config,
+    load_config,
+    per_device_batch_size,
+    resolve_ds_config,
+)
+from vlm2vec.gradcache import contrastive_step
+
+LOG_FILE = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or Inf; raised before the optimizer step, so the weights are intact."""
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports: the steps it ran and the loss of each (global mean over processes)."""
+
+    output_dir: str
+    first_step: int
+    last_step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------- processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group the launcher describes (deepspeed / torchrun set RANK, WORLD_SIZE, ...);
+    without a launcher, form a one-process group here (DeepSpeed would otherwise probe for MPI).
+    Returns (rank, world_size, device)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    import deepspeed
+    import deepspeed.ops
+
+    cuda = torch.cuda.is_available()
+    if not cuda:  # training never uses DeepSpeed's shared-memory inference all-reduce; skip its JIT build
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if "OMP_NUM_THREADS" not in os.environ:  # share the cores among the processes of this machine
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_mean(value: torch.Tensor) -> float:
+    value = value.detach().float().reshape(1).cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+# --------------------------------------------------------------------------------------------- model
+def build_model(config: TrainConfig) -> Any:
+    """The VLM2Vec encoder with the trainable parts the options ask for (LoRA / full), in train mode."""
+    from vlm2vec.backbones import ProcessorSettings, tiny
+    from vlm2vec.model import VLM2Vec
+
+    common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
+    dtype = torch.bfloat16 if config.bf16 else None
+    if config.checkpoint_path:
+        model = VLM2Vec.from_pretrained(config.checkpoint_path, dtype=dtype, is_trainable=True,
+                                        attn_implementation=config.attn_implementation, **common)
+    elif config.model_name.startswith(TINY_PREFIX):
+        settings = ProcessorSettings(config.image_resolution or "native", config.min_pixels,
+                                     config.max_pixels, config.num_crops)
+        model = tiny(config.family, settings=settings, **common)
+    else:
+        model = VLM2Vec.from_pretrained(
+            config.model_name, family=config.family, dtype=dtype,
+            attn_implementation=config.attn_implementation, quantization=config.quantization,
+            resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels, **common,
+        )  # fmt: skip
+    if config.lora and not model.is_peft:
+        targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+        model.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
+                       dora=config.dora)
+    elif not config.lora:
+        model.enable_full_finetuning(train_vision=not config.freeze_vision)
+    if not config.freeze_vision and model.vision_tower is not None:
+        model.vision_tower.requires_grad_(True)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    if _vision_frozen(model):
+        model.vision_tower.eval()  # frozen: deterministic, so its features can be reused in the recompute
+    return model
+
+
+def _vision_frozen(model: Any) -> bool:
+    tower = model.vision_tower
+    return tower is not None and not any(p.requires_grad for p in tower.parameters())
+
+
+def make_scheduler(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+    """Warmup (linear from 0) then linear / cosine decay to 0, or constant; HF's formulas."""
+    warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * total_steps))
+    kind = config.lr_scheduler_type
+
+    def factor(step: int) -> float:
+        if step < warmup and kind != "constant":
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+        return max(0.0, 1.0 - progress)
+
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def default_train_data(output_dir: str) -> str:
+    """The default run's data: small synthetic MMEB-format rows (written once, by rank 0)."""
+    from vlm2vec.synthetic import write_synthetic_mmeb
+
+    root = os.path.join(output_dir, "synthetic_data")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        if not os.path.isdir(os.path.join(root, "train")):
+            write_synthetic_mmeb(root, rows=64, image_size=48, seed=0)
+    if dist.is_initialized():
+        dist.barrier()
+    return os.path.join(root, "train")
+
+
+def build_data(config: TrainConfig, model: Any, rank: int, world: int) -> tuple[Any, Any, int]:
+    """(batches, collate, total_steps): step-indexed batches of this rank and the per-chunk collator."""
+    from vlm2vec.data import ChunkCollator, TrainBatches, load_train_data
+
+    source = config.dataset_name or default_train_data(config.output_dir)
+    data = load_train_data(
+        source, subsets=config.subset_name, split=config.dataset_split, image_root=config.image_dir,
+        num_sample_per_subset=config.num_sample_per_subset, num_negatives=config.num_hard_negatives,
+        skip_bad_rows=config.skip_bad_rows,
+    )  # fmt: skip
+    per_device = per_device_batch_size(config, world)
+    probe = TrainBatches(data, per_device * world, weights=config.subset_weights, seed=config.seed,
+                         rank=rank, world_size=world)
+    total = config.max_steps
+    if total <= 0:
+        total = math.ceil(config.num_train_epochs * probe.steps_per_epoch)
+    batches = TrainBatches(data, per_device * world, weights=config.subset_weights, seed=config.seed,
+                           num_steps=total, rank=rank, world_size=world, skip_bad_rows=config.skip_bad_rows)
+    group = config.num_hard_negatives + 1
+    q_chunk = config.gc_q_chunk_size if config.grad_cache else per_device
+    c_chunk = config.gc_p_chunk_size if config.grad_cache else per_device * group
+    collate = ChunkCollator(model, query_chunk_size=q_chunk, cand_chunk_size=c_chunk,
+                            sort_by_length=config.sort_by_length, skip_bad_rows=config.skip_bad_rows)
+    return batches, collate, total
+
+
+def _prepared_batches(batches: Any, collate: Any, start: int, stop: int, workers: int, seed: int):
+    """(step, raw batch, prepared batch) for steps start..stop-1, prepared in background when asked."""
+    if workers == 0:
+        for step in range(start, stop):
+            raw = batches[step]
+            yield step, raw, collate(raw)
+        return
+    loader = torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(start, stop), num_workers=workers,
+        collate_fn=lambda raw: (raw, collate(raw)), generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip  # own generator: the loader must not draw from the global RNG (exact resume)
+    for step, (raw, prepared) in zip(range(start, stop), loader):
+        yield step, raw, prepared
+
+
+# ------------------------------------------------------------------------------------------- logging
+class RunLog:
+    """Progress bar (rank 0), JSONL log and TensorBoard scalars."""
+
+    def __init__(self, config: TrainConfig, rank: int, start: int, total: int, samples_per_step: int):
+        self.rank, self.samples_per_step, self.start = rank, samples_per_step, start
+        self.bar = self.writer = None
+        self.t0 = time.perf_counter()
+        self.path = os.path.join(config.output_dir, LOG_FILE)
+        if rank != 0:
+            return
+        os.makedirs(config.output_dir, exist_ok=True)
+        _truncate_log(self.path, start)
+        if config.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(config.logging_dir or os.path.join(config.output_dir, "tensorboard"))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True,
+                        disable=config.disable_tqdm)
+
+    def step(self, step: int, record: dict[str, Any], write: bool) -> None:
+        if self.rank != 0:
+            return
+        elapsed = time.perf_counter() - self.t0
+        done = step + 1 - self.start
+        speed = round(done * self.samples_per_step / elapsed, 3)
+        record = {"step": step + 1, **record, "samples_per_s": speed, "elapsed_s": round(elapsed, 3)}
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                             samples_s=f"{record['samples_per_s']:.1f}")
+        if not write:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+                if isinstance(record.get(key), int | float):
+                    self.writer.add_scalar(f"train/{key}", record[key], step + 1)
+
+    def message(self, text: str) -> None:
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _truncate_log(path: str, keep_through: int) -> None:
+    """Drop log lines of steps after `keep_through` (a resumed run rewrites them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+
+
+# --------------------------------------------------------------------------------------------- train
+def _model_saver(engine: Any, model: Any, zero_stage: int) -> Callable[[str], None]:
+    """save(directory): VLM2Vec.save_pretrained on rank 0 (weights gathered first under ZeRO-3)."""
+
+    def save(directory: str) -> None:
+        gather = contextlib.nullcontext()
+        if zero_stage == 3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        with gather:
+            if dist.get_rank() == 0:
+                model.save_pretrained(directory)
+
+    return save
+
+
+def _batch_label(raw: Any) -> str:
+    sources = list(getattr(raw, "sources", []) or [])
+    subsets = sorted(set(getattr(raw, "subsets", []) or []))
+    shown = "; ".join(sources[:4]) + (f"; ... ({len(sources)} rows)" if len(sources) > 4 else "")
+    return f"subsets {subsets}, rows: {shown or 'unknown'}"
+
+
+def _loss_fn(temperature: float, targets: torch.Tensor, group: Any) -> Callable:
+    """InfoNCE of this batch: embeddings are already normalised by the model (when asked), targets index
+    this rank's candidates, `group` adds the other ranks' candidates as negatives."""
+    from vlm2vec_kernels import contrastive_loss
+
+    def loss_fn(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(queries, candidates, temperature, normalize=False,
+                                targets=targets.to(queries.device), group=group)
+
+    return loss_fn
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run training in the already-initialised process group (see `main`)."""
+    import deepspeed
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds_config = resolve_ds_config(config, world)  # ConfigError before anything is built
+    zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if rank == 0:
+        os.makedirs(config.output_dir, exist_ok=True)
+        with open(os.path.join(config.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump({"options": config.to_dict(), "deepspeed": ds_config, "world_size": world}, f, indent=2)
+        for name in config.ignored:
+            print(f"note: --{name} is accepted for compatibility and has no effect here")
+
+    seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
+    model = build_model(config)
+    batches, collate, total_steps = build_data(config, model, rank, world)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("nothing to train: every parameter is frozen (check --lora / --freeze_vision)")
+    optimizer = None
+    if "optimizer" not in ds_config:
+        betas = (config.adam_beta1, config.adam_beta2)
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=betas,
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer,
+        lr_scheduler=make_scheduler(config, total_steps), config=ds_config,
+    )  # fmt: skip
+    group = dist.group.WORLD if world > 1 and config.cross_device_negatives else None
+    reuse = config.reuse_vision_features and config.grad_cache and _vision_frozen(model)
+    save_model = _model_saver(engine, model, zero_stage)
+
+    def state(step: int) -> dict[str, Any]:
+        return {"step": step, "data": {"step": step, "fingerprint": batches.sampler.fingerprint()},
+                "world_size": world, "zero_stage": zero_stage, "total_steps": total_steps,
+                "options": config.to_dict()}
+
+    start = 0
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    seed_everything(config.seed + 1000 * rank)  # dropout differs across ranks, reproducibly
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(engine, resume_from)  # also restores this rank's RNG
+        batches.load_state_dict(saved["data"])
+        start = saved["step"]
+    samples_per_step = per_device_batch_size(config, world) * world
+    log = RunLog(config, rank, start, total_steps, samples_per_step)
+    if resume_from is not None:
+        log.message(f"resumed from {resume_from} at step {start}")
+    result = TrainResult(config.output_dir, start, start)
+    saved_at = start
+    try:
+        for step, raw, batch in _prepared_batches(batches, collate, start, total_steps,
+                                                  config.dataloader_num_workers, config.seed):
+            loss_fn = _loss_fn(config.temperature, batch.targets, group)
+            with model.reuse_vision_features() if reuse else contextlib.nullcontext():
+                loss = contrastive_step(engine.module, batch.query_chunks, batch.cand_chunks, loss_fn,
+                                        grad_cache=config.grad_cache)
+                bad = _any_rank(not bool(torch.isfinite(loss.detach()).item()))
+                if bad and not config.skip_nonfinite_loss:
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step + 1} (rank {rank} loss {loss.item()}); batch: "
+                        f"{_batch_label(raw)}. Stopped before the optimizer step: the weights and the last "
+                        "checkpoint are intact. Pass --skip_nonfinite_loss to skip such batches instead.")
+                if not bad:
+                    engine.backward(loss)
+            if bad:
+                log.message(f"step {step + 1}: non-finite loss, batch skipped ({_batch_label(raw)})")
+                result.skipped_steps.append(step + 1)
+                scheduler.step()  # the schedule stays aligned with the step count
+                loss_value, grad_norm = float("nan"), None
+            else:
+                engine.step()
+                loss_value = _all_mean(loss)
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm at step {step + 1}; batch: {_batch_label(raw)}. The "
+                        "weights of this step are suspect; resume from the last checkpoint.")
+            result.losses[step + 1] = loss_value
+            result.last_step = step + 1
+            record = {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": None if grad_norm is None else float(grad_norm)}
+            log.step(step, record, write=(step + 1) % config.logging_steps == 0 or step + 1 == total_steps)
+            if config.save_steps and (step + 1) % config.save_steps == 0:
+                ckpt.save_checkpoint(engine, save_model, config.output_dir, step + 1, state(step + 1),
+                                     total_limit=config.save_total_limit)
+                saved_at = step + 1
+        if saved_at != total_steps:
+            ckpt.save_checkpoint(engine, save_model, config.output_dir, total_steps, state(total_steps),
+                                 total_limit=config.save_total_limit)
+        save_model(config.output_dir)
+        dist.barrier()
+        log.message(f"done: {total_steps} steps; model saved to {config.output_dir}")
+    finally:
+        log.close()
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point: parse, check, join the process group, train, leave the group."""
+    try:
+        config = load_config(argv)
+    except ConfigError as err:
+        print(f"vlm2vec/train.py: error: {err}", file=sys.stderr)
+        return 2
+    rank, world, _ = init_distributed()
+    try:
+        if rank == 0:
+            print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
+        train(config)
+    except (ConfigError, NonFiniteLossError) as err:
+        print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 2 if isinstance(err, ConfigError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
