@@ -111,4 +111,16 @@ if rows:
     for path in lk.plot(rows, pathlib.Path('$OUT'), rows[-1]['device'] + ', ' + rows[-1]['dtype']): print('plot:', path)
 " >"$OUT/plots.log" 2>&1
 echo "total $(( $(date +%s) - START ))s" | tee -a "$OUT/phases.txt"
-$PY bench/device_summary.py "$OUT" | tee "$OUT/summary.txt"
+$PY bench/device_summary.py "$OUT" >"$OUT/summary.txt" 2>&1
+
+# the device tool returns at most 8 files from $OUT: keep the results, pack every log into one archive
+(
+  cd "$OUT" || exit
+  keep=$(printf '%s\n' summary.txt loss_kernel.csv engine_sweep.csv; ls loss_kernel_*.png 2>/dev/null | head -n 4)
+  others=$(ls -A | grep -v -x -F -e logs.tar.gz $(printf -- '-e %s ' $keep))
+  if [ -n "$others" ]; then
+    # shellcheck disable=SC2086
+    tar czf logs.tar.gz $others && rm -rf $others
+  fi
+)
+cat "$OUT/summary.txt"

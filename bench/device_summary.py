@@ -112,6 +112,9 @@ def main(argv: list[str]) -> int:
     rows = _read_csv(out / "loss_kernel.csv")
     print("=" * 100)
     print(f"device check summary ({out})")
+    phases = out / "phases.txt"
+    if phases.exists():
+        print("phases: " + "; ".join(line.strip() for line in phases.read_text().splitlines()))
     for line in test_lines(out):
         print(line)
     if rows:

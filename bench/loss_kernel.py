@@ -273,8 +273,13 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
     return cases
 
 
-def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int) -> list[dict]:
-    """Times row_lse and softmax_grad of the Triton engine directly, for choosing defaults."""
+SWEEP_FIELDS = ["case", "B", "D", "p20_ms", "p50_ms", "p80_ms", "tflops", "device", "date", "commit"]
+
+
+def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int,
+              emit: Callable[[dict], None]) -> list[dict]:
+    """Times row_lse and softmax_grad of the Triton engine directly, for choosing defaults; each
+    row goes to `emit` as soon as it is measured."""
     import torch
     import triton
     from vlm2vec_kernels import triton_contrastive as eng
@@ -300,6 +305,7 @@ def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int
                 except Exception as error:  # noqa: BLE001
                     row["tflops"] = f"error: {type(error).__name__}: {error}"[:100]
                 rows.append(row)
+                emit(row)
                 print(f"  sweep {name:<28} B={B:<6} D={D:<5} {row['p50_ms']!s:>9} ms "
                       f"{row['tflops']!s:>7} TFLOP/s", flush=True)
             del q, c, rs, cs, w, lse
@@ -469,12 +475,12 @@ def main(argv=None) -> int:
     if args.sweep:
         if not on_gpu:
             raise SystemExit("--sweep needs a GPU (the interpreter's timings mean nothing)")
-        rows = run_sweep(device, dtype, sizes, dims, args.rep_ms)
-        append_csv(args.out / "engine_sweep.csv", [r | meta for r in rows],
-                   ["case", "B", "D", "p20_ms", "p50_ms", "p80_ms", "tflops", "device", "date", "commit"])
+        run_sweep(device, dtype, sizes, dims, args.rep_ms,
+                  lambda row: append_csv(args.out / "engine_sweep.csv", [row | meta], SWEEP_FIELDS))
         return 0
 
     rows: list[dict] = []
+    csv_path = args.out / "loss_kernel.csv"
     if not args.no_grid:
         for D in dims:
             for B in sizes:
@@ -488,22 +494,23 @@ def main(argv=None) -> int:
                             diff = abs(row["_loss"] - reference_loss) / abs(reference_loss)
                             row["loss_rel_diff"] = f"{diff:.1e}"
                         rows.append(row | meta)
-                        print(format_table([row | meta]).splitlines()[-1], flush=True)
+                        append_csv(csv_path, rows[-1:], CSV_FIELDS)  # at once: a cut-off run keeps it
+                        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     if args.big:
         if not on_gpu:
             print("--big needs a GPU: skipped", file=sys.stderr)
         else:
             rows.append(run_big(device, dtype, args.big_size, args.big_dim) | meta)
-            print(format_table([rows[-1]]).splitlines()[-1], flush=True)
+            append_csv(csv_path, rows[-1:], CSV_FIELDS)
+            print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     if not rows:
         return 0
-    append_csv(args.out / "loss_kernel.csv", rows, CSV_FIELDS)
     print()
     print(format_table(rows))
     if not args.no_plots:
         for path in plot(rows, args.out, f"{meta['device']}, {str(dtype).replace('torch.', '')}"):
             print(f"plot: {path}")
-    print(f"csv: {args.out / 'loss_kernel.csv'}")
+    print(f"csv: {csv_path}")
     return 0
 
 

@@ -28,7 +28,7 @@ REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
-ROW_BLOCK_ELEMENTS = 2**18  # bound on the [rows, D] temporaries of the O(B*D) steps (1 MiB in fp32)
+ROW_BLOCK_ELEMENTS = 2**20  # bound on [rows, D] temporaries with explicit targets (4 MiB in fp32)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,20 +147,29 @@ def _select_engine(backend: str, query: Tensor) -> ModuleType:
     return triton_contrastive
 
 
-def _row_dot(a: Tensor, b: Tensor, b_rows: Tensor | None = None) -> Tensor:
-    """<a_i, b_{b_rows[i]}> (b_rows None: <a_i, b_i>) in a's dtype, in row blocks of bounded size."""
-    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
-    for start, stop in _row_blocks(a):
-        other = b[start:stop] if b_rows is None else b.index_select(0, b_rows[start:stop])
-        torch.linalg.vecdot(a[start:stop], other.to(a.dtype), out=out[start:stop])
-    return out
+Positives = slice | Tensor  # rows of the candidates holding each row's positive: a strided slice or indices
 
 
 def _row_blocks(x: Tensor):
-    """(start, stop) of row blocks of x with at most ROW_BLOCK_ELEMENTS elements (temporaries stay small)."""
+    """(start, stop) of row blocks of x with at most ROW_BLOCK_ELEMENTS elements (bounded temporaries)."""
     step = max(1, ROW_BLOCK_ELEMENTS // max(x.shape[1], 1))
     for start in range(0, x.shape[0], step):
         yield start, min(start + step, x.shape[0])
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i, b_i> for every row, as a batched [1, D] x [D, 1] product: no [rows, D] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.to(a.dtype).unsqueeze(2)).view(-1)
+
+
+def _positive_dot(rows: Tensor, cands: Tensor, positives: Positives) -> Tensor:
+    """<rows_i, cands[positives[i]]>; a slice is a view, indices are gathered in bounded blocks."""
+    if isinstance(positives, slice):
+        return _row_dot(rows, cands[positives])
+    out = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    for start, stop in _row_blocks(rows):
+        out[start:stop] = _row_dot(rows[start:stop], cands.index_select(0, positives[start:stop]))
+    return out
 
 
 def _norms(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -174,16 +183,20 @@ def _subtract_positive_(
     gc: Tensor,
     rows: Tensor,
     cands: Tensor,
-    targets: Tensor,
+    positives: Positives,
     weight: Tensor,
     row_scale: Tensor,
     col_scale: Tensor,
 ) -> None:
     """Adds the gradient pieces of -sum_i weight_i * s_i,t(i) to the engine's gq, gc (same split:
     gq_i -= w_i col_scale_t c_t, gc_t -= w_i row_scale_i q_i), in fp32 before any rounding."""
+    if isinstance(positives, slice):
+        gq.addcmul_(cands[positives], (weight * col_scale[positives])[:, None], value=-1)
+        gc[positives].addcmul_(rows, (weight * row_scale)[:, None], value=-1)
+        return
     for start, stop in _row_blocks(rows):
-        t, w = targets[start:stop], weight[start:stop]
-        gq[start:stop].sub_(cands.index_select(0, t) * (w * col_scale[t])[:, None])
+        t, w = positives[start:stop], weight[start:stop]
+        gq[start:stop].addcmul_(cands.index_select(0, t), (w * col_scale[t])[:, None], value=-1)
         gc.index_add_(0, t, rows[start:stop] * (w * row_scale[start:stop])[:, None], alpha=-1)
 
 
@@ -212,12 +225,12 @@ class _DirectionalInfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, cands, tau, targets, rows_eng, cands_eng, normalize, engine, as_sum, want_grad):
+    def forward(ctx, rows, cands, tau, positives, rows_eng, cands_eng, normalize, engine, as_sum, want_grad):
         (row_norms, row_inverse), (cand_norms, col_scale) = _norms(rows), _norms(cands)
         if not normalize:
             row_inverse, col_scale = torch.ones_like(row_norms), torch.ones_like(cand_norms)
         row_scale = row_inverse / tau
-        positive = row_scale * col_scale[targets] * _row_dot(rows, cands, targets)
+        positive = row_scale * col_scale[positives] * _positive_dot(rows, cands, positives)
         fused = getattr(engine, "row_lse_and_grad", None)
         ctx.precomputed = None
         if as_sum and want_grad and fused is not None:
@@ -225,9 +238,9 @@ class _DirectionalInfoNCE(torch.autograd.Function):
             ctx.precomputed = gq, gc
         else:
             lse = engine.row_lse(rows_eng, cands_eng, row_scale, col_scale)
-        ctx.engine, ctx.as_sum, ctx.normalize = engine, as_sum, normalize
+        ctx.engine, ctx.as_sum, ctx.normalize, ctx.positives = engine, as_sum, normalize, positives
         ctx.save_for_backward(
-            rows, cands, tau, targets, rows_eng, cands_eng, row_scale, col_scale, lse, row_norms, cand_norms
+            rows, cands, tau, rows_eng, cands_eng, row_scale, col_scale, lse, row_norms, cand_norms
         )
         # 0 * norm is NaN for a row holding Inf/NaN: without normalisation an Inf candidate can give
         # s = -Inf everywhere, which the LSE rightly ignores, but the loss must not look finite.
@@ -237,7 +250,7 @@ class _DirectionalInfoNCE(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        rows, cands, tau, targets, rows_eng, cands_eng, row_scale, col_scale, lse, row_norms, cand_norms = (
+        rows, cands, tau, rows_eng, cands_eng, row_scale, col_scale, lse, row_norms, cand_norms = (
             ctx.saved_tensors
         )
         weight = grad_out.to(lse.dtype)
@@ -247,7 +260,7 @@ class _DirectionalInfoNCE(torch.autograd.Function):
             gq, gc = (g.mul_(grad_out) for g in precomputed)
         else:
             gq, gc = ctx.engine.softmax_grad(rows_eng, cands_eng, row_scale, col_scale, lse, weight)
-        _subtract_positive_(gq, gc, rows, cands, targets, weight, row_scale, col_scale)
+        _subtract_positive_(gq, gc, rows, cands, ctx.positives, weight, row_scale, col_scale)
         need_rows, need_cands, need_tau = ctx.needs_input_grad[:3]
         d_row_scale = _row_dot(gq, rows) if need_rows and ctx.normalize or need_tau else None
         d_tau = -(d_row_scale * row_scale).sum() / tau if need_tau else None
@@ -265,7 +278,7 @@ def _directional_loss(
     rows: Tensor,
     cands: Tensor,
     tau: Tensor,
-    targets: Tensor,
+    positives: Positives,
     *,
     normalize: bool,
     engine: ModuleType,
@@ -288,7 +301,7 @@ def _directional_loss(
     want_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (rows, cands, tau))
     rows_eng, cands_eng = for_engine(rows, originals[0]), for_engine(cands, originals[1])
     return _DirectionalInfoNCE.apply(
-        rows, cands, tau, targets, rows_eng, cands_eng, normalize, engine, as_sum, want_grad
+        rows, cands, tau, positives, rows_eng, cands_eng, normalize, engine, as_sum, want_grad
     )
 
 
@@ -374,7 +387,6 @@ def contrastive_loss(
 
     q, c = query.to(acc), candidates.to(acc)
     n_q, n_c = q.shape[0], c.shape[0]
-    local_targets = _default_targets(n_q, n_c, q.device) if targets is None else targets
     if symmetric:  # the positives, as rows of the reverse direction: a strided view when possible
         if targets is None:
             c_pos, c_pos_original = c[:: n_c // n_q], candidates[:: n_c // n_q]
@@ -397,10 +409,15 @@ def contrastive_loss(
         originals = (query, None), (c_pos_original if symmetric else None, None)
 
     options = dict(normalize=normalize, engine=engine, engine_dtype=engine_dtype, as_sum=reduction != "none")
-    loss = _directional_loss(q, c_all, tau, local_targets + c_offset, originals=originals[0], **options)
+    if targets is None:  # default layout: positives at c_offset, c_offset + (1 + K), ...
+        stride = n_c // n_q
+        positives = slice(c_offset, c_offset + n_q * stride, stride)
+    else:
+        positives = targets + c_offset
+    loss = _directional_loss(q, c_all, tau, positives, originals=originals[0], **options)
     if symmetric:
-        reverse_targets = torch.arange(q_offset, q_offset + n_q, device=q.device)
-        reverse = _directional_loss(c_pos, q_all, tau, reverse_targets, originals=originals[1], **options)
+        reverse_positives = slice(q_offset, q_offset + n_q)
+        reverse = _directional_loss(c_pos, q_all, tau, reverse_positives, originals=originals[1], **options)
         loss = 0.5 * (loss + reverse)
     if reduction == "mean":
         return loss * (world / global_n_q)

@@ -21,9 +21,6 @@ from torch import Tensor
 
 # Largest number of logits one chunk may hold: 2**22 fp32 = 16 MiB. Tests lower it to force many chunks.
 MAX_CHUNK_ELEMENTS = 2**22
-# exp() of arguments below about -87 yields fp32 denormals, which run ~20x slower on CPUs; such terms are
-# under 1e-37 of a row sum that is >= 1, so flooring the argument changes nothing representable.
-EXP_FLOOR = -87.0
 
 
 def reference_contrastive_loss(
@@ -67,32 +64,36 @@ def _chunk_rows(n_rows: int, n_cols: int) -> int:
     return max(1, min(n_rows, MAX_CHUNK_ELEMENTS // max(n_cols, 1)))
 
 
-def _raw_logits(q_rows: Tensor, c: Tensor, row_scale: Tensor, out: Tensor) -> Tensor:
-    """Writes (row_scale * q_rows) @ c.T into `out` (col_scale not applied yet); returns the scaled rows."""
+def _chunks(q: Tensor, n_cols: int, acc: torch.dtype):
+    """(start, stop, logits buffer view) over row blocks of q; the buffer is allocated once."""
+    step = _chunk_rows(q.shape[0], n_cols)
+    buffer = torch.empty(step, n_cols, dtype=acc, device=q.device)
+    for start in range(0, q.shape[0], step):
+        stop = min(start + step, q.shape[0])
+        yield start, stop, buffer[: stop - start]
+
+
+def _softmax_chunk_(
+    q_rows: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor, with_lse: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Fills `out` with P = softmax_j(s_ij) for these rows; returns (row_scale * q_rows, lse or None).
+
+    One fused in-place softmax (rows stay in cache) instead of separate max/sub/exp/sum passes. The lse
+    comes from two row maxima: the softmax's largest entry is exactly 1/sum_j exp(s_ij - max_j s_ij), so
+    lse = max_j s_ij - log(max_j P_ij). NaN/Inf in a row make its P and lse NaN (Inf - Inf), never finite.
+    """
     scaled_rows = q_rows.to(row_scale.dtype) * row_scale[:, None]
     torch.mm(scaled_rows, c.T, out=out)
-    return scaled_rows
+    out.mul_(col_scale)
+    row_max = out.amax(dim=1) if with_lse else None
+    torch.softmax(out, dim=1, out=out)
+    lse = row_max.sub_(out.amax(dim=1).log_()) if with_lse else None
+    return scaled_rows, lse
 
 
-def _exp_(shifted: Tensor) -> Tensor:
-    """In place exp, with arguments floored at EXP_FLOOR (NaN stays NaN)."""
-    return shifted.clamp_min_(EXP_FLOOR).exp_()
-
-
-def _lse_and_exp_(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """In place: logits -> exp(logits - rowmax). Returns (lse, rowsum of the exponentials).
-
-    NaN and +-Inf propagate: amax keeps NaN, and Inf - Inf gives NaN, so a bad row never looks finite.
-    """
-    row_max = logits.amax(dim=1)
-    _exp_(logits.sub_(row_max[:, None]))
-    row_sum = logits.sum(dim=1)
-    return row_max.add_(row_sum.log()), row_sum
-
-
-def _accumulate_grads(
-    exps: Tensor,
-    row_factor: Tensor,
+def _accumulate_grads_(
+    probs: Tensor,
+    row_weight: Tensor,
     scaled_rows: Tensor,
     c: Tensor,
     col_scale: Tensor,
@@ -100,40 +101,30 @@ def _accumulate_grads(
     gc: Tensor,
     first: bool,
 ) -> None:
-    """With P = row_factor[:, None] * exps: gc += P^T (row_scale q) and gq_rows = (P * col_scale) c.
+    """With P = row_weight[:, None] * probs: gc += P^T (row_scale q) and gq_rows = (P * col_scale) c.
 
-    The row factor is folded into the [rows, D] operands, so the chunk itself is touched only once more
-    (the col_scale multiply)."""
-    weighted_rows = scaled_rows.mul_(row_factor[:, None])
+    The row weight is folded into the [rows, D] operands, so the chunk itself is touched only once
+    more (the col_scale multiply)."""
+    weighted_rows = scaled_rows.mul_(row_weight[:, None])
     if first:
-        torch.mm(exps.T, weighted_rows, out=gc)
+        torch.mm(probs.T, weighted_rows, out=gc)
     else:
-        gc.addmm_(exps.T, weighted_rows)
-    torch.mm(exps.mul_(col_scale), c, out=gq_rows)
-    gq_rows.mul_(row_factor[:, None])
-
-
-def _chunks(n_rows: int, n_cols: int, q: Tensor, acc: torch.dtype):
-    """(start, stop, logits buffer view) over row blocks; the buffer is allocated once."""
-    step = _chunk_rows(n_rows, n_cols)
-    buffer = torch.empty(step, n_cols, dtype=acc, device=q.device)
-    for start in range(0, n_rows, step):
-        stop = min(start + step, n_rows)
-        yield start, stop, buffer[: stop - start]
+        gc.addmm_(probs.T, weighted_rows)
+    torch.mm(probs.mul_(col_scale), c, out=gq_rows)
+    gq_rows.mul_(row_weight[:, None])
 
 
 def row_lse(q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
     """lse_i = log sum_j exp(row_scale_i * col_scale_j * <q_i, c_j>).
 
     q [M, D], c [N, D] (any float dtype), row_scale [M], col_scale [N] (accumulation dtype, fp32 or
-    fp64). Returns lse [M] in the accumulation dtype. Extra memory: one chunk of logits + c upcast.
+    fp64). Returns lse [M] in the accumulation dtype. Extra memory: one chunk of logits (+ c upcast).
     """
     acc = row_scale.dtype
     c = c.to(acc)
     lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
-    for start, stop, logits in _chunks(q.shape[0], c.shape[0], q, acc):
-        _raw_logits(q[start:stop], c, row_scale[start:stop], logits)
-        lse[start:stop] = _lse_and_exp_(logits.mul_(col_scale))[0]
+    for start, stop, logits in _chunks(q, c.shape[0], acc):
+        _, lse[start:stop] = _softmax_chunk_(q[start:stop], c, row_scale[start:stop], col_scale, logits, True)
     return lse
 
 
@@ -145,33 +136,34 @@ def softmax_grad(
     With P_ij = row_weight_i * exp(s_ij - lse_i): gq_i = sum_j P_ij col_scale_j c_j [M, D] and
     gc_j = sum_i P_ij row_scale_i q_i [N, D], both in the accumulation dtype (so dL/dq = row_scale * gq,
     dL/drow_scale = <gq_i, q_i>, and likewise for the candidates). gc accumulates across chunks.
+    `lse` must be row_lse's result: this engine renormalises each recomputed row itself (a fused
+    softmax), which gives the same probabilities without the rounding of a stored lse.
     """
+    del lse  # the fused softmax recomputes the row normaliser exactly
     acc = row_scale.dtype
     c = c.to(acc)
     gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
     gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
-    for start, stop, logits in _chunks(q.shape[0], c.shape[0], q, acc):
-        scaled_rows = _raw_logits(q[start:stop], c, row_scale[start:stop], logits)
-        _exp_(torch.addcmul(-lse[start:stop, None], logits, col_scale, out=logits))  # s - lse
+    for start, stop, probs in _chunks(q, c.shape[0], acc):
+        scaled_rows, _ = _softmax_chunk_(q[start:stop], c, row_scale[start:stop], col_scale, probs, False)
         weight = row_weight[start:stop]
-        _accumulate_grads(logits, weight, scaled_rows, c, col_scale, gq[start:stop], gc, first=start == 0)
+        _accumulate_grads_(probs, weight, scaled_rows, c, col_scale, gq[start:stop], gc, first=start == 0)
     return gq, gc
 
 
 def row_lse_and_grad(
     q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """`row_lse` and `softmax_grad` in one pass (each chunk holds every column, so its lse is final
-    before its probabilities are needed). Used when the loss is a scalar whose per-row weights are
-    known in the forward: saves recomputing the logits (6 instead of 8 B^2 D FLOP)."""
+    """`row_lse` and `softmax_grad` in one pass (each chunk holds every column, so its softmax is final
+    before the gradient needs it). Used when the loss is a scalar whose per-row weights are known in
+    the forward: saves recomputing the logits (6 instead of 8 B^2 D FLOP)."""
     acc = row_scale.dtype
     c = c.to(acc)
     lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
     gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
     gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
-    for start, stop, logits in _chunks(q.shape[0], c.shape[0], q, acc):
-        scaled_rows = _raw_logits(q[start:stop], c, row_scale[start:stop], logits)
-        lse[start:stop], row_sum = _lse_and_exp_(logits.mul_(col_scale))
-        factor = row_weight[start:stop] / row_sum
-        _accumulate_grads(logits, factor, scaled_rows, c, col_scale, gq[start:stop], gc, first=start == 0)
+    for start, stop, probs in _chunks(q, c.shape[0], acc):
+        rows = slice(start, stop)
+        scaled_rows, lse[rows] = _softmax_chunk_(q[rows], c, row_scale[rows], col_scale, probs, True)
+        _accumulate_grads_(probs, row_weight[rows], scaled_rows, c, col_scale, gq[rows], gc, first=start == 0)
     return lse, gq, gc

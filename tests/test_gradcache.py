@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from vlm2vec_kernels import contrastive_loss
 
 from vlm2vec.gradcache import contrastive_step, encode_chunks
-from vlm2vec_kernels import contrastive_loss
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +28,7 @@ def one_thread():
 
 
 class DropoutEncoder(nn.Module):
-    """Token embeddings -> MLP with dropout -> masked mean -> L2 norm: small, real, and random in train mode."""
+    """Token embeddings -> MLP with dropout -> masked mean -> L2 norm: small, real, random in train mode."""
 
     def __init__(self, vocab: int = 50, dim: int = 24, hidden: int = 40, p: float = 0.3):
         super().__init__()
@@ -182,7 +182,8 @@ def _tiny_batch(model):
     q_texts = ["<|image_1|> what color is this?", "find the matching red square",
                "<|image_1|> name the shape", "a caption about a blue circle"]
     q_images = [images[0], None, images[1], None]
-    c_texts = ["a red image", "<|image_1|> Represent the given image.", "green", "<|image_1|> Represent the given image."]
+    represent = "<|image_1|> Represent the given image."
+    c_texts = ["a red image", represent, "green", represent]
     c_images = [None, images[2], None, images[3]]
     q_chunks = [model.prepare(q_texts[i : i + 2], q_images[i : i + 2]) for i in (0, 2)]
     c_chunks = [model.prepare(c_texts[i : i + 2], c_images[i : i + 2]) for i in (0, 2)]

@@ -42,6 +42,9 @@ def test_encode_and_backward(name: str) -> None:
     assert emb.shape == (5, model.embedding_dim) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
     assert torch.isfinite(emb).all() and torch.pdist(emb).min() > 1e-3  # rows differ
+    in_order = model.encode(TEXTS, IMAGES, batch_size=2, show_progress=False, sort_by_length=False)
+    torch.testing.assert_close(in_order, emb, rtol=0, atol=2e-5)  # batching by length keeps the row order
+    torch.testing.assert_close(model.encode(TEXTS[1:2], show_progress=False)[0], emb[1], rtol=0, atol=2e-5)
     assert model.training is False  # tiny() returns an eval model; encode restores the mode it found
     model.train()
     model.encode(TEXTS[:1], IMAGES[:1], show_progress=False)

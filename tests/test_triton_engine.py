@@ -22,8 +22,8 @@ ON_GPU = DEVICE == "cuda"
 
 # (M, N, D): odd sizes, masked and unmasked feature loops (BLOCK_K 32 under the interpreter), M=1, N=1
 SIZES = [(37, 111, 40), (37, 111, 96), (1, 111, 40), (37, 1, 96)]
-if ON_GPU:  # several 128-wide tiles, column splits, D a multiple of the GPU BLOCK_K and not
-    SIZES += [(1040, 1100, 1536), (300, 700, 200)]
+if ON_GPU:  # several 128-wide tiles, column splits, the unmasked GPU feature loop
+    SIZES += [(1040, 1100, 1536)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 # max |got - want| / max |want| for the gradients and max |got - want| for lse, per operand dtype.
@@ -167,7 +167,7 @@ def test_non_finite_input_propagates(rng, bad, where):
         assert not torch.isfinite(gq).all() and not torch.isfinite(gc).all(), f"{path}: gradients finite"
 
 
-LOSS_SIZES = [(37, 2, 96)] + ([(1000, 1, 1536), (129, 7, 200)] if ON_GPU else [])
+LOSS_SIZES = [(37, 2, 96)] + ([(1000, 1, 1536)] if ON_GPU else [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

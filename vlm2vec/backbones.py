@@ -121,11 +121,13 @@ class BackboneFamily:
           cu_seqlens); `attention_mask` [N, L] is present whenever the result is padded; raises
           ValueError naming the row when max_len would cut image tokens.
       hidden_states(hf_model, inputs) -> last-layer hidden states [N, L, H] ([1, T, H] when packed).
-          hf_model is the unwrapped model (peft layers injected in place still run).
+          hf_model is the unwrapped model (peft layers injected in place still run). Pooling then reads
+          inputs["attention_mask"] (padded) or inputs["cu_seqlens"] (packed).
       vision_tower(hf_model) -> the frozen image encoder module, or None.
       save(hf_model, processor, directory): writes what `load(directory, ...)` reads back.
     module: importable module that registers this family (so a saved directory of a non-built-in
-    family loads after `import module`).
+    family loads after `import module`). default_settings: ProcessorSettings used by from_pretrained
+    unless vlm2vec.json or arguments say otherwise. supports_packed: prepare(packed=True) works.
     """
 
     name: str

@@ -107,6 +107,8 @@ class TrainConfig:
     image_dir: str | None = _opt(None, "root that image paths are relative to (default: the data folder)")
     subset_weights: str = _opt("size", "how subsets are mixed: size or uniform", choices=("size", "uniform"))
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
+    missing_negatives: str = _opt("error", "a row with fewer hard negatives: error, or sample other rows' "
+                                  "positives", choices=("error", "sample"))
     skip_bad_rows: bool = _opt(False, "skip (and count) unreadable rows instead of stopping")
     sort_by_length: bool = _opt(True, "group rows of similar length into the same GradCache chunk")
     dataloader_num_workers: int = _opt(0, "background processes that load and prepare batches")

@@ -198,28 +198,37 @@ class VLM2Vec(nn.Module):
         batch_size: int = 8,
         show_progress: bool = True,
         packed: bool = False,
+        sort_by_length: bool = True,
     ) -> torch.Tensor:
-        """Embed texts (+ images) in batches, eval mode, no grad; returns fp32 [N, D] on the CPU.
+        """Embed texts (+ images) in batches, eval mode, no grad; returns fp32 [N, D] on the CPU, rows in
+        input order.
 
-        A row gets the same vector whether it is encoded alone or in a mixed, padded batch."""
+        A row gets the same vector whether it is encoded alone or in a mixed, padded batch, so rows are
+        batched by similar size (image rows together, then by text length) to pad less."""
         from tqdm.auto import tqdm
 
         texts, images = _check_batch(texts, images)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        order = list(range(len(texts)))
+        if sort_by_length:
+            order.sort(key=lambda i: (images[i] is None, -len(texts[i])))
         was_training = self.training
         self.eval()
         chunks = []
         try:
-            starts = range(0, len(texts), batch_size)
+            starts = range(0, len(order), batch_size)
             for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
-                inputs = self.prepare(texts[s : s + batch_size], images[s : s + batch_size], packed=packed)
+                rows = order[s : s + batch_size]
+                inputs = self.prepare([texts[i] for i in rows], [images[i] for i in rows], packed=packed)
                 chunks.append(self(inputs).cpu())
         finally:
             self.train(was_training)
         if not chunks:
             return torch.empty(0, self.embedding_dim)
-        return torch.cat(chunks)
+        out = torch.empty(len(order), chunks[0].shape[1])
+        out[torch.tensor(order)] = torch.cat(chunks)
+        return out
 
     @property
     def embedding_dim(self) -> int:

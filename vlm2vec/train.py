@@ -59,13 +59,15 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class TrainResult:
-    """What a finished run reports: the steps it ran and the loss of each (global mean over processes)."""
+    """What a finished run reports: the steps it ran, the loss of each (global mean over processes), and
+    the DeepSpeed engine (its `.module` is the trained VLM2Vec) for programmatic use."""
 
     output_dir: str
     first_step: int
     last_step: int
     losses: dict[int, float] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
+    engine: Any = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -197,22 +199,27 @@ def default_train_data(output_dir: str) -> str:
     return os.path.join(root, "train")
 
 
-def build_data(config: TrainConfig, model: Any, rank: int, world: int) -> tuple[Any, Any, int]:
-    """(batches, collate, total_steps): step-indexed batches of this rank and the per-chunk collator."""
-    from vlm2vec.data import ChunkCollator, TrainBatches, load_train_data
+def load_data(config: TrainConfig) -> Any:
+    """Training rows, read and validated before any model is built (bad rows fail fast, naming the row)."""
+    from vlm2vec.data import load_train_data
 
     source = config.dataset_name or default_train_data(config.output_dir)
-    data = load_train_data(
+    return load_train_data(
         source, subsets=config.subset_name, split=config.dataset_split, image_root=config.image_dir,
         num_sample_per_subset=config.num_sample_per_subset, num_negatives=config.num_hard_negatives,
-        skip_bad_rows=config.skip_bad_rows,
+        missing_negatives=config.missing_negatives, skip_bad_rows=config.skip_bad_rows,
     )  # fmt: skip
+
+
+def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: int) -> tuple[Any, Any, int]:
+    """(batches, collate, total_steps): this rank's step-indexed batches and the per-chunk collator."""
+    from vlm2vec.data import ChunkCollator, TrainBatches
+
     per_device = per_device_batch_size(config, world)
-    probe = TrainBatches(data, per_device * world, weights=config.subset_weights, seed=config.seed,
-                         rank=rank, world_size=world)
     total = config.max_steps
     if total <= 0:
-        total = math.ceil(config.num_train_epochs * probe.steps_per_epoch)
+        rows = per_device * world
+        total = math.ceil(config.num_train_epochs * max(1, len(data) // rows))
     batches = TrainBatches(data, per_device * world, weights=config.subset_weights, seed=config.seed,
                            num_steps=total, rank=rank, world_size=world, skip_bad_rows=config.skip_bad_rows)
     group = config.num_hard_negatives + 1
@@ -350,9 +357,10 @@ def train(config: TrainConfig) -> TrainResult:
         for name in config.ignored:
             print(f"note: --{name} is accepted for compatibility and has no effect here")
 
+    data = load_data(config)
     seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
     model = build_model(config)
-    batches, collate, total_steps = build_data(config, model, rank, world)
+    batches, collate, total_steps = make_batches(config, data, model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("nothing to train: every parameter is frozen (check --lora / --freeze_vision)")
@@ -385,7 +393,7 @@ def train(config: TrainConfig) -> TrainResult:
     log = RunLog(config, rank, start, total_steps, samples_per_step)
     if resume_from is not None:
         log.message(f"resumed from {resume_from} at step {start}")
-    result = TrainResult(config.output_dir, start, start)
+    result = TrainResult(config.output_dir, start, start, engine=engine)
     saved_at = start
     try:
         for step, raw, batch in _prepared_batches(batches, collate, start, total_steps,
@@ -450,6 +458,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, NonFiniteLossError) as err:
         print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, ConfigError) else 1
+    except Exception as err:
+        from vlm2vec.data import DataError
+
+        if not isinstance(err, DataError | FileNotFoundError):
+            raise
+        print(f"vlm2vec/train.py: data error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

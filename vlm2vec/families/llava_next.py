@@ -94,11 +94,15 @@ def load(
     device: str | torch.device | None = None,
 ) -> tuple[nn.Module, Any]:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     model = LlavaNextForConditionalGeneration.from_pretrained(
         path_or_id, **model_kwargs(dtype, attn_implementation, quantization, QLORA_DENSE_MODULES, device)
     )
     processor = LlavaNextProcessor.from_pretrained(path_or_id)
+    # the PIL image processor, as at training time (transformers picks the torchvision one where
+    # torchvision imports, which resizes slightly differently)
+    processor.image_processor = LlavaNextImageProcessorPil.from_pretrained(path_or_id)
     if processor.patch_size is None:  # old hub processors: fill in from the model config
         processor.patch_size = model.config.vision_config.patch_size
         processor.vision_feature_select_strategy = model.config.vision_feature_select_strategy
