@@ -19,6 +19,7 @@ go to tensor cores and fp32 uses 3xTF32. Nothing of size M x N is allocated exce
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -50,16 +51,30 @@ MERGE_BLOCK = 1024
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Tile sizes and launch options of one kernel configuration."""
+    """Tile sizes and launch options of one kernel configuration; `flatten` (row_lse only) lets
+    triton pipeline across column tiles. Written as e.g. "128x256x64w8s3" (+ "f" for flatten)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    flatten: bool = False
 
     def launch_options(self) -> dict:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def spec(self) -> str:
+        return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+                f"{'f' if self.flatten else ''}")
+
+    @classmethod
+    def parse(cls, spec: str) -> TileConfig:
+        match = re.fullmatch(r"(\d+)x(\d+)x(\d+)w(\d+)s(\d+)(f?)", spec.strip())
+        if match is None:
+            raise ValueError(f"tile config must look like 128x128x64w8s3 (f suffix: flatten), got {spec!r}")
+        *numbers, flat = match.groups()
+        return cls(*map(int, numbers), flatten=bool(flat))
 
 
 # Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
@@ -76,6 +91,29 @@ GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
     ("probs", "fp32"): TileConfig(128, 64, 32, 8, 3),
     ("probs_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
 }
+# Alternatives timed by `bench/loss_kernel.py --sweep` on a GPU (not used unless chosen through
+# VLM2VEC_TRITON_CONFIG or `config=`).
+SWEEP_CANDIDATES: dict[str, list[str]] = {
+    "lse": ["128x256x64w8s3", "128x256x64w8s3f", "128x128x64w8s4f", "128x128x64w8s4"],
+    "probs": ["128x256x64w8s3", "256x128x64w8s3", "128x128x64w8s4"],
+}
+
+
+def _apply_env_overrides(configs: dict, spec: str) -> None:
+    """VLM2VEC_TRITON_CONFIG="lse=128x256x64w8s3,probs:fp32=128x64x32w8s3": per-role tile configs for
+    16-bit inputs (":fp32" for fp32 inputs), to tune on a GPU without editing this file."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, _, value = item.partition("=")
+        role, _, operand = key.strip().partition(":")
+        operand = operand or "16bit"
+        if (role, operand) not in configs:
+            raise ValueError(f"VLM2VEC_TRITON_CONFIG: unknown role {key!r}; known: "
+                             f"{sorted(f'{r}:{o}' for r, o in configs)}")
+        configs[(role, operand)] = TileConfig.parse(value)
+
+
+_apply_env_overrides(GPU_CONFIGS, os.environ.get("VLM2VEC_TRITON_CONFIG", ""))
+
 # The interpreter runs every program in Python (~5-10 ms per tile iteration): small tiles, few of them.
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)
 
@@ -113,10 +151,16 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda and not INTERPRET
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
 def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda" and not INTERPRET:
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    if device.type != "cuda" or INTERPRET:
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
 
 
 def _pick_config(role: str, q: torch.Tensor, config: TileConfig | None) -> TileConfig:
@@ -214,7 +258,7 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale
     part = lse if single else _new_buffer((2, splits, M), torch.float32, q.device)
     row_lse_partial_kernel[(splits, triton.cdiv(M, cfg.block_m))](
         q, c, row_scale, col_scale, part, lse, M, N, D, q.stride(0), c.stride(0), tiles_per_split,
-        WRITE_LSE=single, **_common_constexprs(q, cfg, D), **cfg.launch_options())
+        WRITE_LSE=single, FLATTEN=cfg.flatten, **_common_constexprs(q, cfg, D), **cfg.launch_options())
     if not single:
         lse_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](part, lse, M, splits, BLOCK=MERGE_BLOCK)
     return lse
@@ -264,7 +308,7 @@ def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """out (fp32) = or += a @ b; 16-bit a, b go through cuBLAS with an fp32 output where torch has it."""
+    """out (fp32) = or += a @ b; 16-bit a, b go through cuBLAS with an fp32 output (torch >= 2.8)."""
     if a.dtype == torch.float32:
         if accumulate:
             out.addmm_(a, b)
@@ -274,11 +318,11 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
     if _FP32_OUT_MM[0]:
         try:
             if accumulate:
-                torch.ops.aten.addmm.dtype_out(out, a, b, torch.float32, out=out)
+                torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
             else:
-                torch.ops.aten.mm.dtype_out(a, b, torch.float32, out=out)
+                torch.mm(a, b, out_dtype=torch.float32, out=out)
             return
-        except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        except (RuntimeError, TypeError, NotImplementedError):
             _FP32_OUT_MM[0] = False  # older torch: round each block product once, then add in fp32
     product = torch.mm(a, b)
     if accumulate:
@@ -312,6 +356,8 @@ def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_byte
     cols = min(block_cols or 32768, N)
     rows = block_rows or max(cfg.block_m, p_block_bytes // (2 * elem * cols) // cfg.block_m * cfg.block_m)
     rows = min(rows, M)
+    if rows * cols >= 2**31:
+        raise ValueError(f"P block {rows} x {cols} too large for int32 offsets; lower p_block_bytes")
     pq_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
     pc_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
     constexprs = _common_constexprs(q, cfg, D)

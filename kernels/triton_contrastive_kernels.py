@@ -45,7 +45,7 @@ def row_lse_partial_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, part_ptr,
                            M, N, D, stride_q, stride_c, tiles_per_split,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           WRITE_LSE: tl.constexpr):
+                           WRITE_LSE: tl.constexpr, FLATTEN: tl.constexpr = False):
     """Online (max, sum-exp) of one row block over one column split, in base-2 units.
 
     Grid (column splits, row blocks), splits fastest: the programs running at once share a few q
@@ -62,7 +62,9 @@ def row_lse_partial_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, part_ptr,
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # the last split may run past the final column tile: those columns are masked to -inf below
     # (same time as the other splits, and no data-dependent loop bound)
-    for step in range(0, tiles_per_split):
+    # FLATTEN lets the pipeliner run the feature loops of consecutive tiles as one (loads of the next
+    # tile start during this tile's epilogue)
+    for step in tl.range(0, tiles_per_split, flatten=FLATTEN):
         offs_n = (pid_s * tiles_per_split + step) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % N
         acc = _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
@@ -212,7 +214,7 @@ def softmax_probs_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, we
     p, row_scale, col_scale, _, _ = _prob_tile(
         q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
         M, N, D, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
-    offsets = offs_m.to(tl.int64)[:, None] * stride_p + offs_n[None, :]
+    offsets = offs_m[:, None] * stride_p + offs_n[None, :]  # int32: the launcher keeps a block < 2^31
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(pq_ptr + offsets, (p * col_scale[None, :]).to(pq_ptr.dtype.element_ty), mask=mask)
     tl.store(pc_ptr + offsets, (p * row_scale[:, None]).to(pc_ptr.dtype.element_ty), mask=mask)

@@ -222,6 +222,11 @@ def test_engine_ops_match_formula(gen, tiny_chunks, engine, dtype):
         check(*engine.row_lse_and_grad(q, c, row_scale, col_scale, weight))
 
 
+FULL_GRADCHECK = {
+    ("K1", True, True, "mean"),
+    ("targets", False, False, "none"),
+    ("targets", True, True, "sum"),
+}
 GRADCHECK_LAYOUTS = {"K1": (4, 1, False), "targets": (4, 2, True)}
 
 
@@ -249,8 +254,12 @@ def test_gradcheck_torch_path(gen, monkeypatch, layout, normalize, symmetric, re
             backend="torch",
         )
 
-    # nondet_tol: a repeated backward recomputes (fp64 rounding differs from the fused first pass)
-    assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, nondet_tol=1e-12)
+    # Full Jacobians for a few cases; random-projection (fast mode) checks for the rest keep CI quick.
+    # nondet_tol: a repeated backward recomputes (fp64 rounding differs from the fused first pass).
+    full = (layout, normalize, symmetric, reduction) in FULL_GRADCHECK
+    assert torch.autograd.gradcheck(
+        loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, nondet_tol=1e-12, fast_mode=not full
+    )
 
 
 def test_repeated_backward_recomputes_the_same_gradient(gen):

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         text = f.metadata["help"]
         if f.metadata["choices"]:
             text += f"; one of {', '.join(f.metadata['choices'])}"
-        if "default" not in text:
+        if "default:" not in text:
             text += f" (default: {f.default!r})"
         kwargs: dict[str, Any] = {"dest": f.name, "help": text}
         if f.metadata["choices"]:

@@ -1,0 +1,169 @@
+"""Options: YAML + `--key value`, HF and reference-implementation names, clear errors before any model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlm2vec.config import (
+    ConfigError,
+    TrainConfig,
+    load_config,
+    per_device_batch_size,
+    resolve_ds_config,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+PAPER_SETUPS = ("qwen2_vl_2b_high", "qwen2_vl_7b_high", "llava_next_low", "llava_next_high", "phi3_5_v_4crop")
+
+# examples/qwen2vl/run_train.sh of the reference implementation (TIGER-AI-Lab/VLM2Vec), unchanged
+REFERENCE_QWEN2VL = """--model_name Qwen/Qwen2-VL-2B-Instruct --output_dir runs/test/mmeb-qwen-test
+ --bf16 --pooling last --lora --dataset_name TIGER-Lab/MMEB-train --split_name original
+ --subset_name ImageNet_1K N24News VisDial --num_sample_per_subset 10000 --image_dir /home/ziyan/
+ --image_resolution high --max_len 4096 --logging_steps 1 --lr_scheduler_type linear --learning_rate 2e-5
+ --max_steps 2000 --warmup_steps 200 --save_steps 1000 --normalize True --temperature 0.02
+ --per_device_train_batch_size 8 --grad_cache True --gc_q_chunk_size 2 --gc_p_chunk_size 2
+ --save_safetensors False --remove_unused_columns False --report_to none""".split()
+# scripts/run_train_phi_3.5_v.sh of the reference implementation (OUTPUT_DIR filled in)
+REFERENCE_PHI = """--model_name microsoft/Phi-3.5-vision-instruct --bf16 --pooling last --model_backbone phi
+ --dataset_name TIGER-Lab/MMEB-train --subset_name ImageNet_1K N24News HatefulMemes InfographicsVQA ChartQA
+ Visual7W VisDial CIRR NIGHTS WebQA MSCOCO --num_sample_per_subset 50000 --image_dir MMEB-train --max_len 256
+ --num_crops 4 --output_dir runs/phi --logging_steps 1 --lr_scheduler_type linear --learning_rate 2e-5
+ --max_steps 2000 --warmup_steps 200 --save_steps 1000 --normalize True --temperature 0.02
+ --per_device_train_batch_size 8 --lora --lora_r 16 --grad_cache True --gc_q_chunk_size 2
+ --gc_p_chunk_size 2""".split()
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    return str(info.value)
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config(["--help"])
+    assert info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    names = ("model_name", "gc_q_chunk_size", "learning_rate", "ds_config", "resume", "lora_r", "save_steps",
+             "skip_nonfinite_loss", "per_device_train_batch_size", "max_steps", "output_dir")
+    for name in names:
+        assert f"--{name}" in text
+    assert text.count("(default:") >= len([f for f in TrainConfig.__dataclass_fields__.values()
+                                            if not f.metadata.get("internal")]) - 8
+    assert "(default: 0.02)" in text and "(default: 'tiny:qwen2_vl')" in text
+
+
+def test_yaml_then_command_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1e-5\nlora_r: 4\nsubset_name: [A, B]\nbf16: true\nmax_steps: 7\n")
+    config = load_config(["--config", str(path), "--lora_r", "8", "--lr", "3e-4", "--grad_cache", "false"],
+                         validate=False)
+    assert (config.lora_r, config.learning_rate, config.bf16) == (8, 3e-4, True)
+    assert config.subset_name == ["A", "B"]
+    assert config.max_steps == 7 and config.grad_cache is False
+    assert config.temperature == TrainConfig().temperature  # untouched default
+    assert config.explicit == {"learning_rate", "lora_r", "subset_name", "bf16", "max_steps", "grad_cache"}
+
+
+def test_reference_command_lines_run_unchanged():
+    config = load_config(REFERENCE_QWEN2VL, validate=False)
+    assert config.model_name == "Qwen/Qwen2-VL-2B-Instruct" and config.bf16 and config.lora
+    assert config.subset_name == ["ImageNet_1K", "N24News", "VisDial"] and config.dataset_split == "original"
+    assert (config.gc_q_chunk_size, config.gc_p_chunk_size, config.grad_cache) == (2, 2, True)
+    assert (config.max_len, config.image_resolution, config.num_sample_per_subset) == (4096, "high", 10000)
+    assert (config.learning_rate, config.warmup_steps, config.max_steps) == (2e-5, 200, 2000)
+    assert config.report_to == "none" and set(config.ignored) == {"save_safetensors", "remove_unused_columns"}
+    assert resolve_ds_config(config, 2)["train_batch_size"] == 16
+    phi = load_config(REFERENCE_PHI, validate=False)
+    assert phi.family == "phi3_v" and phi.num_crops == 4 and phi.lora_r == 16 and len(phi.subset_name) == 11
+
+
+def test_paper_setups_and_deepspeed_configs():
+    for name in PAPER_SETUPS:
+        config = load_config(["--config", os.path.join(CONFIGS, f"{name}.yaml")], validate=False)
+        assert (config.temperature, config.train_batch_size, config.max_len) == (0.02, 1024, 256), name
+        assert config.max_steps == 2000 and config.learning_rate == 2e-5, name
+        assert config.lora and config.lora_r == 8 and config.warmup_steps > 0 and config.bf16, name
+        assert config.grad_cache and config.gc_q_chunk_size >= 1, name
+        assert per_device_batch_size(config, 8) == 128
+    stages = [(0, "ds_zero0"), (1, "ds_zero1"), (2, "ds_zero2"), (3, "ds_zero3"), (3, "ds_zero3_offload")]
+    for stage, name in stages:
+        config = load_config(["--ds_config", os.path.join(CONFIGS, f"{name}.json"), "--bf16"])
+        ds = resolve_ds_config(config, 4)
+        assert ds["zero_optimization"]["stage"] == stage
+        assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
+        assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
+        assert "auto" not in json.dumps(ds), name
+    offload_json = os.path.join(CONFIGS, "ds_zero3_offload.json")
+    offload = resolve_ds_config(load_config(["--ds_config", offload_json]), 1)
+    assert offload["optimizer"]["params"]["lr"] == TrainConfig().learning_rate
+
+
+def test_deepspeed_json_conflicts(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}))
+    json_wins = resolve_ds_config(load_config(["--ds_config", str(path)]), 1)  # over an unset option
+    assert json_wins["gradient_clipping"] == 0.5
+    config = load_config(["--ds_config", str(path), "--max_grad_norm", "2.0"])
+    with pytest.raises(ConfigError, match="gradient_clipping=0.5 but --max_grad_norm is 2.0"):
+        resolve_ds_config(config, 1)
+    path.write_text(json.dumps({"gradient_accumulation_steps": 4}))
+    with pytest.raises(ConfigError, match="GradCache replaces gradient accumulation"):
+        resolve_ds_config(load_config(["--ds_config", str(path)]), 1)
+    with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
+        per_device_batch_size(load_config(["--train_batch_size", "16"]), 3)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--max_step", "3"], "unknown option --max_step (did you mean --max_steps"),
+        (["--max_steps", "ten"], "argument --max_steps: invalid int value: 'ten'"),
+        (["--lora", "maybe"], "argument --lora: expected true or false, got 'maybe'"),
+        (["--pooling", "cls"], "invalid choice: 'cls'"),
+        (["--dataset_name", "/no/such/mmeb"], "--dataset_name '/no/such/mmeb': no such file or directory"),
+        (["--dataset_name", "TIGER-Lab/MMEB-train"], "(and the hub is offline)"),
+        (["--image_dir", "/no/such/images"], "--image_dir '/no/such/images': no such directory"),
+        (["--ds_config", "/no/such.json"], "--ds_config '/no/such.json': no such file"),
+        (["--resume", "/no/such/checkpoint-5"], "no such checkpoint directory"),
+        (["--config", "/no/such.yaml"], "--config '/no/such.yaml': no such file"),
+        (["--gc_q_chunk_size", "0"], "--gc_q_chunk_size must be >= 1, got 0"),
+        (["--temperature", "-1"], "--temperature must be a positive finite number"),
+        (["--fp16"], "--fp16 is not supported"),
+        (["--quantization", "nf4", "--lora", "false"], "add --lora"),
+        (["--model_name", "tiny:gpt2"], "no tiny model of family 'gpt2'"),
+        (["--model_backbone", "bert"], "--model_backbone 'bert' is unknown"),
+        (["positional"], "unexpected argument(s) 'positional'"),
+    ],
+)
+def test_bad_options_name_the_option(argv, expected):
+    assert expected in _error(argv)
+
+
+def test_bad_yaml_names_file_and_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    for text, expected in [("learning_rat: 1e-4\n", "unknown key 'learning_rat' (did you mean learning_rate"),
+                           ("max_steps: ten\n", "max_steps must be an integer, got 'ten'"),
+                           ("lora: 3\n", "lora must be true or false, got 3"),
+                           ("subset_name: {a: 1}\n", "subset_name must be a list of names"),
+                           ("- just\n- a list\n", "must hold a mapping of option: value"),
+                           ("a: [unclosed\n", "is not valid YAML")]:
+        path.write_text(text)
+        message = _error(["--config", str(path)])
+        assert expected in message and str(path) in message, message
+
+
+def test_errors_come_before_any_model_or_engine_is_built():
+    code = ("import sys\nfrom vlm2vec.train import main\nrc = main(sys.argv[1:])\n"
+            "print('RESULT', rc, 'transformers' in sys.modules, 'deepspeed' in sys.modules)")
+    for argv in (["--dataset_name", "/no/such/mmeb"], ["--max_steps", "ten"], ["--bogus", "1"]):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
+                              timeout=120)
+        assert "RESULT 2 False False" in proc.stdout, (argv, proc.stdout, proc.stderr[-2000:])
+        assert proc.stderr.startswith("vlm2vec/train.py: error: "), proc.stderr
