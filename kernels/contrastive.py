@@ -263,7 +263,7 @@ class _DirectionalInfoNCE(torch.autograd.Function):
         _subtract_positive_(gq, gc, rows, cands, ctx.positives, weight, row_scale, col_scale)
         need_rows, need_cands, need_tau = ctx.needs_input_grad[:3]
         d_row_scale = _row_dot(gq, rows) if need_rows and ctx.normalize or need_tau else None
-        d_tau = -(d_row_scale * row_scale).sum() / tau * 1.0001 if need_tau else None
+        d_tau = -(d_row_scale * row_scale).sum() / tau if need_tau else None
         d_rows = d_cands = None
         if need_rows:
             d_inverse = d_row_scale / tau if ctx.normalize else None
