@@ -11,6 +11,9 @@
 # device call; a failing phase is logged and the next one runs.
 #   DEVICE_CHECK_BUDGET_S=600   raise the overall budget
 #   DEVICE_CHECK_DRY=1          plumbing check on a CPU box: interpreter tests, tiny CPU benchmark
+#   DEVICE_CHECK_MODE=tune      shorter run for tile tuning: bf16 engine tests, the engine sweep with
+#                               the tile candidates, then fused/eager at B=1024..65536 and the 1M point
+#                               with the fastest tiles (VLM2VEC_TRITON_CONFIG, printed in the summary)
 set -u
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -62,32 +65,51 @@ phase() {
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. kernels compiled for real against float64 (and the loss tests, when their files exist)
-phase tests_engine 150 $PY -m pytest -q -p no:cacheprovider tests/test_triton_engine.py \
-  --junitxml "$OUT/junit_triton_engine.xml"
 LOSS_TESTS=$(ls tests/test_contrastive*.py tests/test_loss*.py 2>/dev/null | tr '\n' ' ')
+ENGINE_TESTS="$PY -m pytest -q -p no:cacheprovider tests/test_triton_engine.py --junitxml $OUT/junit_triton_engine.xml"
+LOSS_BENCH="$PY bench/loss_kernel.py --out $OUT"
+
+run_full() {
+  # 1. kernels compiled for real against float64
+  phase tests_engine 150 $ENGINE_TESTS
+  # 2. provider grid (torch.compile separately below: it recompiles per shape)
+  phase bench_grid 170 $LOSS_BENCH --sizes 1024,4096,16384,65536 --dims 1536,3584 \
+    --providers fused,torch,eager,inf-cl --rep-ms 60 --no-plots
+  # 3. the 1,048,576 point (fused fwd+bwd once)
+  phase bench_big 75 $LOSS_BENCH --no-grid --big --no-plots
+  # 4. engine kernels alone: tile / split variants, atomic vs gemm backward (for tuning defaults)
+  phase bench_sweep 50 $LOSS_BENCH --sweep --sizes 1024,4096,16384,65536 --dims 1536 --rep-ms 30
+  # 5. the loss tests (orchestration; mostly CPU tests)
+  [ -n "$LOSS_TESTS" ] && phase tests_loss 90 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
+    --junitxml "$OUT/junit_loss.xml"
+  # 6. torch.compile baseline at two sizes
+  phase bench_compile 60 $LOSS_BENCH --providers compile --sizes 1024,16384 --dims 1536 --rep-ms 50 --no-plots
+}
+
+run_tune() {
+  phase bench_sweep 70 $LOSS_BENCH --sweep --sizes 1024,16384,65536 --dims 1536 --rep-ms 30
+  VLM2VEC_TRITON_CONFIG=$($PY bench/loss_kernel.py --pick-configs "$OUT/engine_sweep.csv" 2>/dev/null)
+  export VLM2VEC_TRITON_CONFIG
+  echo "picked VLM2VEC_TRITON_CONFIG=$VLM2VEC_TRITON_CONFIG" | tee -a "$OUT/phases.txt"
+  phase bench_big 60 $LOSS_BENCH --no-grid --big --no-plots
+  phase bench_grid 60 $LOSS_BENCH --sizes 1024,16384,65536 --dims 1536 --providers fused,eager --rep-ms 40 \
+    --no-plots
+  phase tests_engine 60 $ENGINE_TESTS -k bfloat16
+}
+
+run_dry() {
+  phase tests_engine 150 $ENGINE_TESTS
+  phase bench_grid 120 $LOSS_BENCH --device cpu --quick --sizes 256,512 --dims 64
+  [ -n "$LOSS_TESTS" ] && phase tests_loss 90 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
+    --junitxml "$OUT/junit_loss.xml"
+}
 
 if [ "$DRY" = 1 ]; then
-  phase bench_grid 120 $PY bench/loss_kernel.py --device cpu --quick --sizes 256,512 --dims 64 --out "$OUT"
+  run_dry
+elif [ "${DEVICE_CHECK_MODE:-full}" = tune ]; then
+  run_tune
 else
-  # 2. provider grid (torch.compile separately below: it recompiles per shape)
-  phase bench_grid 170 $PY bench/loss_kernel.py --sizes 1024,4096,16384,65536 --dims 1536,3584 \
-    --providers fused,torch,eager,inf-cl --rep-ms 60 --out "$OUT" --no-plots
-  # 3. the 1,048,576 point (fused fwd+bwd once)
-  phase bench_big 75 $PY bench/loss_kernel.py --no-grid --big --out "$OUT" --no-plots
-fi
-if [ "$DRY" != 1 ]; then
-  # 4. engine kernels alone: tile / split variants, atomic vs gemm backward (for tuning defaults)
-  phase bench_sweep 50 $PY bench/loss_kernel.py --sweep --sizes 1024,4096,16384,65536 --dims 1536 \
-    --rep-ms 30 --out "$OUT"
-fi
-# 5. the loss tests (orchestration; mostly CPU tests, the Triton ones need VLM2VEC_TEST_DEVICE-aware code)
-[ -n "$LOSS_TESTS" ] && phase tests_loss 90 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
-  --junitxml "$OUT/junit_loss.xml"
-if [ "$DRY" != 1 ]; then
-  # 6. torch.compile baseline at two sizes
-  phase bench_compile 60 $PY bench/loss_kernel.py --providers compile --sizes 1024,16384 --dims 1536 \
-    --rep-ms 50 --out "$OUT" --no-plots
+  run_full
 fi
 
 # ---- HOOK: extra device checks (e.g. the lead's training-step benchmark) ---------------------------

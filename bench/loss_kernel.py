@@ -270,7 +270,36 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
     }
     if 2 * B * D * 4 <= 512 * 2**20:  # the atomic path's buffers; beyond this it is hopeless
         cases["softmax_grad atomic"] = partial(eng.softmax_grad, q, c, rs, cs, lse, w, path="atomic")
+    if B >= 16384:  # tile candidates matter where the kernels are compute-bound
+        for spec in eng.SWEEP_CANDIDATES["lse"]:
+            cfg = eng.TileConfig.parse(spec)
+            cases[f"row_lse lse={spec}"] = partial(eng.row_lse, q, c, rs, cs, config=cfg)
+        for spec in eng.SWEEP_CANDIDATES["probs"]:
+            cfg = eng.TileConfig.parse(spec)
+            cases[f"softmax_grad gemm probs={spec}"] = partial(eng.softmax_grad, q, c, rs, cs, lse, w,
+                                                               path="gemm", config=cfg)
     return cases
+
+
+def best_configs(sweep_rows: list[dict]) -> str:
+    """VLM2VEC_TRITON_CONFIG value naming the fastest lse and probs tiles at the largest swept B
+    (the defaults count as candidates)."""
+    from vlm2vec_kernels import triton_contrastive as eng
+
+    rows = [r for r in sweep_rows if r.get("p50_ms") not in ("", None)]
+    if not rows:
+        return ""
+    top = max(int(r["B"]) for r in rows)
+    picks = []
+    for role, default_case, prefix in (("lse", "row_lse wide auto-splits", "row_lse lse="),
+                                       ("probs", "softmax_grad gemm", "softmax_grad gemm probs=")):
+        timed = {r["case"]: float(r["p50_ms"]) for r in rows if int(r["B"]) == top}
+        options = {eng.GPU_CONFIGS[(role, "16bit")].spec(): timed.get(default_case)}
+        options.update({case[len(prefix):]: t for case, t in timed.items() if case.startswith(prefix)})
+        options = {k: v for k, v in options.items() if v is not None}
+        if options:
+            picks.append(f"{role}={min(options, key=options.get)}")
+    return ",".join(picks)
 
 
 SWEEP_FIELDS = ["case", "B", "D", "p20_ms", "p50_ms", "p80_ms", "tflops", "device", "date", "commit"]
@@ -294,7 +323,7 @@ def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int
             w = torch.full((B,), 1.0 / B, device=device)
             lse = eng.row_lse(q, c, rs, cs)
             for name, fn in _sweep_cases(eng, q, c, rs, cs, lse, w).items():
-                flop = (2 if name.startswith("row_lse") else 6) * B * B * D
+                flop = (2 if name.startswith("row_lse") else 6) * B * B * D  # 6: recompute + 2 GEMMs
                 row = {"case": name, "B": B, "D": D, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": ""}
                 try:
                     fn()
@@ -425,6 +454,8 @@ def parse_args(argv=None):
                         help="GPU only: time the engine kernels alone (tile configs, splits, atomic vs gemm "
                              "backward) at --sizes x --dims instead of the provider grid")
     parser.add_argument("--no-grid", action="store_true", help="skip the provider grid (e.g. only --big)")
+    parser.add_argument("--pick-configs", type=Path, metavar="SWEEP_CSV",
+                        help="print the VLM2VEC_TRITON_CONFIG value naming the fastest tiles in a sweep CSV")
     parser.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time per cell (ms)")
     parser.add_argument("--cpu-budget-s", type=float, default=3.0, help="CPU: timing budget per cell (s)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out",
@@ -443,6 +474,10 @@ def _lower_malloc_mmap_threshold():
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.pick_configs:
+        with open(args.pick_configs, newline="") as f:
+            print(best_configs(list(csv.DictReader(f))))
+        return 0
     import torch
 
     device = args.device

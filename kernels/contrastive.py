@@ -331,9 +331,11 @@ def contrastive_loss(
         candidates: [Bc, D], same dtype and device. Default layout (no `targets`): Bc = Bq * (1 + K),
             rows `[pos_0, neg_0_1..neg_0_K, pos_1, ...]`, so query i's positive is row i * (1 + K);
             K = 0 is plain in-batch negatives. Every candidate is a negative for every other query.
-        temperature: positive float, or a one-element tensor (a learnable temperature gets its gradient).
+        temperature: positive float, or a one-element tensor (a learnable temperature gets its gradient;
+            its value is checked, which reads it back from the device once per call).
         normalize: L2-normalise both sides first (eps 1e-12, as F.normalize).
-        targets: int [Bq], index of each query's positive among this rank's `candidates`.
+        targets: int [Bq], index of each query's positive among this rank's `candidates` (overrides
+            the default layout; Bc is then free, and several queries may share a positive).
         symmetric: also score each positive against all queries (CLIP style; with hard negatives the
             reverse direction is positives -> queries) and average the two directions per pair.
         reduction: "mean" | "sum" | "none" ([Bq] per-query losses; exact for any upstream gradient).
@@ -343,7 +345,9 @@ def contrastive_loss(
             gradients are reduce-scattered back to their owner. The returned value is scaled so that
             averaging it over ranks gives the global loss: "mean" -> local_sum * world / global_Bq,
             "sum" -> local_sum * world, "none" -> the local rows. With mean/sum, DDP's usual gradient
-            averaging then yields exactly the single-process gradient on the concatenated batch.
+            averaging then yields exactly the single-process gradient on the concatenated batch. With
+            "none" and upstream g_r on rank r, each rank's gradients are those of sum_r <g_r, loss_r>
+            (the global per-row loss), before any averaging. Ranks may hold different row counts.
             Every rank must call this with the same options (it runs collectives, forward and backward).
         backend: "auto" (Triton for CUDA tensors, chunked torch otherwise), "triton" (CPU only under
             TRITON_INTERPRET=1), "torch" (chunked), "reference" (float64, full matrix; for tests).
@@ -351,7 +355,14 @@ def contrastive_loss(
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [Bq] for reduction="none". Sums and the
         positive logit run in fp32; input gradients come back in the input dtype, rounded once.
-        Non-finite embeddings give a non-finite loss. Extra memory O((Bq + Bc) * D + chunk * Bc).
+        Non-finite embeddings give a non-finite loss. Extra memory beyond the returned gradients:
+        one chunk of logits (torch engine: <= 2**22 fp32 = 16 MiB) + O(B) vectors; fp16/bf16 inputs
+        add their fp32 copies, `group` the gathered rows, `symmetric` the positives' rows.
+
+    Example::
+
+        loss = contrastive_loss(q, c, 0.02)                  # c = [pos_0, neg_0_1, pos_1, neg_1_1, ...]
+        loss = contrastive_loss(q, c, tau, targets=t, symmetric=True, group=dist.group.WORLD)
     """
     _check_embeddings(query, candidates)
     _check_choice("reduction", reduction, REDUCTIONS)

@@ -18,7 +18,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -238,6 +240,7 @@ def embed_inputs(
     rank: int = 0,
     world_size: int = 1,
     save_every: int = 8,
+    save_seconds: float = 60.0,
     desc: str = "embed",
     show_progress: bool = True,
 ) -> dict[int, torch.Tensor]:
@@ -250,24 +253,34 @@ def embed_inputs(
     mine = [i for i in shard if i not in done]
     pending_idx: list[int] = []
     pending_emb: list[torch.Tensor] = []
-    bar = tqdm(total=len(mine), desc=desc, unit="input", disable=not show_progress or rank != 0)
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size]
-        images = [load_image(inputs.images[i], i) if inputs.images[i] else None for i in batch]
-        emb = encode([inputs.texts[i] for i in batch], images).float().cpu()
-        if emb.shape[0] != len(batch) or not torch.isfinite(emb).all():
-            raise RuntimeError(f"{desc}: the encoder returned {tuple(emb.shape)} (non-finite or wrong count)")
-        for i, row in zip(batch, emb):
-            done[i] = row
-        pending_idx.extend(batch)
-        pending_emb.append(emb)
-        if cache is not None and len(pending_emb) >= save_every:
+    last_flush = time.time()
+
+    def flush() -> None:
+        nonlocal pending_idx, pending_emb, last_flush
+        if cache is not None and pending_emb:
             cache.write(rank, pending_idx, torch.cat(pending_emb))
-            pending_idx, pending_emb = [], []
-        bar.update(len(batch))
-    bar.close()
-    if cache is not None and pending_emb:
-        cache.write(rank, pending_idx, torch.cat(pending_emb))
+        pending_idx, pending_emb, last_flush = [], [], time.time()
+
+    bar = tqdm(total=len(mine), desc=desc, unit="input", disable=not show_progress or rank != 0)
+    try:
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            images = [load_image(inputs.images[i], i) if inputs.images[i] else None for i in batch]
+            emb = encode([inputs.texts[i] for i in batch], images).float().cpu()
+            if emb.shape[0] != len(batch) or not torch.isfinite(emb).all():
+                raise RuntimeError(
+                    f"{desc}: the encoder returned {tuple(emb.shape)} (non-finite or wrong count)"
+                )
+            for i, row in zip(batch, emb):
+                done[i] = row
+            pending_idx.extend(batch)
+            pending_emb.append(emb)
+            if len(pending_emb) >= save_every or time.time() - last_flush > save_seconds:
+                flush()
+            bar.update(len(batch))
+    finally:  # an interrupted run (Ctrl-C, SIGTERM -> exception, an encoder error) keeps what it finished
+        flush()
+        bar.close()
     # rank 0 keeps every cached row; the others hand over only their shard (gathered to rank 0)
     return done if rank == 0 else {i: done[i] for i in shard}
 
@@ -530,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a launcher stopping its ranks, a scheduler) -> SystemExit, so finished work is flushed
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rank, world_size, local_rank = init_distributed()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     from vlm2vec.model import VLM2Vec

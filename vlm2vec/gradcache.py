@@ -6,7 +6,7 @@ costs what a no-grad pass costs. The loss then sees the whole batch (every query
 candidate, across processes). One backward call does the rest of GradCache: autograd first computes
 the loss's gradient w.r.t. all embeddings, then reaches the chunks one at a time (later chunks first)
 and, for each, re-runs its forward with the CPU and accelerator RNG state of the first pass restored
-(torch's checkpoint saves both), so dropout masks match, and back-propagates the cached embedding
+(`SameRandomness`), so dropout masks match, and back-propagates the cached embedding
 gradient through it before the next chunk is recomputed. Peak memory: one chunk's activations.
 
 Why one backward instead of one backward per chunk (the reference implementation's GradCache):
@@ -33,7 +33,42 @@ Inputs = Mapping[str, Tensor]
 Encoder = Callable[[Inputs], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["Encoder", "Inputs", "LossFn", "encode_chunks", "contrastive_step"]
+__all__ = ["Encoder", "Inputs", "LossFn", "SameRandomness", "contrastive_step", "encode_chunks"]
+
+
+def _accelerator() -> tuple[str, list[int]]:
+    """(device type, [current device index]) of the accelerator in use, or ("cuda", []) without one."""
+    if torch.cuda.is_available():
+        return "cuda", [torch.cuda.current_device()]
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type, [accelerator.current_device_index()]
+    return "cuda", []
+
+
+class SameRandomness:
+    """Calls `encoder` with identical randomness every time: the first call records the CPU and the
+    accelerator RNG state, later calls (autograd's recompute) replay it and then restore the caller's
+    state, so dropout masks match between the first pass and the recompute, and the RNG stream after
+    the step does not depend on whether the recompute ran."""
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.device_type, self.devices = _accelerator()
+        self.state: tuple[Tensor, list[Tensor]] | None = None
+
+    def _module(self):
+        return getattr(torch, self.device_type)
+
+    def __call__(self, inputs: Inputs) -> Tensor:
+        if self.state is None:
+            self.state = (torch.get_rng_state(), [self._module().get_rng_state(d) for d in self.devices])
+            return self.encoder(inputs)
+        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
+            torch.set_rng_state(self.state[0])
+            for device, state in zip(self.devices, self.state[1]):
+                self._module().set_rng_state(state, device)
+            return self.encoder(inputs)
 
 
 def encode_chunks(encoder: Encoder, chunks: Sequence[Inputs], *, grad_cache: bool = True) -> Tensor:
@@ -48,9 +83,11 @@ def encode_chunks(encoder: Encoder, chunks: Sequence[Inputs], *, grad_cache: boo
         reps = [encoder(chunk) for chunk in chunks]
     else:
         # early stop off: the recompute runs each chunk's forward to the end, so module hooks that
-        # pair up around forward (DeepSpeed ZeRO-3 gathers/releases parameters) always see both halves
+        # pair up around forward (DeepSpeed ZeRO-3 gathers/releases parameters) always see both halves.
+        # RNG: our own replay (torch's only covers devices of tensor arguments; inputs may sit on the CPU)
         with set_checkpoint_early_stop(False):
-            reps = [checkpoint(encoder, c, use_reentrant=False, preserve_rng_state=True) for c in chunks]
+            reps = [checkpoint(SameRandomness(encoder), c, use_reentrant=False, preserve_rng_state=False)
+                    for c in chunks]
     for i, rep in enumerate(reps):
         if rep.dim() != 2:
             raise ValueError(f"encoder must return [rows, D] embeddings; chunk {i} gave {tuple(rep.shape)}")

@@ -9,14 +9,19 @@ MMEB-eval style data sets:
 - `EmojiT2I`   name -> image retrieval over all 1,000 held-out images,
 - `EmojiGroup` image -> emoji-group classification over the 9 group labels.
 
-Layout written under `out_dir` (every image path is relative to `out_dir`):
+Layout written under `out_dir` (image paths are relative to the eval/ or train/ folder they are in):
 
-    images/NNNN.png             one rendered emoji per item
-    EmojiI2T.jsonl ...          eval sets: qry_text, qry_img_path, tgt_text (list), tgt_img_path (list)
+    eval/EmojiI2T.jsonl ...     MMEB-eval columns: qry_text, qry_img_path, tgt_text[], tgt_img_path[]
+    eval/datasets.json          meta-task and IND/OOD of each eval set (read by vlm2vec.eval)
+    eval/images/NNNN.png        the 1,000 held-out emoji
     train/EmojiI2T.jsonl ...    MMEB-train columns: qry, qry_image_path, pos_text, pos_image_path,
-                                neg_text, neg_image_path (one row per training emoji)
+                                neg_text, neg_image_path (one row per training emoji, no hard negatives)
+    train/images/NNNN.png       the 870 training emoji
     items.jsonl                 every item: index, chars, name, group, subgroup, split, image
-    manifest.json               counts, seed, source files, meta-task of each eval set
+    manifest.json               settings, counts, source files (written last: marks a complete build)
+
+IND/OOD in the demo's table: image<->name retrieval is trained (on other emoji), so IND; the group
+classification task is never trained, so OOD (as MMEB calls a task without a training set).
 """
 
 from __future__ import annotations
@@ -43,12 +48,18 @@ N_EVAL = 1000
 SPLIT_SEED = 0
 
 # Instructions in the MMEB style: the query carries the task, image targets a fixed prompt, text raw.
-I2T_QUERY = f"{IMAGE_PLACEHOLDER} Find the name of the emoji in this image."
-T2I_QUERY = "Find the emoji image that matches the given name: {name}"
-GROUP_QUERY = f"{IMAGE_PLACEHOLDER} Represent the given emoji for classification into its emoji group."
+# (short: every token of the instruction costs training time on the CPU)
+I2T_QUERY = f"{IMAGE_PLACEHOLDER} Find the name of this emoji."
+T2I_QUERY = "Find the emoji for this name: {name}"
+GROUP_QUERY = f"{IMAGE_PLACEHOLDER} Classify this emoji into its group."
 IMAGE_TARGET = f"{IMAGE_PLACEHOLDER} Represent the given image."
 
-EVAL_META_TASKS = {"EmojiI2T": "Retrieval", "EmojiT2I": "Retrieval", "EmojiGroup": "Classification"}
+EVAL_SETS = {
+    "EmojiI2T": {"meta_task": "Retrieval", "ood": False},
+    "EmojiT2I": {"meta_task": "Retrieval", "ood": False},
+    "EmojiGroup": {"meta_task": "Classification", "ood": True},
+}
+TRAIN_SETS = ("EmojiI2T", "EmojiT2I")
 
 _LINE = re.compile(r"^(?P<cps>[0-9A-F ]+?)\s*;\s*(?P<status>[a-z-]+)\s*#\s*\S+\s+E\d+\.\d+\s+(?P<name>.+)$")
 
@@ -209,47 +220,45 @@ def build_emoji_dataset(
     out = Path(out_dir)
     manifest_path = out / "manifest.json"
     settings = {"n_train": n_train, "n_eval": n_eval, "seed": seed, "font_size": FONT_SIZE, "canvas": CANVAS}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("settings") == settings:
-            return out
+    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("settings") == settings:
+        return out
     emoji = parse_emoji_test(emoji_test_file)
     train_idx, eval_idx = split_indices(len(emoji), n_train, n_eval, seed)
     groups = sorted({e.group for e in emoji})
     font = load_emoji_font(font_file)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "train").mkdir(exist_ok=True)
-    used = sorted(train_idx + eval_idx)
     image_of = {}
-    for i in tqdm(used, desc="render emoji", disable=not show_progress):
-        rel = f"images/{i:04d}.png"
-        render_emoji(emoji[i].chars, font).save(out / rel)
-        image_of[i] = rel
-    for name, rows in eval_rows(
-        [emoji[i] for i in eval_idx], [image_of[i] for i in eval_idx], groups
-    ).items():
-        _write_jsonl(out / f"{name}.jsonl", rows)
+    jobs = [(i, "train") for i in train_idx] + [(i, "eval") for i in eval_idx]
+    for split in ("train", "eval"):
+        (out / split / "images").mkdir(parents=True, exist_ok=True)
+    for i, split in tqdm(jobs, desc="render emoji", disable=not show_progress):
+        image_of[i] = f"images/{i:04d}.png"
+        render_emoji(emoji[i].chars, font).save(out / split / image_of[i])
+    held_out = eval_rows([emoji[i] for i in eval_idx], [image_of[i] for i in eval_idx], groups)
+    for name, rows in held_out.items():
+        _write_jsonl(out / "eval" / f"{name}.jsonl", rows)
+    (out / "eval" / "datasets.json").write_text(json.dumps(EVAL_SETS, indent=2) + "\n")
     for name, rows in train_rows([emoji[i] for i in train_idx], [image_of[i] for i in train_idx]).items():
         _write_jsonl(out / "train" / f"{name}.jsonl", rows)
     split_of = {**{i: "train" for i in train_idx}, **{i: "eval" for i in eval_idx}}
-    _write_jsonl(
-        out / "items.jsonl",
-        [{"index": i, **asdict(emoji[i]), "split": split_of[i], "image": image_of[i]} for i in used],
-    )
+    table = [
+        {"index": i, **asdict(emoji[i]), "split": split_of[i], "image": f"{split_of[i]}/{image_of[i]}"}
+        for i in sorted(split_of)
+    ]
+    _write_jsonl(out / "items.jsonl", table)
     manifest = {
         "settings": settings,
         "source": {"emoji_test_file": str(emoji_test_file), "font_file": str(font_file)},
         "n_emoji_available": len(emoji),
         "groups": groups,
-        "eval_sets": EVAL_META_TASKS,
-        "train_sets": ["EmojiI2T", "EmojiT2I"],
+        "eval_sets": EVAL_SETS,
+        "train_sets": list(TRAIN_SETS),
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")  # last: marks the build complete
     return out
 
 
 def load_items(data_dir: str | os.PathLike, split: str | None = None) -> list[dict]:
-    """The item table of a built data set, optionally only the "train" or "eval" items."""
+    """The item table of a built data set (image paths relative to data_dir), optionally one split."""
     rows = [
         json.loads(line) for line in (Path(data_dir) / "items.jsonl").read_text(encoding="utf-8").splitlines()
     ]

@@ -1,0 +1,156 @@
+"""The training-step benchmark on a GPU at a real backbone size, plus GradCache's CUDA-RNG exactness check.
+
+    python bench/train_step_device.py [--out DIR] [--size qwen2_vl_2b] [--batch 32] [--chunk 8]
+
+1. Exactness on the accelerator: a tiny Qwen2-VL with LoRA dropout on CUDA (fp32); the parameter
+   gradients of the GradCache step must equal the plain step's (CPU *and* CUDA RNG restored per chunk).
+   Control: the same step with the RNG state not restored must differ (dropout really draws on CUDA).
+2. bench/train_step.py's table for a randomly initialised model with Qwen2-VL-2B's dimensions, built
+   from its config (no weights are downloaded; a tiny tokenizer stands in, token ids fit the vocab).
+Writes train_step_device.md and appends to train_step.csv under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+SIZES = {
+    # Qwen/Qwen2-VL-2B-Instruct config.json dimensions
+    "qwen2_vl_2b": dict(
+        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+    ),
+    # Qwen/Qwen2-VL-7B-Instruct
+    "qwen2_vl_7b": dict(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2),
+    ),
+}
+
+
+def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
+    """A VLM2Vec around a randomly initialised Qwen2-VL of a real size (paper's 256..1280 image tokens)."""
+    import transformers
+
+    from vlm2vec.backbones import ProcessorSettings, get_family
+    from vlm2vec.families._common import ProcessorPair, build_tiny_tokenizer
+    from vlm2vec.families.qwen import SPECIAL_TOKENS, _image_processor_class, default_pixels
+    from vlm2vec.model import VLM2Vec, resolve_attn_implementation
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    tok = build_tiny_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    dims = SIZES[size]
+    config = transformers.Qwen2VLConfig(
+        text_config={**dims["text"], "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": None},
+        vision_config=dims["vision"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    config._attn_implementation = resolve_attn_implementation(None, device)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    min_pixels, max_pixels = default_pixels(14)
+    image_processor = _image_processor_class()(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=min_pixels, max_pixels=max_pixels)
+    settings = ProcessorSettings("native", min_pixels, max_pixels)
+    return VLM2Vec(model.train(), ProcessorPair(tok, image_processor), get_family("qwen2_vl"),
+                   settings=settings, max_len=2048)
+
+
+def rng_exactness(device: torch.device) -> str:
+    """GradCache == plain step with CUDA dropout; a step without RNG restore differs (control)."""
+    import torch.utils.checkpoint as ckpt
+    from PIL import Image
+
+    from vlm2vec.backbones import tiny
+    from vlm2vec.gradcache import contrastive_step
+    from vlm2vec_kernels import contrastive_loss
+
+    torch.manual_seed(0)
+    model = tiny("qwen2_vl")
+    model.add_lora(r=8, alpha=16, dropout=0.3)
+    model.to(device).train()
+    model.vision_tower.eval()
+    images = [Image.new("RGB", (56, 56), c) for c in ("red", "green", "blue", "white")]
+    q = [model.prepare(["<|image_1|> what is it?", "find a red square"], [images[0], None]),
+         model.prepare(["<|image_1|> shape?", "a caption"], [images[1], None])]
+    c = [model.prepare(["red", "<|image_1|> Represent the given image."], [None, images[2]]),
+         model.prepare(["<|image_1|> Represent the given image.", "green"], [images[3], None])]
+
+    def grads(grad_cache: bool, preserve: bool = True) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        torch.cuda.manual_seed(5)
+        original = ckpt.checkpoint
+        if not preserve:
+            ckpt_mod = sys.modules["vlm2vec.gradcache"]
+            ckpt_mod.checkpoint = lambda fn, x, **kw: original(fn, x, **{**kw, "preserve_rng_state": False})
+        try:
+            with model.reuse_vision_features():
+                loss = contrastive_step(model, q, c, lambda a, b: contrastive_loss(a, b, 0.05, normalize=False),
+                                        grad_cache=grad_cache)
+                loss.backward()
+        finally:
+            sys.modules["vlm2vec.gradcache"].checkpoint = original
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    plain, cached, unrestored = grads(False), grads(True), grads(True, preserve=False)
+    exact = float((cached - plain).abs().max())
+    control = float((unrestored - plain).abs().max())
+    ok = exact <= 1e-6 * max(1.0, float(plain.abs().max())) and control > 1e-4
+    return (f"### GradCache exactness on {torch.cuda.get_device_name(device)} (tiny Qwen2-VL, LoRA dropout "
+            f"0.3, fp32)\n\nmax |grad(GradCache) - grad(plain)| = {exact:.3e}; without RNG restore "
+            f"{control:.3e} (control) -> {'PASS' if ok else 'FAIL'}\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "out", "device")))
+    p.add_argument("--size", default="qwen2_vl_2b", choices=sorted(SIZES))
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=448, help="448 px = 256 image tokens (paper's minimum)")
+    p.add_argument("--max_words", type=int, default=60)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("train_step_device.py needs a CUDA GPU (use bench/train_step.py on the CPU)")
+    device = torch.device("cuda", 0)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    check = rng_exactness(device)
+    print(check, flush=True)
+    import train_step
+
+    bench_args = ["--size", args.size, "--device", "cuda", "--dtype", "bf16", "--batch", str(args.batch),
+                  "--chunk", str(args.chunk), "--image_size", str(args.image_size), "--max_words",
+                  str(args.max_words), "--repeats", str(args.repeats), "--csv", os.path.join(args.out, "train_step.csv"),
+                  "--markdown", os.path.join(args.out, "train_step_device.md")]
+    train_step.main(bench_args, extra=lambda: check)
+    print(f"total {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
