@@ -10,6 +10,7 @@
 # time cap and the whole run keeps to DEVICE_CHECK_BUDGET_S (default 450 s) so that it fits in one
 # device call; a failing phase is logged and the next one runs.
 #   DEVICE_CHECK_BUDGET_S=600   raise the overall budget
+#   VLM2VEC_COMMIT=abc123       commit recorded in the CSV (the device's copy has no .git)
 #   DEVICE_CHECK_DRY=1          plumbing check on a CPU box: interpreter tests, tiny CPU benchmark
 #   DEVICE_CHECK_MODE=tune      shorter run for tile tuning: bf16 engine tests, the engine sweep with
 #                               the tile candidates, then fused/eager at B=1024..65536 and the 1M point

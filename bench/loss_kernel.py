@@ -347,11 +347,13 @@ def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int
 
 
 def _commit() -> str:
+    """Short git commit of the repository, else $VLM2VEC_COMMIT (the device copy has no .git)."""
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
+        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    return found or os.environ.get("VLM2VEC_COMMIT", "unknown")
 
 
 def device_name(device: str) -> str:

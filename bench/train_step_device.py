@@ -22,12 +22,13 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
 SIZES = {
     # Qwen/Qwen2-VL-2B-Instruct config.json dimensions
     "qwen2_vl_2b": dict(
         text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+                  tie_word_embeddings=True, rope_parameters=ROPE),
         vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2),
     ),
@@ -35,7 +36,7 @@ SIZES = {
     "qwen2_vl_7b": dict(
         text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+                  rope_parameters=ROPE),
         vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2),
     ),
@@ -59,8 +60,9 @@ def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
     config = transformers.Qwen2VLConfig(
         text_config={**dims["text"], "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
                      "bos_token_id": None},
-        vision_config=dims["vision"], image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        vision_config=dims["vision"], image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )  # fmt: skip
     config._attn_implementation = resolve_attn_implementation(None, device)
     default = torch.get_default_dtype()
@@ -80,12 +82,12 @@ def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
 
 def rng_exactness(device: torch.device) -> str:
     """GradCache == plain step with CUDA dropout; a step without RNG restore differs (control)."""
-    import torch.utils.checkpoint as ckpt
     from PIL import Image
+    from vlm2vec_kernels import contrastive_loss
 
+    from vlm2vec import gradcache
     from vlm2vec.backbones import tiny
     from vlm2vec.gradcache import contrastive_step
-    from vlm2vec_kernels import contrastive_loss
 
     torch.manual_seed(0)
     model = tiny("qwen2_vl")
@@ -98,28 +100,29 @@ def rng_exactness(device: torch.device) -> str:
     c = [model.prepare(["red", "<|image_1|> Represent the given image."], [None, images[2]]),
          model.prepare(["<|image_1|> Represent the given image.", "green"], [images[3], None])]
 
-    def grads(grad_cache: bool, preserve: bool = True) -> torch.Tensor:
+    def loss_fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return contrastive_loss(a, b, 0.05, normalize=False)
+
+    def grads(grad_cache: bool, restore_rng: bool = True) -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         torch.manual_seed(5)
-        torch.cuda.manual_seed(5)
-        original = ckpt.checkpoint
-        if not preserve:
-            ckpt_mod = sys.modules["vlm2vec.gradcache"]
-            ckpt_mod.checkpoint = lambda fn, x, **kw: original(fn, x, **{**kw, "preserve_rng_state": False})
+        if not restore_rng:  # the control: recompute chunks under whatever RNG state autograd finds
+            gradcache.SameRandomness = lambda encoder: encoder
         try:
             with model.reuse_vision_features():
-                loss = contrastive_step(model, q, c, lambda a, b: contrastive_loss(a, b, 0.05, normalize=False),
-                                        grad_cache=grad_cache)
+                loss = contrastive_step(model, q, c, loss_fn, grad_cache=grad_cache)
                 loss.backward()
         finally:
-            sys.modules["vlm2vec.gradcache"].checkpoint = original
+            gradcache.SameRandomness = replay
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
-    plain, cached, unrestored = grads(False), grads(True), grads(True, preserve=False)
+    replay = gradcache.SameRandomness
+    plain, cached, unrestored = grads(False), grads(True), grads(True, restore_rng=False)
     exact = float((cached - plain).abs().max())
     control = float((unrestored - plain).abs().max())
     ok = exact <= 1e-6 * max(1.0, float(plain.abs().max())) and control > 1e-4
-    return (f"### GradCache exactness on {torch.cuda.get_device_name(device)} (tiny Qwen2-VL, LoRA dropout "
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return (f"### GradCache exactness on {name} (tiny Qwen2-VL, LoRA dropout "
             f"0.3, fp32)\n\nmax |grad(GradCache) - grad(plain)| = {exact:.3e}; without RNG restore "
             f"{control:.3e} (control) -> {'PASS' if ok else 'FAIL'}\n")
 
@@ -133,10 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--image_size", type=int, default=448, help="448 px = 256 image tokens (paper's minimum)")
     p.add_argument("--max_words", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dry", action="store_true", help="plumbing check on a CPU box: tiny model, CPU")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("train_step_device.py needs a CUDA GPU (use bench/train_step.py on the CPU)")
-    device = torch.device("cuda", 0)
+    if not torch.cuda.is_available() and not args.dry:
+        raise SystemExit("needs a CUDA GPU (on the CPU: bench/train_step.py, or this script with --dry)")
+    device = torch.device("cpu") if args.dry else torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = False
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -144,9 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     print(check, flush=True)
     import train_step
 
-    bench_args = ["--size", args.size, "--device", "cuda", "--dtype", "bf16", "--batch", str(args.batch),
+    bench_args = ["--size", "tiny" if args.dry else args.size, "--device", device.type,
+                  "--dtype", "fp32" if args.dry else "bf16", "--batch", str(args.batch),
                   "--chunk", str(args.chunk), "--image_size", str(args.image_size), "--max_words",
-                  str(args.max_words), "--repeats", str(args.repeats), "--csv", os.path.join(args.out, "train_step.csv"),
+                  str(args.max_words), "--repeats", str(args.repeats),
+                  "--csv", os.path.join(args.out, "train_step.csv"),
                   "--markdown", os.path.join(args.out, "train_step_device.md")]
     train_step.main(bench_args, extra=lambda: check)
     print(f"total {time.time() - t0:.0f} s", flush=True)

@@ -182,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("sm90_report: set TRITON_INTERPRET=0 (the interpreter cannot compile)", file=sys.stderr)
         return 2
+    import triton
+
     reports = compile_all(args.jobs)
+    print(f"sm_90 compile report (triton {triton.__version__}, no GPU needed)")
     print(format_table(reports))
     if args.json:
         with open(args.json, "w") as f:

@@ -35,12 +35,14 @@ from .triton_contrastive_kernels import (
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # [M+N, D] fp32 gradient buffers up to this size use the atomic path. Default 0 (gemm path always):
-# sm_90 triton emits scalar fp32 REDs, B^2 D (1/BM + 1/BN) of them, ~25-40 M at B=1024, D=1536,
-# which costs more than the two cuBLAS GEMMs; bench/loss_kernel.py --sweep times both.
+# triton emits scalar fp32 REDs on sm_90, B^2 D (1/BM + 1/BN) of them. Measured on an H100 (bf16,
+# D=1536): atomic 0.100 / 1.26 / 17.7 ms at B = 1024 / 4096 / 16384 (GPU-bound) against gemm
+# 0.09-0.21 (launch-bound) / 0.277 / 4.07 ms; see bench/loss_kernel.py --sweep.
 DEFAULT_ATOMIC_MAX_BYTES = 0
 # both P blocks of the gemm path together (bf16: 2 x 16k x 32k); large blocks keep the GEMMs efficient
 # and the fp32 read-modify-write of gq / gc per block small
 DEFAULT_P_BLOCK_BYTES = 2**31
+MIN_GEMM_ROWS = 4096  # P blocks of the gemm path keep at least this many rows (GEMM efficiency)
 MAX_SPLITS = 64
 # column splits of the forward even when row blocks alone fill the GPU: the programs running at
 # once then cover ~SMs/16 row blocks x 16 column ranges and re-read q and c tiles from L2, not HBM
@@ -78,12 +80,15 @@ class TileConfig:
 
 
 # Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
-# for sm_90 by kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU.
+# for sm_90 by kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit wide
+# tiles are the fastest of bench/loss_kernel.py --sweep on an H100 (triton 3.6, B=65,536, D=1536,
+# bf16): row_lse 128x256 23.7 ms vs 128x128 29.8 ms; softmax_grad (gemm) with 256x128 P tiles
+# 66.3 ms vs 128x128 74.6 ms. "_narrow" tiles serve batches whose wide tiles cannot fill the GPU.
 GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
-    ("lse", "16bit"): TileConfig(128, 128, 64, 8, 3),
+    ("lse", "16bit"): TileConfig(128, 256, 64, 8, 3),
     ("lse_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
     ("grad_atomic", "16bit"): TileConfig(128, 64, 64, 8, 2),
-    ("probs", "16bit"): TileConfig(128, 128, 64, 8, 3),
+    ("probs", "16bit"): TileConfig(256, 128, 64, 8, 3),
     ("probs_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
     ("lse", "fp32"): TileConfig(128, 64, 32, 8, 3),
     ("lse_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
@@ -93,9 +98,12 @@ GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
 }
 # Alternatives timed by `bench/loss_kernel.py --sweep` on a GPU (not used unless chosen through
 # VLM2VEC_TRITON_CONFIG or `config=`).
+# Measured on the H100 at B=65,536 (ms): lse 128x128x64w8s3 29.8, 128x128x64w8s4 29.0,
+# 128x256x64w8s3f 32.0, 128x128x64w8s4f 54.2 (flattening the tile loop loses); probs
+# 128x256x64w8s3 66.6, 128x128x64w8s3 74.6, 128x128x64w8s4 74.3.
 SWEEP_CANDIDATES: dict[str, list[str]] = {
-    "lse": ["128x256x64w8s3", "128x256x64w8s3f", "128x128x64w8s4f", "128x128x64w8s4"],
-    "probs": ["128x256x64w8s3", "256x128x64w8s3", "128x128x64w8s4"],
+    "lse": ["128x128x64w8s3", "128x256x64w8s4", "256x128x64w8s3"],
+    "probs": ["128x256x64w8s3", "128x128x64w8s3", "256x128x64w8s4"],
 }
 
 
@@ -334,6 +342,23 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 _FP32_OUT_MM = [True]
 
 
+def p_block_shape(M: int, N: int, elem_bytes: int, block_m: int, p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
+                  block_rows: int | None = None, block_cols: int | None = None) -> tuple[int, int]:
+    """(rows, cols) of the gemm path's P blocks: both blocks (P*col_scale, P*row_scale) within
+    p_block_bytes, at most 32768 columns, and at most a quarter of the rows once that still leaves
+    MIN_GEMM_ROWS (mid-size batches then hold a quarter of B x B, not all of it)."""
+    cols = min(block_cols or 32768, N)
+    if block_rows is None:
+        rows = max(block_m, p_block_bytes // (2 * elem_bytes * cols) // block_m * block_m)
+        rows = min(rows, max(MIN_GEMM_ROWS, triton.cdiv(triton.cdiv(M, 4), block_m) * block_m))
+    else:
+        rows = block_rows
+    rows = min(rows, M)
+    if rows * cols >= 2**31:
+        raise ValueError(f"P block {rows} x {cols} too large for int32 offsets; lower p_block_bytes")
+    return rows, cols
+
+
 def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows,
                        block_cols, config):
     """P in [rows x cols] blocks (two scaled copies), then cuBLAS: gq[r] (+)= Pq @ c[cols] and
@@ -353,11 +378,7 @@ def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_byte
             role = "probs_narrow"
     cfg = _pick_config(role, q, config)
     elem = torch.finfo(op_dtype).bits // 8
-    cols = min(block_cols or 32768, N)
-    rows = block_rows or max(cfg.block_m, p_block_bytes // (2 * elem * cols) // cfg.block_m * cfg.block_m)
-    rows = min(rows, M)
-    if rows * cols >= 2**31:
-        raise ValueError(f"P block {rows} x {cols} too large for int32 offsets; lower p_block_bytes")
+    rows, cols = p_block_shape(M, N, elem, cfg.block_m, p_block_bytes, block_rows, block_cols)
     pq_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
     pc_buffer = _new_buffer((rows * cols,), op_dtype, q.device)
     constexprs = _common_constexprs(q, cfg, D)

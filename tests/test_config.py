@@ -167,3 +167,26 @@ def test_errors_come_before_any_model_or_engine_is_built():
                               timeout=120)
         assert "RESULT 2 False False" in proc.stdout, (argv, proc.stdout, proc.stderr[-2000:])
         assert proc.stderr.startswith("vlm2vec/train.py: error: "), proc.stderr
+
+
+def test_learning_rate_schedules():
+    import torch
+
+    from vlm2vec.train import make_scheduler
+
+    def factors(*argv: str, total: int = 10) -> list[float]:
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = make_scheduler(load_config(list(argv), validate=False), total)(optimizer)
+        out = []
+        for _ in range(total):
+            out.append(round(scheduler.get_last_lr()[0], 6))
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    assert factors("--warmup_steps", "2") == [0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+    cosine = factors("--warmup_steps", "2", "--lr_scheduler_type", "cosine")
+    assert cosine[:3] == [0.0, 0.5, 1.0] and cosine[6] == 0.5 and cosine[-1] < 0.04
+    with_warmup = factors("--warmup_ratio", "0.2", "--lr_scheduler_type", "constant_with_warmup")
+    assert with_warmup[1:4] == [0.5, 1.0, 1.0]
+    assert set(factors("--lr_scheduler_type", "constant", "--warmup_steps", "3")) == {1.0}

@@ -82,7 +82,9 @@ def test_gradcache_step_equals_plain_step_with_dropout_and_hard_negatives():
     model = DropoutEncoder().train()
     queries, cands = make_rows(7, seed=1), make_rows(21, seed=2)  # K = 2 hard negatives per query
     loss_gc, g_gc = run_step(model, queries, cands, 3, 4, grad_cache=True, seed=7)
+    after_gc = torch.rand(4)  # the recompute leaves the RNG stream where the plain step leaves it
     loss_plain, g_plain = run_step(model, queries, cands, 3, 4, grad_cache=False, seed=7)
+    assert torch.equal(torch.rand(4), after_gc)
     assert torch.equal(loss_gc, loss_plain)
     torch.testing.assert_close(g_gc, g_plain, rtol=1e-6, atol=1e-7)
     # dropout really acts: another RNG stream gives other gradients, so matching needs the restored state

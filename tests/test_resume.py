@@ -86,3 +86,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     assert final_a.keys() == final_b.keys()
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
     assert not [n for n in os.listdir(killed) if n.startswith(".tmp-checkpoint-")]
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    from vlm2vec.checkpoint import TRAINER_STATE, list_checkpoints, resolve_resume
+
+    assert resolve_resume("auto", str(tmp_path)) is None  # nothing yet: a fresh start
+    for name, complete in [("checkpoint-4", True), ("checkpoint-12", True), ("checkpoint-16", False),
+                           (".tmp-checkpoint-20", True)]:
+        os.makedirs(tmp_path / name)
+        if complete:
+            (tmp_path / name / TRAINER_STATE).write_text("{}")
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [4, 12]
+    assert resolve_resume("auto", str(tmp_path)) == str(tmp_path / "checkpoint-12")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_resume(str(tmp_path / "checkpoint-16"), str(tmp_path))

@@ -203,6 +203,19 @@ def test_path_choice_follows_the_buffer_budget():
     assert engine.choose_grad_path(37, 111, 40, atomic_max_bytes=0) == "gemm"
 
 
+def test_p_blocks_stay_bounded():
+    """The gemm path never holds more than its budget of P, nor all of B x B once B > 2 * 4096."""
+    budget = 2**31
+    for B in (1024, 16384, 65536, 2**20):
+        rows, cols = engine.p_block_shape(B, B, 2, 256, budget)
+        assert 2 * rows * cols * 2 <= budget, (B, rows, cols)
+        assert rows == B or rows % 256 == 0
+        if B > 2 * engine.MIN_GEMM_ROWS:
+            assert rows * cols <= B * B // 4, (B, rows, cols)
+    assert engine.p_block_shape(1024, 1024, 2, 256) == (1024, 1024)  # small batches: one block
+    assert engine.p_block_shape(100, 300, 4, 32, block_rows=48, block_cols=64) == (48, 64)
+
+
 def test_split_count_fills_the_gpu_and_stays_bounded():
     dev = torch.device("cpu")
     cfg = TileConfig(128, 64, 64, 4, 3)
