@@ -1,21 +1,23 @@
 """GradCache: a contrastive step over a large batch with the activation memory of one chunk.
 
 The batch is encoded chunk by chunk. With `grad_cache=True` every chunk runs under non-reentrant
-`torch.utils.checkpoint`: its activations are dropped as soon as its embeddings exist, so the forward
-costs what a no-grad pass costs. The loss then sees the whole batch (every query against every
-candidate, across processes). One backward call does the rest of GradCache: autograd first computes
-the loss's gradient w.r.t. all embeddings, then reaches the chunks one at a time (later chunks first)
-and, for each, re-runs its forward with the CPU and accelerator RNG state of the first pass restored
-(`SameRandomness`), so dropout masks match, and back-propagates the cached embedding
-gradient through it before the next chunk is recomputed. Peak memory: one chunk's activations.
+`torch.utils.checkpoint`: its activations are dropped as soon as its embeddings exist, so the first
+pass needs the memory of a no-grad pass (it still records the autograd graph: a per-operation cost,
+small next to real layers, ~10% of a tiny CPU model's step). The loss then sees the whole batch
+(every query against every candidate, across processes). One backward call does the rest:
+autograd computes the loss's gradient w.r.t. all embeddings, then reaches the chunks one at a time
+(later chunks first) and, for each, re-runs its forward with the CPU and accelerator RNG state of
+the first pass restored (`SameRandomness`), so dropout masks match, and back-propagates the cached
+embedding gradient through it before the next chunk is recomputed. Peak: one chunk's activations.
 
-Why one backward instead of one backward per chunk (the reference implementation's GradCache):
-every parameter receives all chunks' gradient contributions inside a single autograd pass, summed
-before its gradient-accumulation hook fires once. Data-parallel engines therefore reduce gradients
-once per step: DeepSpeed ZeRO-2/3 reduce-scatter on every backward call (a per-chunk backward costs a
-reduction per chunk, measured in tests/test_train_deepspeed.py), DDP all-reduces once instead of per
-chunk, and nothing needs `no_sync` or `set_gradient_accumulation_boundary`. The gradients equal the
-plain step's (same chunks, same RNG stream) exactly.
+Why one backward instead of one per chunk (the reference implementation's GradCache): every
+parameter receives all chunks' contributions inside a single autograd pass, summed before its
+gradient-accumulation hook fires once. Data-parallel engines therefore reduce gradients once per
+step: DeepSpeed ZeRO-2/3 reduce-scatter in every backward call (per-chunk backwards cost a reduction
+per chunk, measured in tests/test_train_deepspeed.py), DDP all-reduces once, and nothing needs
+`no_sync` or `set_gradient_accumulation_boundary` (with which the per-chunk recipe gave other
+parameters under ZeRO-3 in that test). The gradients equal the plain step's (same chunks, same RNG
+stream) exactly.
 
 Frozen vision towers: run the step inside `VLM2Vec.reuse_vision_features()` and the recompute replays
 the image features of the first pass instead of running the tower again (one vision pass per step).
