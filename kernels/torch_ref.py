@@ -65,53 +65,69 @@ def _chunk_rows(n_rows: int, n_cols: int) -> int:
 
 
 def _chunks(q: Tensor, n_cols: int, acc: torch.dtype):
-    """(start, stop, logits buffer view) over row blocks of q; the buffer is allocated once."""
+    """(rows, logits buffer) per row block of q. When one chunk holds every row it yields (None, None)
+    once: callers then work on the whole tensors, with no slicing, and the matmul allocates the logits
+    (a handful of ops per call instead of a dozen per chunk). Otherwise the buffer is allocated once."""
     step = _chunk_rows(q.shape[0], n_cols)
+    if step >= q.shape[0]:
+        yield None, None
+        return
     buffer = torch.empty(step, n_cols, dtype=acc, device=q.device)
     for start in range(0, q.shape[0], step):
         stop = min(start + step, q.shape[0])
-        yield start, stop, buffer[: stop - start]
+        yield slice(start, stop), buffer[: stop - start]
+
+
+def _part(x: Tensor | None, rows: slice | None) -> Tensor | None:
+    return x if rows is None or x is None else x[rows]
 
 
 def _softmax_chunk_(
-    q_rows: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor, with_lse: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Fills `out` with P = softmax_j(s_ij) for these rows; returns (row_scale * q_rows, lse or None).
+    q_rows: Tensor, c_t: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor | None, with_lse: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """P = softmax_j(s_ij) for these rows, in `out` (or a new tensor); returns (P, row_scale * q_rows,
+    lse or None). c_t is the candidates transposed, [D, N], in the accumulation dtype.
 
     One fused in-place softmax (rows stay in cache) instead of separate max/sub/exp/sum passes. The lse
     comes from two row maxima: the softmax's largest entry is exactly 1/sum_j exp(s_ij - max_j s_ij), so
     lse = max_j s_ij - log(max_j P_ij). NaN/Inf in a row make its P and lse NaN (Inf - Inf), never finite.
     """
     scaled_rows = q_rows.to(row_scale.dtype) * row_scale[:, None]
-    torch.mm(scaled_rows, c.T, out=out)
-    out.mul_(col_scale)
-    row_max = out.amax(dim=1) if with_lse else None
-    torch.softmax(out, dim=1, out=out)
-    lse = row_max.sub_(out.amax(dim=1).log_()) if with_lse else None
-    return scaled_rows, lse
+    logits = torch.mm(scaled_rows, c_t) if out is None else torch.mm(scaled_rows, c_t, out=out)
+    logits.mul_(col_scale)
+    row_max = logits.amax(dim=1) if with_lse else None
+    torch.softmax(logits, dim=1, out=logits)
+    lse = row_max.sub_(logits.amax(dim=1).log_()) if with_lse else None
+    return logits, scaled_rows, lse
 
 
 def _accumulate_grads_(
     probs: Tensor,
-    row_weight: Tensor,
+    row_weight: Tensor | None,
     scaled_rows: Tensor,
     c: Tensor,
     col_scale: Tensor,
-    gq_rows: Tensor,
-    gc: Tensor,
+    gq_rows: Tensor | None,
+    gc: Tensor | None,
     first: bool,
-) -> None:
-    """With P = row_weight[:, None] * probs: gc += P^T (row_scale q) and gq_rows = (P * col_scale) c.
+) -> tuple[Tensor, Tensor]:
+    """With P = row_weight[:, None] * probs (row_weight None: all ones): gc += P^T (row_scale q) and
+    gq_rows = (P * col_scale) c. gq_rows / gc None: allocated here (single chunk). Returns both.
 
     The row weight is folded into the [rows, D] operands, so the chunk itself is touched only once
     more (the col_scale multiply)."""
-    weighted_rows = scaled_rows.mul_(row_weight[:, None])
-    if first:
+    weighted_rows = scaled_rows if row_weight is None else scaled_rows.mul_(row_weight[:, None])
+    if gc is None:
+        gc = torch.mm(probs.T, weighted_rows)
+    elif first:
         torch.mm(probs.T, weighted_rows, out=gc)
     else:
         gc.addmm_(probs.T, weighted_rows)
-    torch.mm(probs.mul_(col_scale), c, out=gq_rows)
-    gq_rows.mul_(row_weight[:, None])
+    probs.mul_(col_scale)
+    gq_rows = torch.mm(probs, c) if gq_rows is None else torch.mm(probs, c, out=gq_rows)
+    if row_weight is not None:
+        gq_rows.mul_(row_weight[:, None])
+    return gq_rows, gc
 
 
 def row_lse(q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tensor:
@@ -121,10 +137,17 @@ def row_lse(q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tenso
     fp64). Returns lse [M] in the accumulation dtype. Extra memory: one chunk of logits (+ c upcast).
     """
     acc = row_scale.dtype
-    c = c.to(acc)
-    lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
-    for start, stop, logits in _chunks(q, c.shape[0], acc):
-        _, lse[start:stop] = _softmax_chunk_(q[start:stop], c, row_scale[start:stop], col_scale, logits, True)
+    c_t = c.to(acc).T
+    lse = None
+    for rows, logits in _chunks(q, c.shape[0], acc):
+        _, _, chunk_lse = _softmax_chunk_(
+            _part(q, rows), c_t, _part(row_scale, rows), col_scale, logits, True
+        )
+        if rows is None:
+            return chunk_lse
+        if lse is None:
+            lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
+        lse[rows] = chunk_lse
     return lse
 
 
@@ -140,30 +163,40 @@ def softmax_grad(
     softmax), which gives the same probabilities without the rounding of a stored lse.
     """
     del lse  # the fused softmax recomputes the row normaliser exactly
-    acc = row_scale.dtype
-    c = c.to(acc)
-    gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
-    gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
-    for start, stop, probs in _chunks(q, c.shape[0], acc):
-        scaled_rows, _ = _softmax_chunk_(q[start:stop], c, row_scale[start:stop], col_scale, probs, False)
-        weight = row_weight[start:stop]
-        _accumulate_grads_(probs, weight, scaled_rows, c, col_scale, gq[start:stop], gc, first=start == 0)
-    return gq, gc
+    return _lse_and_grads(q, c, row_scale, col_scale, row_weight, with_lse=False)[1:]
 
 
 def row_lse_and_grad(
-    q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor
+    q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`row_lse` and `softmax_grad` in one pass (each chunk holds every column, so its softmax is final
     before the gradient needs it). Used when the loss is a scalar whose per-row weights are known in
-    the forward: saves recomputing the logits (6 instead of 8 B^2 D FLOP)."""
+    the forward: saves recomputing the logits (6 instead of 8 B^2 D FLOP). row_weight None means all
+    ones (no multiply at all)."""
+    return _lse_and_grads(q, c, row_scale, col_scale, row_weight, with_lse=True)
+
+
+def _lse_and_grads(
+    q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor | None, with_lse: bool
+) -> tuple[Tensor | None, Tensor, Tensor]:
     acc = row_scale.dtype
     c = c.to(acc)
-    lse = torch.empty(q.shape[0], dtype=acc, device=q.device)
-    gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
-    gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
-    for start, stop, probs in _chunks(q, c.shape[0], acc):
-        rows = slice(start, stop)
-        scaled_rows, lse[rows] = _softmax_chunk_(q[rows], c, row_scale[rows], col_scale, probs, True)
-        _accumulate_grads_(probs, row_weight[rows], scaled_rows, c, col_scale, gq[rows], gc, first=start == 0)
+    c_t = c.T
+    lse = gq = gc = None
+    for rows, logits in _chunks(q, c.shape[0], acc):
+        probs, scaled_rows, chunk_lse = _softmax_chunk_(
+            _part(q, rows), c_t, _part(row_scale, rows), col_scale, logits, with_lse
+        )
+        if rows is None:
+            gq, gc = _accumulate_grads_(probs, row_weight, scaled_rows, c, col_scale, None, None, True)
+            return chunk_lse, gq, gc
+        if gq is None:
+            gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
+            gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
+            lse = torch.empty(q.shape[0], dtype=acc, device=q.device) if with_lse else None
+        if with_lse:
+            lse[rows] = chunk_lse
+        _accumulate_grads_(
+            probs, _part(row_weight, rows), scaled_rows, c, col_scale, gq[rows], gc, rows.start == 0
+        )
     return lse, gq, gc

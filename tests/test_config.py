@@ -56,19 +56,42 @@ def test_help_lists_every_option_with_its_default(capsys):
         assert f"--{name}" in text
     assert text.count("(default:") >= len([f for f in TrainConfig.__dataclass_fields__.values()
                                             if not f.metadata.get("internal")]) - 8
-    assert "(default: 0.02)" in text and "(default: 'tiny:qwen2_vl')" in text
+    assert "(default: 0.02)" in text and "(default: 'demo:emoji')" in text
+    assert "default run (--model_name demo:emoji)" in text and "--symmetric_loss True" in text
+
+
+def test_default_run_takes_the_demo_recipe_unless_set():
+    from vlm2vec.demo.run import DemoRecipe
+
+    recipe = DemoRecipe()
+    config = load_config([], validate=False)
+    assert config.model_name == "demo:emoji"
+    assert (config.max_steps, config.train_batch_size, config.learning_rate) == (recipe.steps,
+                                                                                 recipe.batch_size, recipe.lr)
+    assert (config.temperature, config.symmetric_loss) == (recipe.temperature, recipe.symmetric)
+    assert config.lora_r == recipe.lora_r
+    assert config.subset_name == list(recipe.train_sets) and config.pooling == recipe.pooling
+    config = load_config(["--max_steps", "2", "--per_device_train_batch_size", "4", "--temperature", "0.1"],
+                         validate=False)
+    assert (config.max_steps, config.per_device_train_batch_size, config.temperature) == (2, 4, 0.1)
+    assert config.train_batch_size is None and config.learning_rate == recipe.lr
+    tiny = load_config(["--model_name", "tiny:qwen2_vl"], validate=False)
+    assert (tiny.max_steps, tiny.temperature, tiny.symmetric_loss) == (60, 0.02, False)  # plain defaults
+    assert "demo_n_eval" in _error(["--demo_n_train", "900", "--demo_n_eval", "1000"])
 
 
 def test_yaml_then_command_line(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("learning_rate: 1e-5\nlora_r: 4\nsubset_name: [A, B]\nbf16: true\nmax_steps: 7\n")
+    path.write_text("model_name: tiny:qwen2_vl\nlearning_rate: 1e-5\nlora_r: 4\nsubset_name: [A, B]\n"
+                    "bf16: true\nmax_steps: 7\n")
     config = load_config(["--config", str(path), "--lora_r", "8", "--lr", "3e-4", "--grad_cache", "false"],
                          validate=False)
     assert (config.lora_r, config.learning_rate, config.bf16) == (8, 3e-4, True)
     assert config.subset_name == ["A", "B"]
     assert config.max_steps == 7 and config.grad_cache is False
     assert config.temperature == TrainConfig().temperature  # untouched default
-    assert config.explicit == {"learning_rate", "lora_r", "subset_name", "bf16", "max_steps", "grad_cache"}
+    assert config.explicit == {"model_name", "learning_rate", "lora_r", "subset_name", "bf16", "max_steps",
+                               "grad_cache"}
 
 
 def test_reference_command_lines_run_unchanged():
@@ -94,14 +117,16 @@ def test_paper_setups_and_deepspeed_configs():
         assert per_device_batch_size(config, 8) == 128
     stages = [(0, "ds_zero0"), (1, "ds_zero1"), (2, "ds_zero2"), (3, "ds_zero3"), (3, "ds_zero3_offload")]
     for stage, name in stages:
-        config = load_config(["--ds_config", os.path.join(CONFIGS, f"{name}.json"), "--bf16"])
+        config = load_config(["--ds_config", os.path.join(CONFIGS, f"{name}.json"), "--bf16",
+                              "--model_name", "tiny:qwen2_vl"])
         ds = resolve_ds_config(config, 4)
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
         assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 1.0
         assert "auto" not in json.dumps(ds), name
     offload_json = os.path.join(CONFIGS, "ds_zero3_offload.json")
-    offload = resolve_ds_config(load_config(["--ds_config", offload_json]), 1)
+    tiny = ["--model_name", "tiny:qwen2_vl"]
+    offload = resolve_ds_config(load_config(["--ds_config", offload_json, *tiny]), 1)
     assert offload["optimizer"]["params"]["lr"] == TrainConfig().learning_rate
 
 
@@ -176,7 +201,8 @@ def test_learning_rate_schedules():
 
     def factors(*argv: str, total: int = 10) -> list[float]:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        scheduler = make_scheduler(load_config(list(argv), validate=False), total)(optimizer)
+        config = load_config(["--model_name", "tiny:qwen2_vl", *argv], validate=False)
+        scheduler = make_scheduler(config, total)(optimizer)
         out = []
         for _ in range(total):
             out.append(round(scheduler.get_last_lr()[0], 6))

@@ -42,14 +42,15 @@ def known_answer_data(root: Path) -> Path:
         _png(root / "img" / f"{name}.png", rgb)
     names = list(COLOURS)
     colours = []
-    for k, name in enumerate(names):
+    for name in names:
         others = [n for n in names if n != name]
         colours.append({"qry_text": "<|image_1|> name the colour", "qry_img_path": f"img/{name}.png",
                         "tgt_text": [name, *others], "tgt_img_path": ["", "", ""]})  # fmt: skip
     _write(root / "Colours.jsonl", colours)
+    no_images = {"qry_img_path": "", "tgt_img_path": ["", ""]}
     _write(root / "ImageNet-1K.jsonl", [
-        {"qry_text": "a round thing", "qry_img_path": "", "tgt_text": ["circle", "square"], "tgt_img_path": ["", ""]},
-        {"qry_text": "a boxy thing", "qry_img_path": "", "tgt_text": ["triangle", "square"], "tgt_img_path": ["", ""]},
+        {"qry_text": "a round thing", "tgt_text": ["circle", "square"], **no_images},
+        {"qry_text": "a boxy thing", "tgt_text": ["triangle", "square"], **no_images},
     ])  # fmt: skip
     (root / "datasets.json").write_text(json.dumps({"Colours": {"meta_task": "Retrieval", "ood": True}}))
     return root
@@ -88,7 +89,9 @@ class KnownEncoder:
 def test_known_answers_dedup_outputs_and_table(tmp_path):
     data = known_answer_data(tmp_path / "data")
     enc = KnownEncoder()
-    scores = evaluate(enc, str(data), out_dir=tmp_path / "out", fingerprint="known", batch_size=2, show_progress=False)
+    scores = evaluate(
+        enc, str(data), out_dir=tmp_path / "out", fingerprint="known", batch_size=2, show_progress=False
+    )
     colours, shapes = scores["datasets"]["Colours"], scores["datasets"]["ImageNet-1K"]
     assert colours["p_at_1"] == pytest.approx(2 / 3) and colours["p_at_1_ties_as_hits"] == 1.0
     assert colours["n_ties_at_top"] == 1 and colours["n_queries"] == 3 and colours["n_candidates_max"] == 3
@@ -144,8 +147,13 @@ def test_bad_input_names_dataset_and_row(tmp_path):
     scores = evaluate(lambda t, i: torch.ones(len(t), 2), str(root), ["Ragged"], allow_ragged=True,
                       show_progress=False)  # fmt: skip
     assert scores["datasets"]["Ragged"]["p_at_1"] == 0.0  # all ties: no hits
-    _write(root / "NoImage.jsonl", [ok, {**ok, "tgt_text": ["<|image_1|> x", "y"], "tgt_img_path": ["gone.png", ""]}])
-    with pytest.raises(ValueError, match=r"dataset 'NoImage', row 1 .*candidate 0 image not found: .*gone.png"):
+    _write(
+        root / "NoImage.jsonl",
+        [ok, {**ok, "tgt_text": ["<|image_1|> x", "y"], "tgt_img_path": ["gone.png", ""]}],
+    )
+    with pytest.raises(
+        ValueError, match=r"dataset 'NoImage', row 1 .*candidate 0 image not found: .*gone.png"
+    ):
         evaluate(KnownEncoder(), str(root), ["NoImage"], show_progress=False)
     _write(root / "Empty.jsonl", [ok, {**ok, "tgt_text": [], "tgt_img_path": []}])
     with pytest.raises(DataError, match=r"dataset 'Empty'.*row 1.*no candidates"):
@@ -156,9 +164,10 @@ def test_bad_input_names_dataset_and_row(tmp_path):
 
 def test_help_lists_every_option():
     text = build_parser().format_help()
-    for flag in ("--model", "--data", "--out", "--datasets", "--image-root", "--batch-size", "--max-rows",
-                 "--cache-dir", "--no-cache", "--allow-ragged-candidates", "--dtype", "--device", "--pooling",
-                 "--max-len", "--resolution", "--attn-implementation", "--label", "--no-progress"):  # fmt: skip
+    flags = ["--model", "--data", "--out", "--datasets", "--image-root", "--batch-size", "--max-rows",
+             "--cache-dir", "--no-cache", "--allow-ragged-candidates", "--dtype", "--device", "--pooling",
+             "--max-len", "--resolution", "--attn-implementation", "--label", "--no-progress"]  # fmt: skip
+    for flag in flags:
         assert flag in text
 
 

@@ -32,8 +32,8 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def _args(data: str, out: str, *extra: str) -> list[str]:
-    return ["vlm2vec/train.py", "--dataset_name", data, "--subset_name", "ShapeRetrieval_t2i",
-            "ShapeClassification",
+    return ["vlm2vec/train.py", "--model_name", "tiny:qwen2_vl", "--dataset_name", data,
+            "--subset_name", "ShapeRetrieval_t2i", "ShapeClassification",
             "--num_hard_negatives", "1", "--per_device_train_batch_size", "4", "--gc_q_chunk_size", "2",
             "--gc_p_chunk_size", "3", "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY),
             "--learning_rate", "1e-3", "--temperature", "0.05", "--output_dir", out, "--report_to", "none",

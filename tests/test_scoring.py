@@ -110,7 +110,15 @@ def test_aggregation_over_the_36_mmeb_datasets():
     meta_task = {d.name: d.meta_task for d in MMEB_EVAL_DATASETS}
     ood = {d.name: d.ood for d in MMEB_EVAL_DATASETS}
     agg = aggregate(per_dataset, meta_task, ood)
-    counts = {"Classification": 10, "VQA": 10, "Retrieval": 12, "Grounding": 4, "IND": 20, "OOD": 16, "Overall": 36}
+    counts = {
+        "Classification": 10,
+        "VQA": 10,
+        "Retrieval": 12,
+        "Grounding": 4,
+        "IND": 20,
+        "OOD": 16,
+        "Overall": 36,
+    }
     assert {k: v["n"] for k, v in agg.items()} == counts
     assert agg["Overall"]["mean"] == pytest.approx(sum(range(1, 37)) / 36 / 100)
     for task in ("Classification", "VQA", "Retrieval", "Grounding"):
@@ -138,7 +146,9 @@ def test_aggregation_of_a_partial_set_and_unknown_datasets():
 def test_paper_rows_are_consistent_with_their_own_overall():
     """The reference numbers must average to their Overall (10/10/12/4 and 20/16 datasets)."""
     for label, row in PAPER_RESULTS.items():
-        by_task = (10 * row["Classification"] + 10 * row["VQA"] + 12 * row["Retrieval"] + 4 * row["Grounding"]) / 36
+        by_task = (
+            10 * row["Classification"] + 10 * row["VQA"] + 12 * row["Retrieval"] + 4 * row["Grounding"]
+        ) / 36
         by_split = (20 * row["IND"] + 16 * row["OOD"]) / 36
         assert by_task == pytest.approx(row["Overall"], abs=0.06), label
         assert by_split == pytest.approx(row["Overall"], abs=0.06), label

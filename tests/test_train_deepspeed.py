@@ -88,7 +88,7 @@ def test_zero_stages_reduce_once_per_step_and_train(tmp_path):
     assert lora_b and all(int((v != 0).sum()) == 0 for v in lora_b)
 
 
-def test_deepspeed_entry_point_trains_default_and_output_loads(tmp_path):
+def test_deepspeed_entry_point_trains_tiny_model_and_output_loads(tmp_path):
     import torch
     from PIL import Image
 
@@ -96,7 +96,8 @@ def test_deepspeed_entry_point_trains_default_and_output_loads(tmp_path):
 
     out = tmp_path / "run"
     _launch(["vlm2vec/train.py", "--ds_config", "configs/ds_zero2.json", "--output_dir", str(out),
-             "--max_steps", "3", "--save_steps", "2", "--disable_tqdm"], timeout=400)
+             "--model_name", "tiny:qwen2_vl", "--max_steps", "3", "--save_steps", "2", "--disable_tqdm"],
+            timeout=400)  # the default model is the emoji demo (tests/test_train_default.py)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in log)
@@ -275,7 +276,8 @@ def _worker(argv: list[str]) -> int:
     os.makedirs(args.out, exist_ok=True)
     dist.barrier()
     results = {}
-    common = ["--dataset_name", args.data, "--subset_name", "ShapeClassification",
+    common = ["--model_name", "tiny:qwen2_vl", "--dataset_name", args.data,
+              "--subset_name", "ShapeClassification",
               "--num_sample_per_subset", "8", "--per_device_train_batch_size", "4", "--temperature", "0.05",
               "--lora_r", "8", "--lora_alpha", "16", "--report_to", "none", "--disable_tqdm"]
     try:

@@ -29,6 +29,7 @@ POOLINGS = ("last", "mean")
 RESOLUTIONS = ("low", "high", "native")
 REPORT_TO = ("tensorboard", "none")
 TINY_PREFIX = "tiny:"
+DEMO_MODEL = "demo:emoji"  # the default run: the embedded emoji demo (vlm2vec/demo_default.py)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # the reference implementation's `--model_backbone` values -> our family names
@@ -68,8 +69,10 @@ class TrainConfig:
     """All options of `vlm2vec/train.py` (see `--help`)."""
 
     # --- model -----------------------------------------------------------------------------------
-    model_name: str = _opt("tiny:qwen2_vl", "HF hub id or local directory of the backbone, or tiny:<family> "
-                           "for a tiny randomly initialised model (tests, the default CPU run)")
+    model_name: str = _opt(DEMO_MODEL, f"HF hub id or local directory of the backbone, tiny:<family> for "
+                           f"a tiny randomly initialised model (tests), or {DEMO_MODEL} for the embedded CPU "
+                           "demo (EfficientNet-Lite0 + all-MiniLM-L6-v2 on Noto emoji; unset options take "
+                           "its recipe, see the end of --help)")
     model_backbone: str | None = _opt(None, "backbone family (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_next, "
                                       "phi3_v; reference names like 'phi' accepted); default: detected")
     checkpoint_path: str | None = _opt(None, "start from a saved VLM2Vec directory (its LoRA adapter is "
@@ -77,6 +80,7 @@ class TrainConfig:
     pooling: str = _opt("last", "embedding pooling", choices=POOLINGS)
     normalize: bool = _opt(True, "L2-normalise embeddings (similarity = cosine)")
     temperature: float = _opt(0.02, "InfoNCE temperature")
+    symmetric_loss: bool = _opt(False, "add the target->query InfoNCE direction (CLIP style)")
     max_len: int = _opt(256, "maximum tokens per input (image tokens included; never cut)")
     image_resolution: str | None = _opt(None, "resize images first: low 336x336, high 1344x1344, native",
                                         choices=RESOLUTIONS)
@@ -112,6 +116,10 @@ class TrainConfig:
     skip_bad_rows: bool = _opt(False, "skip (and count) unreadable rows instead of stopping")
     sort_by_length: bool = _opt(True, "group rows of similar length into the same GradCache chunk")
     dataloader_num_workers: int = _opt(0, "background processes that load and prepare batches")
+    demo_dir: str = _opt("runs/emoji_demo", f"{DEMO_MODEL}: where the emoji data, image features and "
+                         "baseline evaluations are built once and reused")
+    demo_n_train: int = _opt(870, f"{DEMO_MODEL}: training emoji (fewer: a quick subset run)")
+    demo_n_eval: int = _opt(1000, f"{DEMO_MODEL}: held-out emoji = retrieval candidates (fewer: quick run)")
 
     # --- step ------------------------------------------------------------------------------------
     per_device_train_batch_size: int = _opt(8, "queries per process per step")
@@ -164,7 +172,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check values and paths; raise ConfigError naming the first bad option."""
         positive = ("max_len", "per_device_train_batch_size", "gc_q_chunk_size", "gc_p_chunk_size", "lora_r",
-                    "lora_alpha", "logging_steps")
+                    "lora_alpha", "logging_steps", "demo_n_train", "demo_n_eval")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -201,7 +209,14 @@ class TrainConfig:
         return self
 
     def _validate_model(self) -> None:
-        if self.model_name.startswith(TINY_PREFIX):
+        if self.model_name == DEMO_MODEL:
+            if self.demo_n_train + self.demo_n_eval > 1870:
+                raise ConfigError(f"--demo_n_train {self.demo_n_train} + --demo_n_eval {self.demo_n_eval} "
+                                  "exceeds the 1870 emoji available")
+            if not self.lora:
+                raise ConfigError(f"--model_name {DEMO_MODEL} trains a LoRA adapter + the projector: drop "
+                                  "--lora false")
+        elif self.model_name.startswith(TINY_PREFIX):
             from vlm2vec.backbones import tiny_families
 
             family = self.model_name[len(TINY_PREFIX):]
@@ -313,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(deepspeed vlm2vec/train.py --ds_config configs/ds_zero2.json [--config x.yaml] [--key value ...]).",
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,
+        epilog=_demo_epilog(),
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win)")
     hints = _hints()
@@ -346,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
         compat.add_argument(f"--{name}", dest=f"ignored:{name}", nargs="?", const=True, metavar="VALUE",
                             help=why)
     return parser
+
+
+def _demo_epilog() -> str:
+    from vlm2vec.demo_default import recipe_defaults
+
+    shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in recipe_defaults().items()}
+    values = ", ".join(f"--{k} {v}" for k, v in shown.items())
+    return (f"default run (--model_name {DEMO_MODEL}): builds the emoji data set in --demo_dir, evaluates "
+            "the untrained model and a linear probe, trains LoRA on MiniLM + the projector with GradCache "
+            "under DeepSpeed, evaluates the trained model and prints the table (image->name P@1 last). "
+            f"Options not set take the demo recipe's values instead of the defaults above: {values}.")
 
 
 def _suggest(name: str, prefix: str = "--") -> str:
@@ -440,6 +467,10 @@ def load_config(argv: Sequence[str] | None = None, *, validate: bool = True) -> 
     config = TrainConfig(**values)
     config.explicit = frozenset(values)
     config.ignored = tuple(ignored)
+    if config.model_name == DEMO_MODEL:
+        from vlm2vec.demo_default import apply_demo_defaults
+
+        config = apply_demo_defaults(config)
     return config.validate() if validate else config
 
 

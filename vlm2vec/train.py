@@ -1,8 +1,9 @@
 """Train a VLM2Vec embedding model: `deepspeed vlm2vec/train.py --ds_config configs/ds_zero2.json`.
 
-With no other argument this trains the built-in default on the CPU (a tiny model on small synthetic
-MMEB-format data). `--config configs/<setup>.yaml` and `--key value` flags select a real setup; the
-VLM2Vec reference implementation's flags are accepted too (see vlm2vec/config.py, `--help`).
+With no other argument this trains the embedded default on the CPU: the emoji demo (a small real model
+on real data, vlm2vec/demo_default.py), evaluated before and after training.
+`--config configs/<setup>.yaml` and `--key value` flags select a real setup; the VLM2Vec reference
+implementation's flags are accepted too (see vlm2vec/config.py, `--help`).
 Launchers: `deepspeed` (any ZeRO stage), `torchrun`, or plain `python vlm2vec/train.py` (one process).
 
 One training step (the loop in `train`):
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 from vlm2vec import checkpoint as ckpt
 from vlm2vec.config import (
+    DEMO_MODEL,
     TINY_PREFIX,
     ConfigError,
     TrainConfig,
@@ -125,14 +127,22 @@ def _any_rank(flag: bool) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(config: TrainConfig) -> Any:
-    """The VLM2Vec encoder with the trainable parts the options ask for (LoRA / full), in train mode."""
+def build_model(config: TrainConfig, base: Any = None) -> Any:
+    """The VLM2Vec encoder (`base` if given) with the trainable parts the options ask for (LoRA / full),
+    in train mode."""
     from vlm2vec.backbones import ProcessorSettings, tiny
     from vlm2vec.model import VLM2Vec
 
     common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
     dtype = torch.bfloat16 if config.bf16 else None
-    if config.checkpoint_path:
+    if base is not None:
+        model = base
+    elif config.model_name == DEMO_MODEL:
+        from vlm2vec.demo.run import load_demo_model
+        from vlm2vec.demo_default import recipe_of
+
+        model = load_demo_model(recipe_of(config, dist.get_world_size() if dist.is_initialized() else 1))
+    elif config.checkpoint_path:
         model = VLM2Vec.from_pretrained(config.checkpoint_path, dtype=dtype, is_trainable=True,
                                         attn_implementation=config.attn_implementation, **common)
     elif config.model_name.startswith(TINY_PREFIX):
@@ -146,7 +156,11 @@ def build_model(config: TrainConfig) -> Any:
             resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
             max_pixels=config.max_pixels, **common,
         )  # fmt: skip
-    if config.lora and not model.is_peft:
+    if config.lora and not model.is_peft and config.model_name == DEMO_MODEL:
+        from vlm2vec.demo.family import add_demo_lora  # LoRA on MiniLM + the projector trained in full
+
+        add_demo_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    elif config.lora and not model.is_peft:
         targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
         model.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
                        dora=config.dora)
@@ -331,20 +345,21 @@ def _batch_label(raw: Any) -> str:
     return f"subsets {subsets}, rows: {shown or 'unknown'}"
 
 
-def _loss_fn(temperature: float, targets: torch.Tensor, group: Any) -> Callable:
+def _loss_fn(temperature: float, targets: torch.Tensor, group: Any, symmetric: bool = False) -> Callable:
     """InfoNCE of this batch: embeddings are already normalised by the model (when asked), targets index
     this rank's candidates, `group` adds the other ranks' candidates as negatives."""
     from vlm2vec_kernels import contrastive_loss
 
     def loss_fn(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(queries, candidates, temperature, normalize=False,
-                                targets=targets.to(queries.device), group=group)
+                                targets=targets.to(queries.device), group=group, symmetric=symmetric)
 
     return loss_fn
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run training in the already-initialised process group (see `main`)."""
+def train(config: TrainConfig, model: Any = None) -> TrainResult:
+    """Run training in the already-initialised process group (see `main`); `model`: a VLM2Vec to start
+    from instead of building one from the options (LoRA etc. are still added as the options say)."""
     import deepspeed
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -359,7 +374,7 @@ def train(config: TrainConfig) -> TrainResult:
 
     data = load_data(config)
     seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
-    model = build_model(config)
+    model = build_model(config, base=model)
     batches, collate, total_steps = make_batches(config, data, model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -398,7 +413,7 @@ def train(config: TrainConfig) -> TrainResult:
     try:
         for step, raw, batch in _prepared_batches(batches, collate, start, total_steps,
                                                   config.dataloader_num_workers, config.seed):
-            loss_fn = _loss_fn(config.temperature, batch.targets, group)
+            loss_fn = _loss_fn(config.temperature, batch.targets, group, config.symmetric_loss)
             with model.reuse_vision_features() if reuse else contextlib.nullcontext():
                 loss = contrastive_step(engine.module, batch.query_chunks, batch.cand_chunks, loss_fn,
                                         grad_cache=config.grad_cache)
@@ -454,7 +469,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rank == 0:
             print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
-        train(config)
+        if config.model_name == DEMO_MODEL and not config.dataset_name and not config.checkpoint_path:
+            from vlm2vec.demo_default import run_default_demo
+
+            run_default_demo(config)  # data, baselines, `train`, evaluation table
+        else:
+            train(config)
     except (ConfigError, NonFiniteLossError) as err:
         print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2 if isinstance(err, ConfigError) else 1

@@ -202,13 +202,14 @@ class EffNetMiniLM(nn.Module):
 
         self.config = config
         hidden = config.hidden_size
-        torch.manual_seed(config.seed)
-        self.projector = nn.Sequential(
-            nn.LayerNorm(config.feature_dim),
-            nn.Linear(config.feature_dim, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-        )
+        with torch.random.fork_rng(devices=[]):  # the projector's init depends on config.seed only
+            torch.manual_seed(config.seed)
+            self.projector = nn.Sequential(
+                nn.LayerNorm(config.feature_dim),
+                nn.Linear(config.feature_dim, hidden),
+                nn.GELU(),
+                nn.Linear(hidden, hidden),
+            )
         if text_model is None:
             text_config = BertConfig(**config.bert_config)
             text_config._attn_implementation = "sdpa"

@@ -38,7 +38,7 @@ HEADLINE = ("EmojiI2T", "image->name P@1 over the held-out names")
 class DemoRecipe:
     """Training settings of the demo (the plain loop reads all of them; see the report for results)."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 64
     lr: float = 1e-3  # LoRA weights and projector (AdamW), linear warmup then linear decay to 0
     warmup_steps: int = 20
@@ -196,7 +196,7 @@ def _read_pairs(train_dir: Path, sets: Sequence[str]) -> list[tuple[str, str | N
 
 def plain_train(model: Any, spec: TrainSpec) -> Any:
     """A plain loop (no GradCache, one process): LoRA + projector, in-batch InfoNCE from
-    vlm2vec_kernels. Batches mix the recipe's train sets; saves the adapter to spec.out_dir."""
+    vlm2vec_kernels. Batches mix the recipe's train sets; saves adapter + base to spec.out_dir."""
     from tqdm.auto import tqdm
     from vlm2vec_kernels import contrastive_loss
 
@@ -238,7 +238,9 @@ def plain_train(model: Any, spec: TrainSpec) -> Any:
         spec.log.append({"step": step + 1, "loss": float(loss)})
         bar.set_postfix(loss=f"{float(loss):.3f}")
     model.eval()
-    model.save_pretrained(str(spec.out_dir))
+    # save_base: the assembled base (with the processor's feature-cache settings) goes to out_dir/base,
+    # so `VLM2Vec.from_pretrained(out_dir)` needs nothing else and reuses the cached features
+    model.save_pretrained(str(spec.out_dir), save_base=True)
     return model
 
 

@@ -1,0 +1,172 @@
+"""The embedded demo: the emoji data builder on real font renderings and real Unicode names, the demo
+backbone family, and a 2-step end-to-end run of the demo on a small subset with the real small model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlm2vec.data import load_eval_dataset, load_train_data
+from vlm2vec.demo.emoji_data import (
+    EVAL_SETS,
+    build_emoji_dataset,
+    load_emoji_font,
+    parse_emoji_test,
+    render_emoji,
+    split_indices,
+)
+
+
+@pytest.fixture(scope="module")
+def emoji():
+    return parse_emoji_test()
+
+
+def test_unicode_names_and_groups(emoji):
+    assert len(emoji) == 1870
+    assert len({e.name for e in emoji}) == 1870
+    groups = {e.group for e in emoji}
+    assert len(groups) == 9 and "Component" not in groups and "Flags" in groups
+    assert not any(0x1F3FB <= ord(c) <= 0x1F3FF for e in emoji for c in e.chars)  # no skin tones
+    by_name = {e.name: e for e in emoji}
+    assert (
+        by_name["grinning face"].chars == "\U0001f600"
+        and by_name["grinning face"].group == "Smileys & Emotion"
+    )
+    assert by_name["flag: Japan"].group == "Flags"
+
+
+def test_rendering_is_real_colour_emoji(emoji):
+    font = load_emoji_font()
+    by_name = {e.name: e for e in emoji}
+    img = np.asarray(render_emoji(by_name["red heart"].chars, font), dtype=np.int32)
+    assert img.shape == (136, 136, 3)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    assert ((r > 180) & (g < 80) & (b < 80)).sum() > 2000  # a big red area, not a tofu box
+    assert (img == 255).all(-1)[0].all()  # white margin
+    other = np.asarray(render_emoji(by_name["blue heart"].chars, font), dtype=np.int32)
+    assert ((other[..., 2] > 180) & (other[..., 0] < 80)).sum() > 2000
+
+
+def test_split_is_fixed_and_disjoint():
+    train, held_out = split_indices(1870)
+    assert (len(train), len(held_out)) == (870, 1000) and not set(train) & set(held_out)
+    assert split_indices(1870) == (train, held_out)
+    assert split_indices(1870, seed=1) != (train, held_out)
+    with pytest.raises(ValueError, match="exceeds"):
+        split_indices(10, 6, 6)
+
+
+def test_builder_writes_mmeb_format_on_a_subset(tmp_path, emoji):
+    out = build_emoji_dataset(tmp_path / "emoji", n_train=5, n_eval=7, show_progress=False)
+    items = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    held_out = [r for r in items if r["split"] == "eval"]
+    assert len(items) == 12 and len(held_out) == 7
+    names = {e.name for e in emoji}
+    assert all(r["name"] in names for r in items)
+    first = Image.open(out / held_out[0]["image"])
+    colours = np.unique(np.asarray(first.convert("RGB")).reshape(-1, 3), axis=0)
+    assert first.size == (136, 136) and len(colours) > 20  # a colour picture, not blank
+
+    i2t = load_eval_dataset(out / "eval", "EmojiI2T", check_images=True)
+    assert len(i2t) == 7
+    for ex, item in zip(i2t.examples, held_out):
+        assert ex.cand_texts[0] == item["name"] and sorted(ex.cand_texts) == sorted(
+            r["name"] for r in held_out
+        )
+        assert ex.query_image == item["image"].removeprefix("eval/")
+    t2i = load_eval_dataset(out / "eval", "EmojiT2I", check_images=True)
+    assert t2i[3].query_text.endswith(held_out[3]["name"]) and t2i[3].cand_images[0] == i2t[3].query_image
+    group = load_eval_dataset(out / "eval", "EmojiGroup")
+    assert all(
+        len(ex.cand_texts) == 9 and ex.cand_texts[0] == item["group"] for ex, item in zip(group, held_out)
+    )
+    assert json.loads((out / "eval" / "datasets.json").read_text()) == EVAL_SETS
+
+    train = load_train_data(out / "train", check_images=True)
+    assert train.sizes() == {"EmojiI2T": 5, "EmojiT2I": 5}
+    train_names = {r["name"] for r in items if r["split"] == "train"}
+    assert {ex.pos_text for ex in train.subsets["EmojiI2T"]} == train_names
+    # a rebuild with the same settings reuses the files; other settings rebuild
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    build_emoji_dataset(out, n_train=5, n_eval=7, show_progress=False)
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    build_emoji_dataset(out, n_train=4, n_eval=7, show_progress=False)
+    assert json.loads((out / "manifest.json").read_text())["settings"]["n_train"] == 4
+
+
+def test_demo_family_prepare_and_features_cache(tmp_path):
+    from vlm2vec.backbones import tiny
+    from vlm2vec.demo import family
+
+    model = tiny(family.FAMILY_NAME, pooling="mean")
+    assert model.vision_tower is None  # the frozen image encoder lives in the processor
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    inputs = model.prepare(["<|image_1|> what is this?", "plain text"], [img, None])
+    image_id = model.processor.tokenizer.convert_tokens_to_ids(family.IMAGE_TOKEN)
+    assert int((inputs["input_ids"] == image_id).sum()) == model.processor.featurizer.n_tokens
+    assert inputs["image_features"].shape == (1, 1, family.FEATURE_DIM)
+    assert inputs["attention_mask"][1].tolist()[-1] == 0  # right padding
+    featurizer = model.processor.featurizer
+    calls = []
+    original = featurizer.compute
+    featurizer.compute = lambda images, batch_size=32: (
+        calls.append(len(images)) or original(images, batch_size)
+    )
+    featurizer([img, img.copy()])
+    assert calls == []  # same content -> cached key, not recomputed
+    featurizer([Image.new("RGB", (40, 30), (0, 0, 200))])
+    assert calls == [1]
+    with pytest.raises(ValueError, match="placeholder but no image"):
+        model.prepare(["<|image_1|> x"], [None])
+
+
+@pytest.mark.slow
+def test_two_step_demo_run_end_to_end(tmp_path):
+    """Data -> features -> untrained + probe baselines -> 2 training steps through an injected train_fn
+    -> evaluation -> report; then the saved trained model reloads to the same embeddings."""
+    from vlm2vec import VLM2Vec
+    from vlm2vec.demo.run import DemoRecipe, plain_train, run_demo
+
+    calls = []
+
+    def train_fn(model, spec):
+        calls.append(spec)
+        before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "projector" in n}
+        trained = plain_train(model, spec)
+        after = {n.replace("modules_to_save.default.", ""): p for n, p in trained.backbone.named_parameters()
+                 if "projector.modules_to_save" in n}  # fmt: skip
+        assert any(not torch.equal(before[k.replace("base_model.model.", "")], v) for k, v in after.items())
+        calls.append(trained)
+        return trained
+
+    recipe = DemoRecipe(steps=2, batch_size=4, eval_batch_size=16, warmup_steps=1)
+    summary = run_demo(tmp_path / "demo", train_fn=train_fn, recipe=recipe, n_train=8, n_eval=12,
+                       show_progress=False)  # fmt: skip
+    assert len(calls) == 2 and calls[0].train_dir == tmp_path / "demo" / "data" / "train"
+    assert len(calls[0].log) == 2 and all(np.isfinite(r["loss"]) for r in calls[0].log)
+    results = summary["results"]
+    assert list(results) == ["untrained", "probe", "trained"]
+    for res in results.values():
+        assert set(res["datasets"]) == {"EmojiI2T", "EmojiT2I", "EmojiGroup"}
+        for metrics in res["datasets"].values():
+            assert 0.0 <= metrics["p_at_1"] <= metrics["hit_at_5"] <= 1.0 and metrics["n_queries"] == 12
+        assert res["datasets"]["EmojiI2T"]["n_candidates_max"] == 12
+        assert res["datasets"]["EmojiGroup"]["n_candidates_max"] == 9
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "frozen-features linear probe" in report and "| Model | Classification |" in report
+    assert json.loads((tmp_path / "demo" / "demo_scores.json").read_text())["n_eval"] == 12
+
+    # the trained directory loads through the public API and embeds like the in-memory model did
+    reloaded = VLM2Vec.from_pretrained(str(tmp_path / "demo" / "model"))
+    assert reloaded.processor.featurizer.cache_file == str(tmp_path / "demo" / "features-grid0.pt")
+    items = [
+        json.loads(line) for line in (tmp_path / "demo" / "data" / "items.jsonl").read_text().splitlines()
+    ]
+    img = Image.open(tmp_path / "demo" / "data" / items[0]["image"]).convert("RGB")
+    texts = ["<|image_1|> Find the name of this emoji.", items[0]["name"]]
+    again = reloaded.encode(texts, [img, None], show_progress=False)
+    expected = calls[1].encode(texts, [img, None], show_progress=False)
+    assert again.shape == (2, 384) and torch.allclose(again, expected, atol=1e-5)
