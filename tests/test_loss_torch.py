@@ -443,3 +443,15 @@ def test_bf16_gradient_is_rounded_once_when_the_positive_dominates(gen, backend)
     for got, ref in zip(actual[1:3], expected[1:3]):
         atol = 1e-2 * ref.abs().max().item()
         torch.testing.assert_close(got.double(), ref, rtol=1e-2, atol=atol, msg=f"seed {gen.seed_value}")
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onedir", "symmetric"])
+def test_temperature_whose_inverse_overflows_gives_nan(gen, normalize, symmetric):
+    """tau = 1e-39 is positive and finite but 1/tau overflows fp32: a NaN loss, as a fp32 tensor
+    division gives (the trainer then stops or skips the step), never a conversion error."""
+    q, c, _ = make_batch(gen, 8, 1, 16, torch.float32)
+    q.requires_grad_()
+    loss = vlm2vec_kernels.contrastive_loss(q, c, 1e-39, normalize=normalize, symmetric=symmetric)
+    loss.backward()
+    assert torch.isnan(loss) and not torch.isfinite(q.grad).all()

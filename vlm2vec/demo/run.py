@@ -38,8 +38,8 @@ HEADLINE = ("EmojiI2T", "image->name P@1 over the held-out names")
 class DemoRecipe:
     """Training settings of the demo (the plain loop reads all of them; see the report for results)."""
 
-    steps: int = 200
-    batch_size: int = 64
+    steps: int = 120
+    batch_size: int = 32
     lr: float = 1e-3  # LoRA weights and projector (AdamW), linear warmup then linear decay to 0
     warmup_steps: int = 20
     weight_decay: float = 0.0
