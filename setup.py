@@ -15,7 +15,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["vlm2vec", "vlm2vec.demo", "vlm2vec.families", "vlm2vec_kernels"],
-    package_dir={"vlm2vec": "vlm2vec", "vlm2vec.demo": "vlm2vec/demo", "vlm2vec.families": "vlm2vec/families", "vlm2vec_kernels": "kernels"},
+    package_dir={
+        "vlm2vec": "vlm2vec",
+        "vlm2vec.demo": "vlm2vec/demo",
+        "vlm2vec.families": "vlm2vec/families",
+        "vlm2vec_kernels": "kernels",
+    },
     install_requires=[
         "torch>=2.4,<2.15",
         "triton>=3.0",
