@@ -113,6 +113,9 @@ else
   run_full
 fi
 
+# 7. one training step on a real backbone size (random Qwen2-VL-2B-shaped model) + CUDA-dropout exactness
+phase train_step 240 $PY bench/train_step_device.py --out "$OUT"
+
 # ---- HOOK: extra device checks (e.g. the lead's training-step benchmark) ---------------------------
 # Put commands in bench/device_extra.sh (run with the same environment; $OUT and phase() available)
 # or pass DEVICE_CHECK_EXTRA="command". Each runs as a capped phase after the loss checks.
