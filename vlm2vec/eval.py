@@ -498,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(or the deepspeed launcher); every rank embeds a shard, rank 0 scores and writes the outputs.",
         epilog="Outputs in --out: scores.json (per-dataset P@1, P@1 with ties as hits, hit@5, MRR; "
         "meta-task / IND / OOD / overall means), table.md (paper layout next to the paper's VLM2Vec "
-        "numbers), embeddings/ (resumable cache unless --cache-dir/--no-cache says otherwise).",
+        "numbers), embeddings/ (resumable cache unless --cache-dir/--no-cache says otherwise). Ties: a "
+        "candidate scoring exactly as high as the ground truth makes the query a miss; the reference "
+        "implementation's count (ties as hits) is reported beside it.",
     )
     p.add_argument("--model", required=True, help="model directory or hub id (anything "
                    "VLM2Vec.from_pretrained loads, including a training run's output directory)")  # fmt: skip
