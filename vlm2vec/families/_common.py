@@ -165,6 +165,25 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp_min(0)
 
 
+def image_sizes_hidden_states(hf_model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Last hidden states of a `model.model(..., pixel_values, image_sizes)` backbone (LLaVA-NeXT,
+    Phi-3.5-V): positions from the mask, or the packed layout's restarting position_ids."""
+    if "cu_seqlens" in inputs:
+        attention_mask, positions = None, inputs["position_ids"]
+    else:
+        attention_mask = inputs["attention_mask"]
+        positions = positions_from_mask(attention_mask)
+    out = hf_model.model(
+        input_ids=inputs["input_ids"],
+        attention_mask=attention_mask,
+        position_ids=positions,
+        pixel_values=inputs.get("pixel_values"),
+        image_sizes=inputs.get("image_sizes"),
+        use_cache=False,
+    )
+    return out.last_hidden_state
+
+
 def model_kwargs(
     dtype: torch.dtype | None,
     attn_implementation: str | None,

@@ -17,10 +17,10 @@ from vlm2vec.families._common import (
     build_tiny_tokenizer,
     expand_placeholder,
     fit_length,
+    image_sizes_hidden_states,
     model_kwargs,
     pack_rows,
     pad_rows,
-    positions_from_mask,
     resize_to_preset,
     rgb,
 )
@@ -61,23 +61,6 @@ def prepare(
         )
         inputs["image_sizes"] = torch.cat(image_sizes)
     return inputs
-
-
-def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "cu_seqlens" in inputs:
-        attention_mask, positions = None, inputs["position_ids"]
-    else:
-        attention_mask = inputs["attention_mask"]
-        positions = positions_from_mask(attention_mask)
-    out = hf_model.model(
-        input_ids=inputs["input_ids"],
-        attention_mask=attention_mask,
-        position_ids=positions,
-        pixel_values=inputs.get("pixel_values"),
-        image_sizes=inputs.get("image_sizes"),
-        use_cache=False,
-    )
-    return out.last_hidden_state
 
 
 def vision_tower(hf_model: nn.Module) -> nn.Module:
@@ -174,7 +157,7 @@ LLAVA_NEXT = register_family(
         load=load,
         tiny=tiny,
         prepare=prepare,
-        hidden_states=hidden_states,
+        hidden_states=image_sizes_hidden_states,
         vision_tower=vision_tower,
         module=__name__,
         supports_packed=True,

@@ -17,10 +17,10 @@ from vlm2vec.families._common import (
     build_tiny_tokenizer,
     expand_placeholder,
     fit_length,
+    image_sizes_hidden_states,
     model_kwargs,
     pack_rows,
     pad_rows,
-    positions_from_mask,
     rgb,
 )
 
@@ -68,23 +68,6 @@ def prepare(
         inputs["pixel_values"] = torch.stack(pixel_values)
         inputs["image_sizes"] = torch.cat(image_sizes)
     return inputs
-
-
-def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "cu_seqlens" in inputs:
-        attention_mask, positions = None, inputs["position_ids"]
-    else:
-        attention_mask = inputs["attention_mask"]
-        positions = positions_from_mask(attention_mask)
-    out = hf_model.model(
-        input_ids=inputs["input_ids"],
-        attention_mask=attention_mask,
-        position_ids=positions,
-        pixel_values=inputs.get("pixel_values"),
-        image_sizes=inputs.get("image_sizes"),
-        use_cache=False,
-    )
-    return out.last_hidden_state
 
 
 def vision_tower(hf_model: nn.Module) -> nn.Module:
@@ -192,7 +175,7 @@ PHI3_V = register_family(
         load=load,
         tiny=tiny,
         prepare=prepare,
-        hidden_states=hidden_states,
+        hidden_states=image_sizes_hidden_states,
         vision_tower=vision_tower,
         save=save,
         module=__name__,
