@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vlm2vec.demo.emoji_data import N_EVAL, N_TRAIN, TRAIN_SETS, build_emoji_dataset
+from vlm2vec.demo.emoji_data import N_EVAL, N_TRAIN, build_emoji_dataset
 from vlm2vec.eval import encoder_of, evaluate, summary_row
 from vlm2vec.scoring import markdown_table
 
@@ -235,8 +235,8 @@ def plain_train(model: Any, spec: TrainSpec) -> Any:
         loss.backward()
         optimizer.step()
         schedule.step()
-        spec.log.append({"step": step + 1, "loss": float(loss)})
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        spec.log.append({"step": step + 1, "loss": loss.item()})
+        bar.set_postfix(loss=f"{spec.log[-1]['loss']:.3f}")
     model.eval()
     # save_base: the assembled base (with the processor's feature-cache settings) goes to out_dir/base,
     # so `VLM2Vec.from_pretrained(out_dir)` needs nothing else and reuses the cached features
