@@ -43,7 +43,9 @@ NORM_EPS = 1e-12  # as torch.nn.functional.normalize
 # GPU one block covers every batch below 2**28 elements (1 GiB in fp32; the caching allocator reuses
 # it), so the op count does not grow with B. On the CPU blocks stay at 256 KiB: the host allocator
 # then reuses freed chunks (8 MiB temporaries raised the resident peak of tests/test_loss_memory.py by
-# up to 8 MiB from run to run); the extra ops are noise next to the CPU's O(B^2 D) work.
+# up to 8 MiB from run to run). Row dot products of rows already in the accumulation dtype skip the
+# blocks: one batched matrix product with no temporary (`_batched_dots`). Hundreds of small blocked
+# ops cost seconds at B = 8192 on a loaded 2-core box (each parallel op waits for both threads).
 ROW_BLOCK_ELEMENTS = 2**16
 DEVICE_ROW_BLOCK_ELEMENTS = 2**28
 
@@ -217,6 +219,19 @@ def _sub_positives(positives: Positives, block: slice) -> Positives:
     return positives[block]
 
 
+def _dots_in_one_op(x: Tensor, y: Tensor, dtype: torch.dtype) -> bool:
+    """Whether <x_i, y_i> can run as one batched matrix product: both already in the accumulation
+    dtype (16-bit rows are promoted block by block instead) and with unit stride along D (else the
+    product would copy them)."""
+    return x.dtype == y.dtype == dtype and x.stride(1) == 1 and y.stride(1) == 1
+
+
+def _batched_dots(x: Tensor, y: Tensor) -> Tensor:
+    """<x_i, y_i> [rows] as a batch of [1, D] x [D, 1] products: one op and no [rows, D] temporary
+    (row blocks of elementwise products cost hundreds of small ops at large B on the CPU)."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
 def _take(x: Tensor, positives: Positives) -> Tensor:
     return x[positives] if isinstance(positives, slice) else x.index_select(0, positives)
 
@@ -233,6 +248,8 @@ def _positive_logits(
     if rows.shape[0] <= step:
         cand_rows = _take(cands, positives) if cand_rows is None else cand_rows
         return (rows * scale).mul_(cand_rows).sum(1)
+    if cand_rows is not None and _dots_in_one_op(rows, cand_rows, scale.dtype):
+        return _batched_dots(rows, cand_rows).mul_(scale[:, 0])
     out = torch.empty(rows.shape[0], dtype=scale.dtype, device=rows.device)
     for block in _blocks(rows.shape[0], step):
         picked = _take(cands, _sub_positives(positives, block)) if cand_rows is None else cand_rows[block]
@@ -245,6 +262,8 @@ def _row_dots(g: Tensor, x: Tensor) -> Tensor:
     step = _block_rows(g)
     if g.shape[0] <= step:
         return (g * x).sum(1, keepdim=True)
+    if _dots_in_one_op(g, x, g.dtype):
+        return _batched_dots(g, x).unsqueeze(1)
     out = torch.empty(g.shape[0], 1, dtype=g.dtype, device=g.device)
     for block in _blocks(g.shape[0], step):
         torch.sum(g[block] * x[block], 1, keepdim=True, out=out[block])
@@ -568,10 +587,12 @@ def contrastive_loss(
         float32 loss (float64 for float64 inputs): a scalar, or [Bq] for reduction="none". Sums and the
         positive logit run in fp32; input gradients come back in the input dtype, rounded once.
         Non-finite embeddings give a non-finite loss. Extra memory beyond the returned gradients:
-        the engine's fp32 gradient buffers, one chunk of logits (torch engine: <= 2**22 fp32 = 16 MiB)
-        and fp32 row temporaries (<= 16 MiB on the CPU, one [rows, D] block below 1 GiB on a GPU) +
-        O(B) vectors; `group` adds fp32 copies of the gathered rows, `symmetric` the positives' rows
-        when `targets` pick them.
+        the engine's fp32 gradient buffers (for fp32 inputs they are the returned gradients), one
+        chunk of logits (torch engine: <= 2**22 fp32 = 16 MiB; its gradient pass computes most chunks
+        in the not yet written rows of the query gradient and holds one spare chunk of at most ~10% of
+        the gradients' size) and fp32 row temporaries (256 KiB blocks on the CPU, none for fp32 rows;
+        one [rows, D] block below 1 GiB on a GPU) + O(B) vectors; `group` adds fp32 copies of the
+        gathered rows, `symmetric` the positives' rows when `targets` pick them.
 
     Example::
 

@@ -8,9 +8,11 @@ autograd rule, the row log-sum-exp over all candidates,
 
     lse_i = log sum_j exp(s_ij),   s_ij = row_scale_i * col_scale_j * <q_i, c_j>,
 
-walking over blocks of rows so that at most `chunk * N` logits exist at once (never M x N). It has the
-same interface as `triton_contrastive.py`; `contrastive.py` picks one. Accumulation happens in the dtype
-of `row_scale` (float32, or float64 for gradcheck); q and c may be any float dtype.
+walking over blocks of rows so that at most `chunk * N` logits exist at once (never M x N). The passes
+that produce gradients (`softmax_grad`, `row_lse_and_grad`) need little chunk memory of their own:
+most of their chunks live in the query-gradient rows not yet written (`_gradient_chunks`). It has the
+same interface as `triton_contrastive.py`; `contrastive.py` picks one. Accumulation happens in the
+dtype of `row_scale` (float32, or float64 for gradcheck); q and c may be any float dtype.
 """
 
 from __future__ import annotations
@@ -21,6 +23,18 @@ from torch import Tensor
 
 # Largest number of logits one chunk may hold: 2**22 fp32 = 16 MiB. Tests lower it to force many chunks.
 MAX_CHUNK_ELEMENTS = 2**22
+# The gradient pass needs little chunk memory of its own: each chunk's logits and scaled rows live in
+# the rows of the query-gradient buffer that no chunk has written yet (`_gradient_chunks`), in chunks
+# of up to TAIL_CHUNK_FACTOR times the usual size (fewer, larger GEMMs). Only the last rows, where that
+# free tail gets too small, use a spare buffer sized from a memory budget: SPARE_BUDGET of the engine's
+# gradient buffers ((M + N) * D elements), but at least MIN_SPARE_ROWS rows and at most one usual
+# chunk. At B = 8192, D = 1536 that is 258 rows (9.6 MiB, 10% of the gradients; a full 512-row
+# chunk: 19 MiB). The floor keeps the chunk count low: each chunk is ~10 ops, and on a loaded 2-core box
+# every parallel op waits for both threads (B = 8192, D = 256 took 4.9 s with 64-row chunks, 2.6 s
+# with 256, 1.7 s with 512; eager 1.65 s).
+TAIL_CHUNK_FACTOR = 2
+SPARE_BUDGET = 1 / 10
+MIN_SPARE_ROWS = 256
 
 
 def reference_contrastive_loss(
@@ -78,21 +92,67 @@ def _chunks(q: Tensor, n_cols: int, acc: torch.dtype):
         yield slice(start, stop), buffer[: stop - start]
 
 
+def _spare_rows(n_rows: int, n_cols: int, dim: int, step: int) -> int:
+    """Rows of the spare chunk buffer: SPARE_BUDGET of the gradient buffers, within
+    [MIN_SPARE_ROWS, step]."""
+    budget = int((n_rows + n_cols) * dim * SPARE_BUDGET) // (n_cols + dim)
+    return max(1, min(step, n_rows, max(MIN_SPARE_ROWS, budget)))
+
+
+def _gradient_chunks(gq: Tensor, n_cols: int, step: int):
+    """(rows, scratch) per row chunk of the gradient pass; scratch: rows * (n_cols + D) free elements
+    for the chunk's logits and scaled rows.
+
+    Chunks run in row order and each writes only gq[rows], so gq's rows after the current chunk are
+    free: a chunk of r rows starting at row i fits there when (M - i - r) * D >= r * (N + D). Chunks
+    take that tail (up to TAIL_CHUNK_FACTOR * step rows) while it holds at least the spare buffer's
+    rows; the rows left after that (about spare * (N + 2D) / D of them) go through one spare buffer,
+    the only chunk memory the pass allocates. gq must be contiguous (it is the engine's own buffer)."""
+    n_rows, dim = gq.shape
+    per_row = n_cols + dim
+    flat = gq.view(-1)
+    small = _spare_rows(n_rows, n_cols, dim, step)
+    spare = None
+    start = 0
+    while start < n_rows:
+        fit = (n_rows - start) * dim // (per_row + dim)
+        if fit >= small:
+            stop = start + min(TAIL_CHUNK_FACTOR * step, fit)
+            scratch = flat[stop * dim : stop * dim + (stop - start) * per_row]
+        else:
+            stop = min(start + small, n_rows)
+            if spare is None:
+                spare = torch.empty(small * per_row, dtype=gq.dtype, device=gq.device)
+            scratch = spare[: (stop - start) * per_row]
+        yield slice(start, stop), scratch
+        start = stop
+
+
 def _part(x: Tensor | None, rows: slice | None) -> Tensor | None:
     return x if rows is None or x is None else x[rows]
 
 
 def _softmax_chunk_(
-    q_rows: Tensor, c_t: Tensor, row_scale: Tensor, col_scale: Tensor, out: Tensor | None, with_lse: bool
+    q_rows: Tensor,
+    c_t: Tensor,
+    row_scale: Tensor,
+    col_scale: Tensor,
+    out: Tensor | None,
+    rows_out: Tensor | None,
+    with_lse: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """P = softmax_j(s_ij) for these rows, in `out` (or a new tensor); returns (P, row_scale * q_rows,
-    lse or None). c_t is the candidates transposed, [D, N], in the accumulation dtype.
+    """P = softmax_j(s_ij) for these rows, in `out` (or a new tensor); returns (P, row_scale * q_rows
+    (in `rows_out` or a new tensor), lse or None). c_t is the candidates transposed, [D, N], in the
+    accumulation dtype.
 
     One fused in-place softmax (rows stay in cache) instead of separate max/sub/exp/sum passes. The lse
     comes from two row maxima: the softmax's largest entry is exactly 1/sum_j exp(s_ij - max_j s_ij), so
     lse = max_j s_ij - log(max_j P_ij). NaN/Inf in a row make its P and lse NaN (Inf - Inf), never finite.
     """
-    scaled_rows = q_rows.to(row_scale.dtype) * row_scale[:, None]
+    if rows_out is None:
+        scaled_rows = q_rows.to(row_scale.dtype) * row_scale[:, None]
+    else:
+        scaled_rows = torch.mul(q_rows, row_scale[:, None], out=rows_out)
     logits = torch.mm(scaled_rows, c_t) if out is None else torch.mm(scaled_rows, c_t, out=out)
     logits.mul_(col_scale)
     row_max = logits.amax(dim=1) if with_lse else None
@@ -141,7 +201,7 @@ def row_lse(q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor) -> Tenso
     lse = None
     for rows, logits in _chunks(q, c.shape[0], acc):
         _, _, chunk_lse = _softmax_chunk_(
-            _part(q, rows), c_t, _part(row_scale, rows), col_scale, logits, True
+            _part(q, rows), c_t, _part(row_scale, rows), col_scale, logits, None, True
         )
         if rows is None:
             return chunk_lse
@@ -182,18 +242,22 @@ def _lse_and_grads(
     acc = row_scale.dtype
     c = c.to(acc)
     c_t = c.T
-    lse = gq = gc = None
-    for rows, logits in _chunks(q, c.shape[0], acc):
+    (n_rows, dim), n_cols = q.shape, c.shape[0]
+    step = _chunk_rows(n_rows, n_cols)
+    if step >= n_rows:  # one chunk: the matmuls allocate what they need
+        probs, scaled_rows, lse = _softmax_chunk_(q, c_t, row_scale, col_scale, None, None, with_lse)
+        gq, gc = _accumulate_grads_(probs, row_weight, scaled_rows, c, col_scale, None, None, True)
+        return lse, gq, gc
+    gq = torch.empty(n_rows, dim, dtype=acc, device=q.device)
+    gc = torch.empty(n_cols, dim, dtype=acc, device=q.device)
+    lse = torch.empty(n_rows, dtype=acc, device=q.device) if with_lse else None
+    for rows, scratch in _gradient_chunks(gq, n_cols, step):
+        count = rows.stop - rows.start
+        logits = scratch[: count * n_cols].view(count, n_cols)
+        rows_out = scratch[count * n_cols :].view(count, dim)
         probs, scaled_rows, chunk_lse = _softmax_chunk_(
-            _part(q, rows), c_t, _part(row_scale, rows), col_scale, logits, with_lse
+            q[rows], c_t, row_scale[rows], col_scale, logits, rows_out, with_lse
         )
-        if rows is None:
-            gq, gc = _accumulate_grads_(probs, row_weight, scaled_rows, c, col_scale, None, None, True)
-            return chunk_lse, gq, gc
-        if gq is None:
-            gq = torch.empty(q.shape[0], c.shape[1], dtype=acc, device=q.device)
-            gc = torch.empty(c.shape[0], c.shape[1], dtype=acc, device=q.device)
-            lse = torch.empty(q.shape[0], dtype=acc, device=q.device) if with_lse else None
         if with_lse:
             lse[rows] = chunk_lse
         _accumulate_grads_(

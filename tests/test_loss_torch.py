@@ -60,8 +60,11 @@ def gen():
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    """Force many row blocks at test sizes (a block of 7 rows for 111 candidates)."""
+    """Force many row blocks at test sizes (a block of 7 rows for 111 candidates; the gradient pass
+    runs its first chunks in the query gradient's free rows and the last ones in a 2-row spare)."""
     monkeypatch.setattr(torch_ref, "MAX_CHUNK_ELEMENTS", 7 * 111)
+    monkeypatch.setattr(torch_ref, "SPARE_BUDGET", 0.0)  # gradient chunks: query-gradient tail, then
+    monkeypatch.setattr(torch_ref, "MIN_SPARE_ROWS", 2)  # spare chunks of 2 rows for the last rows
     monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", 5 * 40)
 
 
@@ -213,6 +216,38 @@ def test_default_chunking_matches_reference(gen, symmetric):
     q, c, _ = make_batch(gen, 37, 2, 96, torch.float32)
     options = dict(normalize=True, targets=None, symmetric=symmetric, reduction="mean")
     assert_matches(*run_both(q, c, 0.02, None, "torch", **options), torch.float32, gen.seed_value)
+
+
+@pytest.mark.parametrize(
+    "m, n, d", [(8192, 8192, 1536), (8192, 16384, 1536), (8192, 8192, 256), (1000, 65536, 64)]
+)
+def test_gradient_chunks_use_the_free_query_gradient_rows(m, n, d):
+    """The chunk plan of the gradient pass (no arithmetic; the buffers are never touched): chunks
+    cover the rows in order, each chunk's scratch lies in gq rows no chunk has written yet (or in the
+    one spare buffer), and the spare buffer stays within SPARE_BUDGET of the gradient buffers (or its
+    row floor)."""
+    gq = torch.empty(m, d)
+    step = torch_ref._chunk_rows(m, n)
+    spare = torch_ref._spare_rows(m, n, d, step)
+    base, end = gq.data_ptr(), gq.data_ptr() + gq.numel() * gq.element_size()
+    start, in_tail = 0, 0
+    for rows, scratch in torch_ref._gradient_chunks(gq, n, step):
+        count = rows.stop - rows.start
+        assert rows.start == start and 0 < count <= torch_ref.TAIL_CHUNK_FACTOR * step
+        assert scratch.numel() == count * (n + d)
+        if base <= scratch.data_ptr() < end:  # in gq: after the rows written so far, inside gq
+            assert scratch.data_ptr() >= base + rows.stop * d * gq.element_size()
+            assert scratch.data_ptr() + scratch.numel() * scratch.element_size() <= end
+            in_tail += count
+        else:
+            assert count <= spare
+        start = rows.stop
+    assert start == m
+    spare_elements = spare * (n + d)
+    budget = torch_ref.SPARE_BUDGET * (m + n) * d
+    assert spare_elements <= max(budget, torch_ref.MIN_SPARE_ROWS * (n + d)), (spare, budget)
+    if (m, n, d) == (8192, 8192, 1536):  # the CPU target: spare ~10% of the gradients, ~80% of rows in gq
+        assert spare_elements <= 0.11 * (m + n) * d and in_tail >= 0.75 * m, (spare, in_tail)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)

@@ -1,0 +1,157 @@
+"""CPU peak memory and time of one fwd+bwd: the torch path of `contrastive_loss` against eager PyTorch.
+
+    python bench/loss_peak_cpu.py                      # B=8192, D=1536, fp32, 3 interleaved rounds
+    python bench/loss_peak_cpu.py --B 4096 --D 768 --rounds 1
+
+Each measurement runs in a fresh Python process with glibc's mmap threshold fixed at 64 KiB (freed
+tensors leave the resident set at once). Two peaks per process, both the resident-set high-water mark
+(VmHWM, reset through /proc/self/clear_refs) above the level just before the call, with the returned
+gradients (2 * B * D * 4 bytes) included:
+
+- fresh:  the first full-size call (after a 64-row warm-up); it also pays one-time growth of MKL's
+          internal buffers and the allocator, which stay with the process;
+- steady: a later call, after a full-size warm-up call and with the gradients dropped: what every
+          training step needs.
+
+Times are wall-clock per fwd+bwd (median of the process's timed calls). The providers alternate
+round by round so that a loaded machine slows both alike; compare the ratios, not the seconds.
+eager = F.normalize + matmul + F.cross_entropy, as in bench/loss_kernel.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+PROBE = r"""
+import json, sys, time
+import torch
+import torch.nn.functional as F
+import vlm2vec_kernels
+
+B, D, what, reps, tau = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), 0.02
+
+
+def status_mib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(field)
+
+
+def eager(q, c):
+    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T / tau
+    return F.cross_entropy(logits, torch.arange(q.shape[0]))
+
+
+def ours(q, c):
+    return vlm2vec_kernels.contrastive_loss(q, c, temperature=tau, backend="torch")
+
+
+loss_fn = eager if what == "eager" else ours
+
+
+def inputs(n):
+    gen = torch.Generator().manual_seed(n)
+    q = torch.randn(n, D, generator=gen).requires_grad_()
+    return q, torch.randn(n, D, generator=gen).requires_grad_()
+
+
+def measured(q, c):
+    base = status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = time.perf_counter()
+    loss_fn(q, c).backward()
+    return status_mib("VmHWM") - base, time.perf_counter() - start
+
+
+q, c = inputs(64)
+loss_fn(q, c).backward()
+q, c = inputs(B)
+fresh, first = measured(q, c)
+q.grad = c.grad = None
+steady, second = measured(q, c)
+times = [first, second]
+for _ in range(reps - 2):
+    q.grad = c.grad = None
+    start = time.perf_counter()
+    loss_fn(q, c).backward()
+    times.append(time.perf_counter() - start)
+print(json.dumps({"fresh_mib": fresh, "steady_mib": steady, "times_s": times}))
+"""
+
+
+def run_probe(provider: str, B: int, D: int, reps: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(B), str(D), provider, str(reps)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=3600,
+    )
+    if result.returncode:
+        raise SystemExit(f"{provider} probe failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--B", type=int, default=8192, help="queries = candidates (default 8192)")
+    parser.add_argument("--D", type=int, default=1536, help="embedding size (default 1536)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per process, >= 2 (default 3)")
+    args = parser.parse_args(argv)
+    reps = max(2, args.reps)
+    grads = 2 * args.B * args.D * 4 / 2**20
+    print(f"# B={args.B} D={args.D} fp32 fwd+bwd; returned gradients {grads:.0f} MiB", flush=True)
+    rows: dict[str, list[dict]] = {"torch": [], "eager": []}
+    for round_ in range(args.rounds):
+        for provider in ("torch", "eager") if round_ % 2 == 0 else ("eager", "torch"):
+            row = run_probe(provider, args.B, args.D, reps)
+            rows[provider].append(row)
+            print(
+                f"round {round_ + 1} {provider:<5}: steady +{row['steady_mib']:.1f} MiB, fresh "
+                f"+{row['fresh_mib']:.1f} MiB, s/call {' '.join(f'{t:.2f}' for t in row['times_s'])}",
+                flush=True,
+            )
+    summary = {}
+    for provider, runs in rows.items():
+        summary[provider] = {
+            "steady": statistics.median(r["steady_mib"] for r in runs),
+            "fresh": statistics.median(r["fresh_mib"] for r in runs),
+            "time": statistics.median(t for r in runs for t in r["times_s"]),
+        }
+    ours, eager = summary["torch"], summary["eager"]
+    round_ratios = [
+        statistics.median(t["times_s"]) / statistics.median(e["times_s"])
+        for t, e in zip(rows["torch"], rows["eager"])
+    ]
+    print()
+    print(
+        f"peak, steady: torch +{ours['steady']:.1f} MiB vs eager +{eager['steady']:.1f} MiB = "
+        f"{ours['steady'] / eager['steady']:.1%} (beyond the gradients: {ours['steady'] - grads:.1f} vs "
+        f"{eager['steady'] - grads:.1f} MiB = {(ours['steady'] - grads) / (eager['steady'] - grads):.1%})"
+    )
+    print(
+        f"peak, fresh:  torch +{ours['fresh']:.1f} MiB vs eager +{eager['fresh']:.1f} MiB = "
+        f"{ours['fresh'] / eager['fresh']:.1%}"
+    )
+    print(
+        f"time: torch {ours['time']:.2f} s vs eager {eager['time']:.2f} s = "
+        f"{ours['time'] / eager['time']:.2f}x "
+        f"(per round: {', '.join(f'{r:.2f}x' for r in round_ratios)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
