@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--D", type=int, default=1536, help="embedding size (default 1536)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--reps", type=int, default=3, help="timed calls per process, >= 2 (default 3)")
+    parser.add_argument("--json", action="store_true", help="end with the medians as one JSON line")
     args = parser.parse_args(argv)
     reps = max(2, args.reps)
     grads = 2 * args.B * args.D * 4 / 2**20
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
         f"{ours['time'] / eager['time']:.2f}x "
         f"(per round: {', '.join(f'{r:.2f}x' for r in round_ratios)})"
     )
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 

@@ -10,14 +10,14 @@ backward, gradients included, must stay under a quarter of that.
 The second test compares with eager PyTorch (F.normalize + matmul + F.cross_entropy) at B=4096,
 D=768, the shape ratio B/D of the CPU target B=8192, D=1536, in steady state: each side runs once at
 full size first (thread pools, BLAS buffers, allocator), drops its gradients, and the next forward +
-backward is measured, the returned gradients included. glibc's mmap threshold is fixed at 64 KiB so
-that freed temporaries leave the resident set at once (as bench/loss_kernel.py does).
+backward is measured, the returned gradients included. The probe is bench/loss_peak_cpu.py's (glibc's
+mmap threshold fixed at 64 KiB so that freed temporaries leave the resident set at once).
 """
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from vlm2vec_kernels import torch_ref
@@ -106,59 +106,19 @@ def test_torch_path_peak_is_far_below_one_batch_by_batch_matrix(reduction):
     assert measured["peak_delta_mib"] < MATRIX_MIB / 4, measured
 
 
-STEADY_PROBE = r"""
-import json, sys, time
-import torch
-import torch.nn.functional as F
-import vlm2vec_kernels
-
-B, D, what = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-
-
-def status_mib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(field)
-
-
-def eager(q, c):
-    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T / 0.02
-    return F.cross_entropy(logits, torch.arange(q.shape[0]))
-
-
-def ours(q, c):
-    return vlm2vec_kernels.contrastive_loss(q, c, temperature=0.02, backend="torch")
-
-
-loss_fn = eager if what == "eager" else ours
-gen = torch.Generator().manual_seed(0)
-q = torch.randn(B, D, generator=gen).requires_grad_()
-c = torch.randn(B, D, generator=gen).requires_grad_()
-loss_fn(q, c).backward()  # full-size warm-up
-q.grad = c.grad = None
-base = status_mib("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset VmHWM to the current RSS
-start = time.perf_counter()
-loss_fn(q, c).backward()
-seconds = time.perf_counter() - start
-peak = status_mib("VmHWM")
-print(json.dumps({"peak_delta_mib": peak - base, "seconds": seconds}))
-"""
 RATIO_B, RATIO_D = 4096, 768
+PEAK_BENCH = Path(__file__).resolve().parents[1] / "bench" / "loss_peak_cpu.py"
 
 
-def measure_steady(what: str) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+def measure_steady() -> dict:
+    """Medians of one round of bench/loss_peak_cpu.py (each provider in a fresh process)."""
     result = subprocess.run(
-        [sys.executable, "-c", STEADY_PROBE, str(RATIO_B), str(RATIO_D), what],
+        [sys.executable, str(PEAK_BENCH), "--B", str(RATIO_B), "--D", str(RATIO_D), "--rounds", "1",
+         "--reps", "2", "--json"],
         capture_output=True,
         text=True,
-        timeout=300,
-        env=env,
-    )
+        timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -173,8 +133,9 @@ def test_torch_path_peak_is_a_small_fraction_of_eager():
             f.write("5")
     except OSError:
         pytest.skip("needs a writable /proc/self/clear_refs (VmHWM reset)")
-    eager = measure_steady("eager")
-    ours = measure_steady("torch")
+    summary = measure_steady()
+    eager = {"peak_delta_mib": summary["eager"]["steady"]}
+    ours = {"peak_delta_mib": summary["torch"]["steady"]}
     grads_mib = 2 * RATIO_B * RATIO_D * 4 / 2**20
     step = torch_ref._chunk_rows(RATIO_B, RATIO_B)
     spare_mib = torch_ref._spare_rows(RATIO_B, RATIO_B, RATIO_D, step) * (RATIO_B + RATIO_D) * 4 / 2**20
