@@ -128,6 +128,8 @@ class BackboneFamily:
     module: importable module that registers this family (so a saved directory of a non-built-in
     family loads after `import module`). default_settings: ProcessorSettings used by from_pretrained
     unless vlm2vec.json or arguments say otherwise. supports_packed: prepare(packed=True) works.
+modules_to_save: modules trained in full beside a LoRA adapter and saved with it (peft's
+modules_to_save), e.g. a freshly initialised projector.
     """
 
     name: str
@@ -144,6 +146,7 @@ class BackboneFamily:
     module: str | None = None
     default_settings: ProcessorSettings = field(default_factory=ProcessorSettings)
     supports_packed: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):

@@ -55,8 +55,10 @@ def add_lora(
     dropout: float = 0.1,
     dora: bool = False,
     init: str | bool = "gaussian",
+    modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
-    """Wrap `model` in a peft LoRA (DoRA with dora=True) adapter; only adapter weights train.
+    """Wrap `model` in a peft LoRA (DoRA with dora=True) adapter; only adapter weights (and the
+    modules named in modules_to_save, trained in full) train.
 
     init: "gaussian" (VLM2Vec's released checkpoints), "default"/True (Kaiming A, zero B), False
     (random B: for tests that need a non-identity adapter)."""
@@ -84,6 +86,7 @@ def add_lora(
         use_dora=dora,
         init_lora_weights=True if init == "default" else init,
         bias="none",
+        modules_to_save=list(modules_to_save) or None,
     )
     return get_peft_model(model, config)
 

@@ -302,7 +302,8 @@ class VLM2Vec(nn.Module):
         dora: bool = False,
         init: str | bool = "gaussian",
     ) -> VLM2Vec:
-        """Wrap the backbone with a peft LoRA (or DoRA) adapter on the LLM; everything else frozen."""
+        """Wrap the backbone with a peft LoRA (or DoRA) adapter on the LLM; everything else frozen but the
+        family's modules_to_save."""
         from vlm2vec.lora import add_lora
 
         if self.is_peft:
@@ -316,6 +317,7 @@ class VLM2Vec(nn.Module):
             dropout=dropout,
             dora=dora,
             init=init,
+            modules_to_save=self.family.modules_to_save,
         )
         return self
 

@@ -156,11 +156,7 @@ def build_model(config: TrainConfig, base: Any = None) -> Any:
             resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
             max_pixels=config.max_pixels, **common,
         )  # fmt: skip
-    if config.lora and not model.is_peft and config.model_name == DEMO_MODEL:
-        from vlm2vec.demo.family import add_demo_lora  # LoRA on MiniLM + the projector trained in full
-
-        add_demo_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
-    elif config.lora and not model.is_peft:
+    if config.lora and not model.is_peft:
         targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
         model.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
                        dora=config.dora)

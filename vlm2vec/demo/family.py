@@ -343,21 +343,7 @@ DEMO_FAMILY = register_family(
         hidden_states=hidden_states,
         save=save,
         module=__name__,
+        modules_to_save=tuple(TRAINABLE_MODULES),
     ),
     overwrite=True,
 )
-# Read by the encoder helper's add_lora when present; `add_demo_lora` below does it meanwhile.
-DEMO_FAMILY.modules_to_save = list(TRAINABLE_MODULES)  # type: ignore[attr-defined]
-
-
-def add_demo_lora(model: Any, r: int = 8, alpha: int = 16, dropout: float = 0.1) -> Any:
-    """LoRA on MiniLM's attention/MLP Linears + the projector trained in full (saved with the adapter)."""
-    from peft.utils.other import set_additional_trainable_modules
-
-    model.add_lora(r=r, alpha=alpha, dropout=dropout)
-    peft_model = model.backbone
-    config = peft_model.peft_config["default"]
-    if not config.modules_to_save:
-        config.modules_to_save = list(TRAINABLE_MODULES)
-        set_additional_trainable_modules(peft_model, config, None, "default")
-    return model

@@ -200,8 +200,6 @@ def plain_train(model: Any, spec: TrainSpec) -> Any:
     from tqdm.auto import tqdm
     from vlm2vec_kernels import contrastive_loss
 
-    from vlm2vec.demo.family import add_demo_lora
-
     r = spec.recipe
     torch.manual_seed(r.seed)
     rng = random.Random(r.seed)
@@ -215,7 +213,7 @@ def plain_train(model: Any, spec: TrainSpec) -> Any:
             image_cache[path] = _open_images(spec.train_dir, [path])[0]
         return image_cache[path]
 
-    add_demo_lora(model, r=r.lora_r, alpha=r.lora_alpha, dropout=r.lora_dropout)
+    model.add_lora(r=r.lora_r, alpha=r.lora_alpha, dropout=r.lora_dropout)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=r.lr, weight_decay=r.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
