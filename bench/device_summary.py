@@ -40,8 +40,10 @@ def test_lines(out: Path) -> list[str]:
         total, fail, err, skip = (int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
         verdict = "PASS" if fail == err == 0 and total > 0 else "FAIL"
         passed = total - fail - err - skip
-        lines.append(f"tests {xml.stem[6:]:<22} {verdict}: {passed} passed, {fail} failed, {err} errors, "
-                     f"{skip} skipped ({float(suite.get('time', 0)):.0f} s)")
+        lines.append(
+            f"tests {xml.stem[6:]:<22} {verdict}: {passed} passed, {fail} failed, {err} errors, "
+            f"{skip} skipped ({float(suite.get('time', 0)):.0f} s)"
+        )
     return lines or ["tests: no junit results found"]
 
 
@@ -84,8 +86,10 @@ def target_lines(rows: list[dict]) -> list[str]:
     fused = _cell(rows, "fused", "fwd+bwd", B, D)
     if fused:
         s = float(fused["p50_ms"]) / 1e3
-        out.append(f"B={B} D={D} fwd+bwd: fused {s:.1f} s (target <= 25: {'met' if s <= 25 else 'MISSED'}), "
-                   f"{float(fused['tflops']):.0f} TFLOP/s, peak {float(fused['peak_mb']) / 1024:.1f} GiB")
+        out.append(
+            f"B={B} D={D} fwd+bwd: fused {s:.1f} s (target <= 25: {'met' if s <= 25 else 'MISSED'}), "
+            f"{float(fused['tflops']):.0f} TFLOP/s, peak {float(fused['peak_mb']) / 1024:.1f} GiB"
+        )
     else:
         bad = [r["status"] for r in rows if int(r["B"]) == B]
         out.append(f"B={B} D={D} fwd+bwd: no fused result {bad[:1]}")
@@ -127,8 +131,10 @@ def main(argv: list[str]) -> int:
         print("no benchmark rows")
     sweep = _read_csv(out / "engine_sweep.csv")
     if sweep:
-        print("engine sweep (p50 ms): " + "; ".join(f"{r['case']} B={r['B']}: {r['p50_ms']}" for r in sweep
-                                                    if r["p50_ms"]))
+        print(
+            "engine sweep (p50 ms): "
+            + "; ".join(f"{r['case']} B={r['B']}: {r['p50_ms']}" for r in sweep if r["p50_ms"])
+        )
     return 0
 
 

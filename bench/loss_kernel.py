@@ -39,8 +39,23 @@ REPO = Path(__file__).resolve().parents[1]
 TAU = 0.02
 PROVIDERS = ("fused", "torch", "eager", "compile", "inf-cl")
 MODES = ("fwd", "fwd+bwd")
-CSV_FIELDS = ["provider", "mode", "B", "D", "dtype", "p20_ms", "p50_ms", "p80_ms", "tflops", "peak_mb",
-              "status", "loss_rel_diff", "device", "date", "commit"]
+CSV_FIELDS = [
+    "provider",
+    "mode",
+    "B",
+    "D",
+    "dtype",
+    "p20_ms",
+    "p50_ms",
+    "p80_ms",
+    "tflops",
+    "peak_mb",
+    "status",
+    "loss_rel_diff",
+    "device",
+    "date",
+    "commit",
+]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,8 +123,9 @@ def time_gpu(fn: Callable, grads_to_none: list, rep_ms: int):
     import triton
 
     fn()  # compile / autotune outside the timed region
-    p20, p50, p80 = triton.testing.do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms,
-                                            grad_to_none=grads_to_none, quantiles=[0.2, 0.5, 0.8])
+    p20, p50, p80 = triton.testing.do_bench(
+        fn, warmup=max(10, rep_ms // 4), rep=rep_ms, grad_to_none=grads_to_none, quantiles=[0.2, 0.5, 0.8]
+    )
     return p20, p50, p80
 
 
@@ -155,9 +171,20 @@ def peak_cuda_mb(fn: Callable) -> float:
 
 
 def _new_row(provider: str, mode: str, B: int, D: int, dtype) -> dict:
-    return {"provider": provider, "mode": mode, "B": B, "D": D, "dtype": str(dtype).replace("torch.", ""),
-            "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": "", "peak_mb": "", "status": "ok",
-            "loss_rel_diff": ""}
+    return {
+        "provider": provider,
+        "mode": mode,
+        "B": B,
+        "D": D,
+        "dtype": str(dtype).replace("torch.", ""),
+        "p20_ms": "",
+        "p50_ms": "",
+        "p80_ms": "",
+        "tflops": "",
+        "peak_mb": "",
+        "status": "ok",
+        "loss_rel_diff": "",
+    }
 
 
 def _sig3(x: float) -> float:
@@ -174,6 +201,7 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     q = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
     c = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
     if mode == "fwd":
+
         def step():
             with torch.no_grad():
                 return loss_fn(q, c)
@@ -192,8 +220,9 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
         p20, p50, p80 = time_cpu(step, args.cpu_budget_s)
         row["peak_mb"] = round(peak_rss_growth_mb(step), 1)
     flop = (2 if mode == "fwd" else 8) * B * B * D
-    row.update(p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80),
-               tflops=_sig3(flop / (p50 * 1e-3) / 1e12))
+    row.update(
+        p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80), tflops=_sig3(flop / (p50 * 1e-3) / 1e12)
+    )
     if mode == "fwd":
         with torch.no_grad():
             row["_loss"] = float(loss_fn(q, c))
@@ -239,10 +268,14 @@ def run_big(device: str, dtype, B: int, D: int) -> dict:
         torch.cuda.synchronize()
         ms = (time.perf_counter() - start) * 1e3
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(q.grad).all())
-        row.update(p20_ms=_sig3(ms), p50_ms=_sig3(ms), p80_ms=_sig3(ms),
-                   tflops=_sig3(8 * B * B * D / (ms * 1e-3) / 1e12),
-                   peak_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
-                   status="ok" if finite else "non-finite result")
+        row.update(
+            p20_ms=_sig3(ms),
+            p50_ms=_sig3(ms),
+            p80_ms=_sig3(ms),
+            tflops=_sig3(8 * B * B * D / (ms * 1e-3) / 1e12),
+            peak_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
+            status="ok" if finite else "non-finite result",
+        )
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
     except Exception as error:  # noqa: BLE001
@@ -276,8 +309,9 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
             cases[f"row_lse lse={spec}"] = partial(eng.row_lse, q, c, rs, cs, config=cfg)
         for spec in eng.SWEEP_CANDIDATES["probs"]:
             cfg = eng.TileConfig.parse(spec)
-            cases[f"softmax_grad gemm probs={spec}"] = partial(eng.softmax_grad, q, c, rs, cs, lse, w,
-                                                               path="gemm", config=cfg)
+            cases[f"softmax_grad gemm probs={spec}"] = partial(
+                eng.softmax_grad, q, c, rs, cs, lse, w, path="gemm", config=cfg
+            )
     return cases
 
 
@@ -291,11 +325,13 @@ def best_configs(sweep_rows: list[dict]) -> str:
         return ""
     top = max(int(r["B"]) for r in rows)
     picks = []
-    for role, default_case, prefix in (("lse", "row_lse wide auto-splits", "row_lse lse="),
-                                       ("probs", "softmax_grad gemm", "softmax_grad gemm probs=")):
+    for role, default_case, prefix in (
+        ("lse", "row_lse wide auto-splits", "row_lse lse="),
+        ("probs", "softmax_grad gemm", "softmax_grad gemm probs="),
+    ):
         timed = {r["case"]: float(r["p50_ms"]) for r in rows if int(r["B"]) == top}
         options = {eng.GPU_CONFIGS[(role, "16bit")].spec(): timed.get(default_case)}
-        options.update({case[len(prefix):]: t for case, t in timed.items() if case.startswith(prefix)})
+        options.update({case[len(prefix) :]: t for case, t in timed.items() if case.startswith(prefix)})
         options = {k: v for k, v in options.items() if v is not None}
         if options:
             picks.append(f"{role}={min(options, key=options.get)}")
@@ -305,8 +341,9 @@ def best_configs(sweep_rows: list[dict]) -> str:
 SWEEP_FIELDS = ["case", "B", "D", "p20_ms", "p50_ms", "p80_ms", "tflops", "device", "date", "commit"]
 
 
-def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int,
-              emit: Callable[[dict], None]) -> list[dict]:
+def run_sweep(
+    device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int, emit: Callable[[dict], None]
+) -> list[dict]:
     """Times row_lse and softmax_grad of the Triton engine directly, for choosing defaults; each
     row goes to `emit` as soon as it is measured."""
     import torch
@@ -327,16 +364,24 @@ def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int
                 row = {"case": name, "B": B, "D": D, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": ""}
                 try:
                     fn()
-                    p20, p50, p80 = triton.testing.do_bench(fn, warmup=10, rep=rep_ms,
-                                                            quantiles=[0.2, 0.5, 0.8])
-                    row.update(p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80),
-                               tflops=_sig3(flop / (p50 * 1e-3) / 1e12))
+                    p20, p50, p80 = triton.testing.do_bench(
+                        fn, warmup=10, rep=rep_ms, quantiles=[0.2, 0.5, 0.8]
+                    )
+                    row.update(
+                        p20_ms=_sig3(p20),
+                        p50_ms=_sig3(p50),
+                        p80_ms=_sig3(p80),
+                        tflops=_sig3(flop / (p50 * 1e-3) / 1e12),
+                    )
                 except Exception as error:  # noqa: BLE001
                     row["tflops"] = f"error: {type(error).__name__}: {error}"[:100]
                 rows.append(row)
                 emit(row)
-                print(f"  sweep {name:<28} B={B:<6} D={D:<5} {row['p50_ms']!s:>9} ms "
-                      f"{row['tflops']!s:>7} TFLOP/s", flush=True)
+                print(
+                    f"  sweep {name:<28} B={B:<6} D={D:<5} {row['p50_ms']!s:>9} ms "
+                    f"{row['tflops']!s:>7} TFLOP/s",
+                    flush=True,
+                )
             del q, c, rs, cs, w, lse
             torch.cuda.empty_cache()
     return rows
@@ -349,8 +394,12 @@ def run_sweep(device: str, dtype, sizes: list[int], dims: list[int], rep_ms: int
 def _commit() -> str:
     """Short git commit of the repository, else $VLM2VEC_COMMIT (the device copy has no .git)."""
     try:
-        found = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        found = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         found = ""
     return found or os.environ.get("VLM2VEC_COMMIT", "unknown")
@@ -365,14 +414,18 @@ def device_name(device: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'provider':<8} {'mode':<7} {'B':>8} {'D':>5} {'p50 ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} "
-            f"{'peak MB':>9} {'vs torch':>9}  status")
+    head = (
+        f"{'provider':<8} {'mode':<7} {'B':>8} {'D':>5} {'p50 ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} "
+        f"{'peak MB':>9} {'vs torch':>9}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = f"{r['p20_ms']}-{r['p80_ms']}" if r["p20_ms"] != "" else ""
-        lines.append(f"{r['provider']:<8} {r['mode']:<7} {r['B']:>8} {r['D']:>5} {r['p50_ms']!s:>10} "
-                     f"{spread:>19} {r['tflops']!s:>8} {r['peak_mb']!s:>9} {r['loss_rel_diff']!s:>9}  "
-                     f"{r['status']}")
+        lines.append(
+            f"{r['provider']:<8} {r['mode']:<7} {r['B']:>8} {r['D']:>5} {r['p50_ms']!s:>10} "
+            f"{spread:>19} {r['tflops']!s:>8} {r['peak_mb']!s:>9} {r['loss_rel_diff']!s:>9}  "
+            f"{r['status']}"
+        )
     return "\n".join(lines)
 
 
@@ -431,37 +484,67 @@ def plot(rows: list[dict], out: Path, tag: str) -> list[Path]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="auto: cuda when available (default)")
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")],
-                        help="batch sizes B, comma-separated (GPU default 1024,4096,16384,65536; "
-                             "CPU default 1024,4096,16384; --quick: 1024,2048)")
-    parser.add_argument("--dims", type=lambda s: [int(x) for x in s.split(",")],
-                        help="embedding sizes D (default 1536,3584; --quick on CPU: 1536)")
-    parser.add_argument("--providers", type=lambda s: s.split(","),
-                        help=f"subset of {','.join(PROVIDERS)} (default: all; CPU: torch,eager,compile; "
-                             "--quick on CPU: torch,eager)")
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
-                        help="fwd and/or fwd+bwd (default both)")
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
-                        help="input dtype (default bf16 on GPU, fp32 on CPU)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="auto: cuda when available (default)",
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="batch sizes B, comma-separated (GPU default 1024,4096,16384,65536; "
+        "CPU default 1024,4096,16384; --quick: 1024,2048)",
+    )
+    parser.add_argument(
+        "--dims",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="embedding sizes D (default 1536,3584; --quick on CPU: 1536)",
+    )
+    parser.add_argument(
+        "--providers",
+        type=lambda s: s.split(","),
+        help=f"subset of {','.join(PROVIDERS)} (default: all; CPU: torch,eager,compile; "
+        "--quick on CPU: torch,eager)",
+    )
+    parser.add_argument(
+        "--modes", type=lambda s: s.split(","), default=list(MODES), help="fwd and/or fwd+bwd (default both)"
+    )
+    parser.add_argument(
+        "--dtype", choices=("bf16", "fp16", "fp32"), help="input dtype (default bf16 on GPU, fp32 on CPU)"
+    )
     parser.add_argument("--quick", action="store_true", help="small CPU run (< 2 min on 2 cores)")
-    parser.add_argument("--big", action="store_true",
-                        help="GPU only: add one fused fwd+bwd at B=1,048,576 (--big-size) after the grid")
+    parser.add_argument(
+        "--big",
+        action="store_true",
+        help="GPU only: add one fused fwd+bwd at B=1,048,576 (--big-size) after the grid",
+    )
     parser.add_argument("--big-size", type=int, default=1_048_576, help="B of the --big point")
     parser.add_argument("--big-dim", type=int, default=1536, help="D of the --big point")
-    parser.add_argument("--sweep", action="store_true",
-                        help="GPU only: time the engine kernels alone (tile configs, splits, atomic vs gemm "
-                             "backward) at --sizes x --dims instead of the provider grid")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="GPU only: time the engine kernels alone (tile configs, splits, atomic vs gemm "
+        "backward) at --sizes x --dims instead of the provider grid",
+    )
     parser.add_argument("--no-grid", action="store_true", help="skip the provider grid (e.g. only --big)")
-    parser.add_argument("--pick-configs", type=Path, metavar="SWEEP_CSV",
-                        help="print the VLM2VEC_TRITON_CONFIG value naming the fastest tiles in a sweep CSV")
+    parser.add_argument(
+        "--pick-configs",
+        type=Path,
+        metavar="SWEEP_CSV",
+        help="print the VLM2VEC_TRITON_CONFIG value naming the fastest tiles in a sweep CSV",
+    )
     parser.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time per cell (ms)")
     parser.add_argument("--cpu-budget-s", type=float, default=3.0, help="CPU: timing budget per cell (s)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out",
-                        help="directory for loss_kernel.csv and the PNGs (default bench/out/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "out",
+        help="directory for loss_kernel.csv and the PNGs (default bench/out/)",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     return parser.parse_args(argv)
 
@@ -492,28 +575,40 @@ def main(argv=None) -> int:
         return 2
     on_gpu = device == "cuda"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if on_gpu else "fp32")]
+        args.dtype or ("bf16" if on_gpu else "fp32")
+    ]
     quick_cpu = args.quick and not on_gpu
-    sizes = args.sizes or ([1024, 4096, 16384, 65536] if on_gpu else [1024, 2048] if quick_cpu
-                           else [1024, 4096, 16384])
+    sizes = args.sizes or (
+        [1024, 4096, 16384, 65536] if on_gpu else [1024, 2048] if quick_cpu else [1024, 4096, 16384]
+    )
     dims = args.dims or ([1536] if quick_cpu else [1536, 3584])
-    providers = args.providers or (list(PROVIDERS) if on_gpu else ["torch", "eager"] if quick_cpu
-                                   else ["torch", "eager", "compile"])
+    providers = args.providers or (
+        list(PROVIDERS) if on_gpu else ["torch", "eager"] if quick_cpu else ["torch", "eager", "compile"]
+    )
     for p in providers:
         if p not in PROVIDERS:
             raise SystemExit(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() == (REPO / "bench" / "out").resolve() and not (args.out / ".gitignore").exists():
         (args.out / ".gitignore").write_text("*\n")  # results stay local unless copied to bench/results/
-    meta = {"device": device_name(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "commit": _commit()}
+    meta = {
+        "device": device_name(device),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": _commit(),
+    }
     print(f"# loss_kernel: {meta['device']}, {dtype}, commit {meta['commit']}, out {args.out}", flush=True)
 
     if args.sweep:
         if not on_gpu:
             raise SystemExit("--sweep needs a GPU (the interpreter's timings mean nothing)")
-        run_sweep(device, dtype, sizes, dims, args.rep_ms,
-                  lambda row: append_csv(args.out / "engine_sweep.csv", [row | meta], SWEEP_FIELDS))
+        run_sweep(
+            device,
+            dtype,
+            sizes,
+            dims,
+            args.rep_ms,
+            lambda row: append_csv(args.out / "engine_sweep.csv", [row | meta], SWEEP_FIELDS),
+        )
         return 0
 
     rows: list[dict] = []

@@ -52,8 +52,10 @@ VARIANTS: dict[str, dict[str, str]] = {
     "ours, eager B x B loss": {**OURS, "loss": "eager"},
     "ours, per-chunk backward (2 reductions)": {**OURS, "backward": "per_chunk"},
 }
-WORDS = ("red green blue small large square circle image photo caption dog cat city night rain street "
-         "shape colour bright dark water tree house window car people sign text chart table page").split()
+WORDS = (
+    "red green blue small large square circle image photo caption dog cat city night rain street "
+    "shape colour bright dark water tree house window car people sign text chart table page"
+).split()
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -101,8 +103,9 @@ def prepare(model, batch, chunk: int, padding: str):
     """(query chunks, candidate chunks, targets) with per-chunk or whole-batch padding."""
     from vlm2vec.data import ChunkCollator
 
-    prepared = ChunkCollator(model, query_chunk_size=chunk, cand_chunk_size=chunk,
-                             sort_by_length=padding == "chunk")(batch)
+    prepared = ChunkCollator(
+        model, query_chunk_size=chunk, cand_chunk_size=chunk, sort_by_length=padding == "chunk"
+    )(batch)
     q, c = prepared.query_chunks, prepared.cand_chunks
     if padding == "batch":
         pad_id = model.processor.tokenizer.pad_token_id
@@ -155,8 +158,9 @@ def _set_rng_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def train_step(model, params, q_chunks, c_chunks, targets, switches: dict[str, str], group,
-               temperature: float = 0.02) -> float:
+def train_step(
+    model, params, q_chunks, c_chunks, targets, switches: dict[str, str], group, temperature: float = 0.02
+) -> float:
     """One step of the variant `switches` (gradients left in .grad, reduced across `group`)."""
     from vlm2vec.gradcache import contrastive_step
 
@@ -165,8 +169,9 @@ def train_step(model, params, q_chunks, c_chunks, targets, switches: dict[str, s
     device = model.device
     with reuse:
         if switches["backward"] == "single":
-            loss = contrastive_step(model, q_chunks, c_chunks,
-                                    lambda q, c: loss_of(q, c, targets, temperature, group))
+            loss = contrastive_step(
+                model, q_chunks, c_chunks, lambda q, c: loss_of(q, c, targets, temperature, group)
+            )
             loss.backward()
             reduce_gradients(params, group)
             return float(loss.detach())
@@ -328,13 +333,18 @@ def run(args: argparse.Namespace, init_process_group: bool = True) -> list[Row]:
 def table(rows: list[Row], title: str) -> str:
     ref = next(r for r in rows if r.variant == "reference-style")
     ours = next(r for r in rows if r.variant == "ours")
-    lines = [f"### {title}", "",
-             "| step | samples/s | vs reference | vs ours | peak MiB | tokens/pass | loss |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {title}",
+        "",
+        "| step | samples/s | vs reference | vs ours | peak MiB | tokens/pass | loss |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         speedups = f"{r.samples_per_s / ref.samples_per_s:.2f}x | {r.samples_per_s / ours.samples_per_s:.2f}x"
-        lines.append(f"| {r.variant} | {r.samples_per_s:.2f} | {speedups} | {r.peak_mb:.1f} | {r.tokens} | "
-                     f"{r.loss:.4f} |")
+        lines.append(
+            f"| {r.variant} | {r.samples_per_s:.2f} | {speedups} | {r.peak_mb:.1f} | {r.tokens} | "
+            f"{r.loss:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -345,12 +355,39 @@ def write_csv(rows: list[Row], args: argparse.Namespace, path: str) -> None:
     with open(path, "a", newline="") as f:
         out = csv.writer(f)
         if new:
-            out.writerow(["date", "device", "torch", "size", "dtype", "batch", "chunk", "variant", "seconds",
-                          "samples_per_s", "peak_mib", "tokens_per_pass"])
+            out.writerow(
+                [
+                    "date",
+                    "device",
+                    "torch",
+                    "size",
+                    "dtype",
+                    "batch",
+                    "chunk",
+                    "variant",
+                    "seconds",
+                    "samples_per_s",
+                    "peak_mib",
+                    "tokens_per_pass",
+                ]
+            )
         for r in rows:
-            out.writerow([datetime.date.today().isoformat(), device, torch.__version__, args.size, args.dtype,
-                          args.batch, args.chunk, r.variant, f"{r.seconds:.5f}", f"{r.samples_per_s:.3f}",
-                          f"{r.peak_mb:.2f}", r.tokens])
+            out.writerow(
+                [
+                    datetime.date.today().isoformat(),
+                    device,
+                    torch.__version__,
+                    args.size,
+                    args.dtype,
+                    args.batch,
+                    args.chunk,
+                    r.variant,
+                    f"{r.seconds:.5f}",
+                    f"{r.samples_per_s:.3f}",
+                    f"{r.peak_mb:.2f}",
+                    r.tokens,
+                ]
+            )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -373,11 +410,16 @@ def main(argv: list[str] | None = None, extra: Callable[[], str] | None = None) 
     args = parser().parse_args(argv)
     if args.device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # tiny matrices: one thread, no OpenMP spinning
-    print(f"train step: size={args.size} device={args.device} dtype={args.dtype} batch={args.batch} "
-          f"chunk={args.chunk}", flush=True)
+    print(
+        f"train step: size={args.size} device={args.device} dtype={args.dtype} batch={args.batch} "
+        f"chunk={args.chunk}",
+        flush=True,
+    )
     rows = run(args)
-    text = table(rows, f"{args.size} Qwen2-VL + LoRA, {args.device}, {args.dtype}, batch {args.batch}, "
-                       f"chunk {args.chunk}")
+    text = table(
+        rows,
+        f"{args.size} Qwen2-VL + LoRA, {args.device}, {args.dtype}, batch {args.batch}, chunk {args.chunk}",
+    )
     if extra is not None:
         text += "\n\n" + extra()
     print(text)

@@ -26,19 +26,50 @@ ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 2
 SIZES = {
     # Qwen/Qwen2-VL-2B-Instruct config.json dimensions
     "qwen2_vl_2b": dict(
-        text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
-                  tie_word_embeddings=True, rope_parameters=ROPE),
-        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2),
+        text=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_parameters=ROPE,
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=1536,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
     ),
     # Qwen/Qwen2-VL-7B-Instruct
     "qwen2_vl_7b": dict(
-        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                  num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                  rope_parameters=ROPE),
-        vision=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
-                    spatial_merge_size=2, temporal_patch_size=2),
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rope_parameters=ROPE,
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
     ),
 }
 
@@ -73,11 +104,17 @@ def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
     finally:
         torch.set_default_dtype(default)
     min_pixels, max_pixels = default_pixels(14)
-    image_processor = _image_processor_class()(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                               min_pixels=min_pixels, max_pixels=max_pixels)
+    image_processor = _image_processor_class()(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels
+    )
     settings = ProcessorSettings("native", min_pixels, max_pixels)
-    return VLM2Vec(model.train(), ProcessorPair(tok, image_processor), get_family("qwen2_vl"),
-                   settings=settings, max_len=2048)
+    return VLM2Vec(
+        model.train(),
+        ProcessorPair(tok, image_processor),
+        get_family("qwen2_vl"),
+        settings=settings,
+        max_len=2048,
+    )
 
 
 def rng_exactness(device: torch.device) -> str:
@@ -98,10 +135,14 @@ def rng_exactness(device: torch.device) -> str:
     model.to(device).train()
     model.vision_tower.eval()
     images = [Image.new("RGB", (56, 56), c) for c in ("red", "green", "blue", "white")]
-    q = [model.prepare(["<|image_1|> what is it?", "find a red square"], [images[0], None]),
-         model.prepare(["<|image_1|> shape?", "a caption"], [images[1], None])]
-    c = [model.prepare(["red", "<|image_1|> Represent the given image."], [None, images[2]]),
-         model.prepare(["<|image_1|> Represent the given image.", "green"], [images[3], None])]
+    q = [
+        model.prepare(["<|image_1|> what is it?", "find a red square"], [images[0], None]),
+        model.prepare(["<|image_1|> shape?", "a caption"], [images[1], None]),
+    ]
+    c = [
+        model.prepare(["red", "<|image_1|> Represent the given image."], [None, images[2]]),
+        model.prepare(["<|image_1|> Represent the given image.", "green"], [images[3], None]),
+    ]
 
     def loss_fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(a, b, 0.05, normalize=False)
@@ -125,9 +166,11 @@ def rng_exactness(device: torch.device) -> str:
     control = float((unrestored - plain).abs().max())
     ok = exact <= 1e-6 * max(1.0, float(plain.abs().max())) and control > 1e-4
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return (f"### GradCache exactness on {name} (tiny Qwen2-VL, LoRA dropout "
-            f"0.3, fp32)\n\nmax |grad(GradCache) - grad(plain)| = {exact:.3e}; without RNG restore "
-            f"{control:.3e} (control) -> {'PASS' if ok else 'FAIL'}\n")
+    return (
+        f"### GradCache exactness on {name} (tiny Qwen2-VL, LoRA dropout "
+        f"0.3, fp32)\n\nmax |grad(GradCache) - grad(plain)| = {exact:.3e}; without RNG restore "
+        f"{control:.3e} (control) -> {'PASS' if ok else 'FAIL'}\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,12 +194,28 @@ def main(argv: list[str] | None = None) -> None:
     print(check, flush=True)
     import train_step
 
-    bench_args = ["--size", "tiny" if args.dry else args.size, "--device", device.type,
-                  "--dtype", "fp32" if args.dry else "bf16", "--batch", str(args.batch),
-                  "--chunk", str(args.chunk), "--image_size", str(args.image_size), "--max_words",
-                  str(args.max_words), "--repeats", str(args.repeats),
-                  "--csv", os.path.join(args.out, "train_step.csv"),
-                  "--markdown", os.path.join(args.out, "train_step_device.md")]
+    bench_args = [
+        "--size",
+        "tiny" if args.dry else args.size,
+        "--device",
+        device.type,
+        "--dtype",
+        "fp32" if args.dry else "bf16",
+        "--batch",
+        str(args.batch),
+        "--chunk",
+        str(args.chunk),
+        "--image_size",
+        str(args.image_size),
+        "--max_words",
+        str(args.max_words),
+        "--repeats",
+        str(args.repeats),
+        "--csv",
+        os.path.join(args.out, "train_step.csv"),
+        "--markdown",
+        os.path.join(args.out, "train_step_device.md"),
+    ]
     train_step.main(bench_args, extra=lambda: check)
     print(f"total {time.time() - t0:.0f} s", flush=True)
 

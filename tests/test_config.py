@@ -50,12 +50,25 @@ def test_help_lists_every_option_with_its_default(capsys):
         load_config(["--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    names = ("model_name", "gc_q_chunk_size", "learning_rate", "ds_config", "resume", "lora_r", "save_steps",
-             "skip_nonfinite_loss", "per_device_train_batch_size", "max_steps", "output_dir")
+    names = (
+        "model_name",
+        "gc_q_chunk_size",
+        "learning_rate",
+        "ds_config",
+        "resume",
+        "lora_r",
+        "save_steps",
+        "skip_nonfinite_loss",
+        "per_device_train_batch_size",
+        "max_steps",
+        "output_dir",
+    )
     for name in names:
         assert f"--{name}" in text
-    assert text.count("(default:") >= len([f for f in TrainConfig.__dataclass_fields__.values()
-                                            if not f.metadata.get("internal")]) - 8
+    assert (
+        text.count("(default:")
+        >= len([f for f in TrainConfig.__dataclass_fields__.values() if not f.metadata.get("internal")]) - 8
+    )
     assert "(default: 0.02)" in text and "(default: 'demo:emoji')" in text
     assert "default run (--model_name demo:emoji)" in text and "--symmetric_loss True" in text
 
@@ -66,13 +79,17 @@ def test_default_run_takes_the_demo_recipe_unless_set():
     recipe = DemoRecipe()
     config = load_config([], validate=False)
     assert config.model_name == "demo:emoji"
-    assert (config.max_steps, config.train_batch_size, config.learning_rate) == (recipe.steps,
-                                                                                 recipe.batch_size, recipe.lr)
+    assert (config.max_steps, config.train_batch_size, config.learning_rate) == (
+        recipe.steps,
+        recipe.batch_size,
+        recipe.lr,
+    )
     assert (config.temperature, config.symmetric_loss) == (recipe.temperature, recipe.symmetric)
     assert config.lora_r == recipe.lora_r
     assert config.subset_name == list(recipe.train_sets) and config.pooling == recipe.pooling
-    config = load_config(["--max_steps", "2", "--per_device_train_batch_size", "4", "--temperature", "0.1"],
-                         validate=False)
+    config = load_config(
+        ["--max_steps", "2", "--per_device_train_batch_size", "4", "--temperature", "0.1"], validate=False
+    )
     assert (config.max_steps, config.per_device_train_batch_size, config.temperature) == (2, 4, 0.1)
     assert config.train_batch_size is None and config.learning_rate == recipe.lr
     tiny = load_config(["--model_name", "tiny:qwen2_vl"], validate=False)
@@ -82,16 +99,26 @@ def test_default_run_takes_the_demo_recipe_unless_set():
 
 def test_yaml_then_command_line(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model_name: tiny:qwen2_vl\nlearning_rate: 1e-5\nlora_r: 4\nsubset_name: [A, B]\n"
-                    "bf16: true\nmax_steps: 7\n")
-    config = load_config(["--config", str(path), "--lora_r", "8", "--lr", "3e-4", "--grad_cache", "false"],
-                         validate=False)
+    path.write_text(
+        "model_name: tiny:qwen2_vl\nlearning_rate: 1e-5\nlora_r: 4\nsubset_name: [A, B]\n"
+        "bf16: true\nmax_steps: 7\n"
+    )
+    config = load_config(
+        ["--config", str(path), "--lora_r", "8", "--lr", "3e-4", "--grad_cache", "false"], validate=False
+    )
     assert (config.lora_r, config.learning_rate, config.bf16) == (8, 3e-4, True)
     assert config.subset_name == ["A", "B"]
     assert config.max_steps == 7 and config.grad_cache is False
     assert config.temperature == TrainConfig().temperature  # untouched default
-    assert config.explicit == {"model_name", "learning_rate", "lora_r", "subset_name", "bf16", "max_steps",
-                               "grad_cache"}
+    assert config.explicit == {
+        "model_name",
+        "learning_rate",
+        "lora_r",
+        "subset_name",
+        "bf16",
+        "max_steps",
+        "grad_cache",
+    }
 
 
 def test_reference_command_lines_run_unchanged():
@@ -117,8 +144,9 @@ def test_paper_setups_and_deepspeed_configs():
         assert per_device_batch_size(config, 8) == 128
     stages = [(0, "ds_zero0"), (1, "ds_zero1"), (2, "ds_zero2"), (3, "ds_zero3"), (3, "ds_zero3_offload")]
     for stage, name in stages:
-        config = load_config(["--ds_config", os.path.join(CONFIGS, f"{name}.json"), "--bf16",
-                              "--model_name", "tiny:qwen2_vl"])
+        config = load_config(
+            ["--ds_config", os.path.join(CONFIGS, f"{name}.json"), "--bf16", "--model_name", "tiny:qwen2_vl"]
+        )
         ds = resolve_ds_config(config, 4)
         assert ds["zero_optimization"]["stage"] == stage
         assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["train_batch_size"] == 32
@@ -173,23 +201,28 @@ def test_bad_options_name_the_option(argv, expected):
 
 def test_bad_yaml_names_file_and_key(tmp_path):
     path = tmp_path / "bad.yaml"
-    for text, expected in [("learning_rat: 1e-4\n", "unknown key 'learning_rat' (did you mean learning_rate"),
-                           ("max_steps: ten\n", "max_steps must be an integer, got 'ten'"),
-                           ("lora: 3\n", "lora must be true or false, got 3"),
-                           ("subset_name: {a: 1}\n", "subset_name must be a list of names"),
-                           ("- just\n- a list\n", "must hold a mapping of option: value"),
-                           ("a: [unclosed\n", "is not valid YAML")]:
+    for text, expected in [
+        ("learning_rat: 1e-4\n", "unknown key 'learning_rat' (did you mean learning_rate"),
+        ("max_steps: ten\n", "max_steps must be an integer, got 'ten'"),
+        ("lora: 3\n", "lora must be true or false, got 3"),
+        ("subset_name: {a: 1}\n", "subset_name must be a list of names"),
+        ("- just\n- a list\n", "must hold a mapping of option: value"),
+        ("a: [unclosed\n", "is not valid YAML"),
+    ]:
         path.write_text(text)
         message = _error(["--config", str(path)])
         assert expected in message and str(path) in message, message
 
 
 def test_errors_come_before_any_model_or_engine_is_built():
-    code = ("import sys\nfrom vlm2vec.train import main\nrc = main(sys.argv[1:])\n"
-            "print('RESULT', rc, 'transformers' in sys.modules, 'deepspeed' in sys.modules)")
+    code = (
+        "import sys\nfrom vlm2vec.train import main\nrc = main(sys.argv[1:])\n"
+        "print('RESULT', rc, 'transformers' in sys.modules, 'deepspeed' in sys.modules)"
+    )
     for argv in (["--dataset_name", "/no/such/mmeb"], ["--max_steps", "ten"], ["--bogus", "1"]):
-        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
         assert "RESULT 2 False False" in proc.stdout, (argv, proc.stdout, proc.stderr[-2000:])
         assert proc.stderr.startswith("vlm2vec/train.py: error: "), proc.stderr
 

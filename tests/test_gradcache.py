@@ -45,8 +45,10 @@ class DropoutEncoder(nn.Module):
 def make_rows(n: int, seed: int, vocab: int = 50, max_len: int = 9) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(2, max_len + 1, (n,), generator=g)
-    return {"input_ids": torch.randint(0, vocab, (n, max_len), generator=g),
-            "attention_mask": (torch.arange(max_len)[None] < lengths[:, None]).long()}
+    return {
+        "input_ids": torch.randint(0, vocab, (n, max_len), generator=g),
+        "attention_mask": (torch.arange(max_len)[None] < lengths[:, None]).long(),
+    }
 
 
 def chunked(rows: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -71,8 +73,9 @@ def run_step(model, queries, cands, q_chunk, c_chunk, *, grad_cache, seed, group
     def loss_fn(q, c):
         return contrastive_loss(q, c, 0.05, normalize=False, targets=targets, group=group)
 
-    loss = contrastive_step(model, chunked(queries, q_chunk), chunked(cands, c_chunk), loss_fn,
-                            grad_cache=grad_cache)
+    loss = contrastive_step(
+        model, chunked(queries, q_chunk), chunked(cands, c_chunk), loss_fn, grad_cache=grad_cache
+    )
     loss.backward()
     return loss.detach(), grads_of(model)
 
@@ -135,8 +138,9 @@ def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.manual_seed(0)
             model = DropoutEncoder().train(mode == "train")
             for grad_cache in (True, False):
-                loss, grads = run_step(model, q, c, 2, 3, grad_cache=grad_cache, seed=100 + rank,
-                                       group=dist.group.WORLD)
+                loss, grads = run_step(
+                    model, q, c, 2, 3, grad_cache=grad_cache, seed=100 + rank, group=dist.group.WORLD
+                )
                 dist.all_reduce(grads)  # data-parallel averaging, as DDP / DeepSpeed do
                 dist.all_reduce(loss)
                 results[(mode, grad_cache)] = (loss / WORLD, grads / WORLD)
@@ -184,8 +188,12 @@ def tiny_qwen():
 def _tiny_batch(model):
     colors = ["red", "green", "blue", "yellow", "purple", "orange"]
     images = [Image.new("RGB", (56, 56), c) for c in colors]
-    q_texts = ["<|image_1|> what color is this?", "find the matching red square",
-               "<|image_1|> name the shape", "a caption about a blue circle"]
+    q_texts = [
+        "<|image_1|> what color is this?",
+        "find the matching red square",
+        "<|image_1|> name the shape",
+        "a caption about a blue circle",
+    ]
     q_images = [images[0], None, images[1], None]
     represent = "<|image_1|> Represent the given image."
     c_texts = ["a red image", represent, "green", represent]
@@ -204,9 +212,13 @@ def _tiny_step(model, q_chunks, c_chunks, *, grad_cache, reuse, seed=3):
     try:
         ctx = model.reuse_vision_features() if reuse else torch.enable_grad()
         with ctx:
-            loss = contrastive_step(model, q_chunks, c_chunks,
-                                    lambda q, c: contrastive_loss(q, c, 0.05, normalize=False),
-                                    grad_cache=grad_cache)
+            loss = contrastive_step(
+                model,
+                q_chunks,
+                c_chunks,
+                lambda q, c: contrastive_loss(q, c, 0.05, normalize=False),
+                grad_cache=grad_cache,
+            )
             loss.backward()
     finally:
         handle.remove()

@@ -32,12 +32,38 @@ def data_dir(tmp_path_factory) -> str:
 
 
 def _args(data: str, out: str, *extra: str) -> list[str]:
-    return ["vlm2vec/train.py", "--model_name", "tiny:qwen2_vl", "--dataset_name", data,
-            "--subset_name", "ShapeRetrieval_t2i", "ShapeClassification",
-            "--num_hard_negatives", "1", "--per_device_train_batch_size", "4", "--gc_q_chunk_size", "2",
-            "--gc_p_chunk_size", "3", "--max_steps", str(STEPS), "--save_steps", str(SAVE_EVERY),
-            "--learning_rate", "1e-3", "--temperature", "0.05", "--output_dir", out, "--report_to", "none",
-            "--disable_tqdm", *extra]
+    return [
+        "vlm2vec/train.py",
+        "--model_name",
+        "tiny:qwen2_vl",
+        "--dataset_name",
+        data,
+        "--subset_name",
+        "ShapeRetrieval_t2i",
+        "ShapeClassification",
+        "--num_hard_negatives",
+        "1",
+        "--per_device_train_batch_size",
+        "4",
+        "--gc_q_chunk_size",
+        "2",
+        "--gc_p_chunk_size",
+        "3",
+        "--max_steps",
+        str(STEPS),
+        "--save_steps",
+        str(SAVE_EVERY),
+        "--learning_rate",
+        "1e-3",
+        "--temperature",
+        "0.05",
+        "--output_dir",
+        out,
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        *extra,
+    ]
 
 
 def _losses(out: str) -> dict[int, float]:
@@ -53,14 +79,33 @@ def _free_port() -> int:
 
 def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                str(_free_port())]
-    done = subprocess.run([*torchrun, *_args(data_dir, reference)], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=300)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(_free_port()),
+    ]
+    done = subprocess.run(
+        [*torchrun, *_args(data_dir, reference)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
-    proc = subprocess.Popen([sys.executable, *_args(data_dir, killed)], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *_args(data_dir, killed)],
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     first = os.path.join(killed, f"checkpoint-{SAVE_EVERY}", "trainer_state.json")
     deadline = time.monotonic() + 240
     while not os.path.exists(first) and proc.poll() is None and time.monotonic() < deadline:
@@ -92,8 +137,12 @@ def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
     from vlm2vec.checkpoint import TRAINER_STATE, list_checkpoints, resolve_resume
 
     assert resolve_resume("auto", str(tmp_path)) is None  # nothing yet: a fresh start
-    for name, complete in [("checkpoint-4", True), ("checkpoint-12", True), ("checkpoint-16", False),
-                           (".tmp-checkpoint-20", True)]:
+    for name, complete in [
+        ("checkpoint-4", True),
+        ("checkpoint-12", True),
+        ("checkpoint-16", False),
+        (".tmp-checkpoint-20", True),
+    ]:
         os.makedirs(tmp_path / name)
         if complete:
             (tmp_path / name / TRAINER_STATE).write_text("{}")

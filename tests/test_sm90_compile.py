@@ -1,6 +1,6 @@
 """GPU readiness without a GPU: every shipped kernel configuration compiles for the H100 (sm_90).
 
-Runs kernels/sm90_report.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter that
+Runs vlm2vec_kernels/sm90_report.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter that
 conftest selects, `@triton.jit` gives no compiler). Checks Hopper HGMMA in every dot kernel's
 SASS, no register spills, shared memory within the SM, and that nothing shipped is left out.
 The report table is printed with capture disabled and written to the pytest temp dir, so it shows
@@ -20,8 +20,13 @@ SHARED_LIMIT = 228 * 1024
 def test_every_shipped_kernel_compiles_for_h100(tmp_path, capsys):
     report = tmp_path / "sm90_report.json"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "vlm2vec_kernels.sm90_report", "--json", str(report)],
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlm2vec_kernels.sm90_report", "--json", str(report)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     (tmp_path / "sm90_report.txt").write_text(proc.stdout)
     with capsys.disabled():
         print("\n" + proc.stdout)

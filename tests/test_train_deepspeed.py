@@ -23,8 +23,14 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REDUCE_OPS = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor",
-              "_reduce_scatter_base")
+REDUCE_OPS = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "_reduce_scatter_base",
+)
 STEPS = 8
 
 
@@ -95,9 +101,23 @@ def test_deepspeed_entry_point_trains_tiny_model_and_output_loads(tmp_path):
     from vlm2vec.model import VLM2Vec
 
     out = tmp_path / "run"
-    _launch(["vlm2vec/train.py", "--ds_config", "configs/ds_zero2.json", "--output_dir", str(out),
-             "--model_name", "tiny:qwen2_vl", "--max_steps", "3", "--save_steps", "2", "--disable_tqdm"],
-            timeout=400)  # the default model is the emoji demo (tests/test_train_default.py)
+    _launch(
+        [
+            "vlm2vec/train.py",
+            "--ds_config",
+            "configs/ds_zero2.json",
+            "--output_dir",
+            str(out),
+            "--model_name",
+            "tiny:qwen2_vl",
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "2",
+            "--disable_tqdm",
+        ],
+        timeout=400,
+    )  # the default model is the emoji demo (tests/test_train_default.py)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in log)
@@ -228,8 +248,9 @@ def _one_step(config_args: list[str], mode: str, stage: int, counter: ReductionC
                     engine.backward((engine.module(inputs) * grad).sum())
                 engine.step()
         else:
-            loss = contrastive_step(engine.module, batch.query_chunks, batch.cand_chunks, loss_fn,
-                                    grad_cache=mode != "plain")
+            loss = contrastive_step(
+                engine.module, batch.query_chunks, batch.cand_chunks, loss_fn, grad_cache=mode != "plain"
+            )
             with counter.counting() as ops:
                 engine.backward(loss)
                 engine.step()
@@ -254,8 +275,13 @@ def _nonfinite_runs(common: list[str], out: str) -> dict:
     result = train.train(load_config([*args, "--output_dir", skip_dir, "--skip_nonfinite_loss"]))
     result.engine.destroy()
     losses = [result.losses[s] for s in sorted(result.losses)]
-    return {"error": error, "stop_dir": os.path.join(out, "nan_stop"), "skip_dir": skip_dir,
-            "skipped_steps": result.skipped_steps, "losses": losses}
+    return {
+        "error": error,
+        "stop_dir": os.path.join(out, "nan_stop"),
+        "skip_dir": skip_dir,
+        "skipped_steps": result.skipped_steps,
+        "losses": losses,
+    }
 
 
 def _worker(argv: list[str]) -> int:
@@ -276,10 +302,27 @@ def _worker(argv: list[str]) -> int:
     os.makedirs(args.out, exist_ok=True)
     dist.barrier()
     results = {}
-    common = ["--model_name", "tiny:qwen2_vl", "--dataset_name", args.data,
-              "--subset_name", "ShapeClassification",
-              "--num_sample_per_subset", "8", "--per_device_train_batch_size", "4", "--temperature", "0.05",
-              "--lora_r", "8", "--lora_alpha", "16", "--report_to", "none", "--disable_tqdm"]
+    common = [
+        "--model_name",
+        "tiny:qwen2_vl",
+        "--dataset_name",
+        args.data,
+        "--subset_name",
+        "ShapeClassification",
+        "--num_sample_per_subset",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--temperature",
+        "0.05",
+        "--lora_r",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+    ]
     try:
         for stage in (0, 1, 2, 3):
             ds_config = _stage_config(stage, args.out) if rank == 0 else None
@@ -296,8 +339,21 @@ def _worker(argv: list[str]) -> int:
                 "step_size": float((params["plain"] - before).abs().max()),
             }
             out_dir = os.path.join(args.out, f"train{stage}")
-            config = load_config([*common, "--ds_config", holder[0], "--output_dir", out_dir, "--max_steps",
-                                  str(STEPS), "--save_steps", str(STEPS // 2), "--learning_rate", "1e-3"])
+            config = load_config(
+                [
+                    *common,
+                    "--ds_config",
+                    holder[0],
+                    "--output_dir",
+                    out_dir,
+                    "--max_steps",
+                    str(STEPS),
+                    "--save_steps",
+                    str(STEPS // 2),
+                    "--learning_rate",
+                    "1e-3",
+                ]
+            )
             result = train.train(config)
             mine = _flat_trainable(result.engine, stage)
             everyone = [torch.empty_like(mine) for _ in range(world)]

@@ -226,8 +226,9 @@ def test_split_count_fills_the_gpu_and_stays_bounded():
 
 
 def test_bad_arguments_are_named():
-    q, c, rs, cs = (t.to(DEVICE) for t in (torch.randn(4, 8), torch.randn(6, 8), torch.ones(4),
-                                           torch.ones(6)))
+    q, c, rs, cs = (
+        t.to(DEVICE) for t in (torch.randn(4, 8), torch.randn(6, 8), torch.ones(4), torch.ones(6))
+    )
     with pytest.raises(ValueError, match="share D"):
         engine.row_lse(q, c[:, :7], rs, cs)
     with pytest.raises(TypeError, match="same dtype"):

@@ -107,29 +107,29 @@ def default_save(hf_model: nn.Module, processor: Any, directory: str) -> None:
 class BackboneFamily:
     """Everything family-specific; model.py never branches on the family name.
 
-    name: registry key, written to vlm2vec.json. model_types: `config.model_type` values that identify
-    the family (auto-detection). image_token: what `<|image_1|>` becomes in the text. padding_side:
-    default padding side for batches. lora_targets: default peft target module names (LLM only, so the
-    vision tower stays frozen).
+        name: registry key, written to vlm2vec.json. model_types: `config.model_type` values that identify
+        the family (auto-detection). image_token: what `<|image_1|>` becomes in the text. padding_side:
+        default padding side for batches. lora_targets: default peft target module names (LLM only, so the
+        vision tower stays frozen).
 
-    Hooks:
-      load(path_or_id, *, dtype, attn_implementation, quantization, settings[, device]) -> (hf_model,
-          processor); `device` is optional in the signature (when absent the model is moved after load)
-      tiny() -> (hf_model, processor): random init, built offline (tests, benchmarks).
-      prepare(processor, texts, images, max_len, packed=False, *, padding_side, settings) -> inputs:
-          pads only to the longest row of this call (or packs: input_ids [1, T] + position_ids +
-          cu_seqlens); `attention_mask` [N, L] is present whenever the result is padded; raises
-          ValueError naming the row when max_len would cut image tokens.
-      hidden_states(hf_model, inputs) -> last-layer hidden states [N, L, H] ([1, T, H] when packed).
-          hf_model is the unwrapped model (peft layers injected in place still run). Pooling then reads
-          inputs["attention_mask"] (padded) or inputs["cu_seqlens"] (packed).
-      vision_tower(hf_model) -> the frozen image encoder module, or None.
-      save(hf_model, processor, directory): writes what `load(directory, ...)` reads back.
-    module: importable module that registers this family (so a saved directory of a non-built-in
-    family loads after `import module`). default_settings: ProcessorSettings used by from_pretrained
-    unless vlm2vec.json or arguments say otherwise. supports_packed: prepare(packed=True) works.
-modules_to_save: modules trained in full beside a LoRA adapter and saved with it (peft's
-modules_to_save), e.g. a freshly initialised projector.
+        Hooks:
+          load(path_or_id, *, dtype, attn_implementation, quantization, settings[, device]) -> (hf_model,
+              processor); `device` is optional in the signature (when absent the model is moved after load)
+          tiny() -> (hf_model, processor): random init, built offline (tests, benchmarks).
+          prepare(processor, texts, images, max_len, packed=False, *, padding_side, settings) -> inputs:
+              pads only to the longest row of this call (or packs: input_ids [1, T] + position_ids +
+              cu_seqlens); `attention_mask` [N, L] is present whenever the result is padded; raises
+              ValueError naming the row when max_len would cut image tokens.
+          hidden_states(hf_model, inputs) -> last-layer hidden states [N, L, H] ([1, T, H] when packed).
+              hf_model is the unwrapped model (peft layers injected in place still run). Pooling then reads
+              inputs["attention_mask"] (padded) or inputs["cu_seqlens"] (packed).
+          vision_tower(hf_model) -> the frozen image encoder module, or None.
+          save(hf_model, processor, directory): writes what `load(directory, ...)` reads back.
+        module: importable module that registers this family (so a saved directory of a non-built-in
+        family loads after `import module`). default_settings: ProcessorSettings used by from_pretrained
+        unless vlm2vec.json or arguments say otherwise. supports_packed: prepare(packed=True) works.
+    modules_to_save: modules trained in full beside a LoRA adapter and saved with it (peft's
+    modules_to_save), e.g. a freshly initialised projector.
     """
 
     name: str

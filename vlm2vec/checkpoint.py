@@ -167,10 +167,17 @@ def load_checkpoint(engine: Any, path: str) -> dict[str, Any]:
     state = read_trainer_state(path)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if state.get("world_size", world) != world:
-        raise ValueError(f"{path} was written by {state['world_size']} processes, this run has {world}; "
-                         "resume with the same number of processes")
-    load_path, _ = engine.load_checkpoint(path, tag=DEEPSPEED_TAG, load_module_strict=False,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        raise ValueError(
+            f"{path} was written by {state['world_size']} processes, this run has {world}; "
+            "resume with the same number of processes"
+        )
+    load_path, _ = engine.load_checkpoint(
+        path,
+        tag=DEEPSPEED_TAG,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
     if load_path is None:
         raise ValueError(f"DeepSpeed found no state under {os.path.join(path, DEEPSPEED_TAG)}")
     restore_rng(torch.load(os.path.join(path, f"rng_state_{_rank()}.pt"), weights_only=False))

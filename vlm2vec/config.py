@@ -33,9 +33,18 @@ DEMO_MODEL = "demo:emoji"  # the default run: the embedded emoji demo (vlm2vec/d
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # the reference implementation's `--model_backbone` values -> our family names
-BACKBONE_ALIASES = {"phi": "phi3_v", "phi3v": "phi3_v", "phi35v": "phi3_v", "phi3_5_v": "phi3_v",
-                    "llava": "llava_next", "llava_next": "llava_next", "qwen2_vl": "qwen2_vl",
-                    "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "phi3_v": "phi3_v"}
+BACKBONE_ALIASES = {
+    "phi": "phi3_v",
+    "phi3v": "phi3_v",
+    "phi35v": "phi3_v",
+    "phi3_5_v": "phi3_v",
+    "llava": "llava_next",
+    "llava_next": "llava_next",
+    "qwen2_vl": "qwen2_vl",
+    "qwen2_5_vl": "qwen2_5_vl",
+    "qwen3_vl": "qwen3_vl",
+    "phi3_v": "phi3_v",
+}
 
 # HF / reference options that published command lines pass but that have no effect here (why in value)
 IGNORED_OPTIONS = {
@@ -56,8 +65,14 @@ class ConfigError(ValueError):
     """A bad option: the message names it and says what is wrong."""
 
 
-def _opt(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: Sequence[Any] | None = None,
-         factory: Any = None) -> Any:
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    aliases: tuple[str, ...] = (),
+    choices: Sequence[Any] | None = None,
+    factory: Any = None,
+) -> Any:
     meta = {"help": help, "aliases": aliases, "choices": tuple(choices) if choices else None}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
@@ -69,67 +84,94 @@ class TrainConfig:
     """All options of `vlm2vec/train.py` (see `--help`)."""
 
     # --- model -----------------------------------------------------------------------------------
-    model_name: str = _opt(DEMO_MODEL, f"HF hub id or local directory of the backbone, tiny:<family> for "
-                           f"a tiny randomly initialised model (tests), or {DEMO_MODEL} for the embedded CPU "
-                           "demo (EfficientNet-Lite0 + all-MiniLM-L6-v2 on Noto emoji; unset options take "
-                           "its recipe, see the end of --help)")
-    model_backbone: str | None = _opt(None, "backbone family (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_next, "
-                                      "phi3_v; reference names like 'phi' accepted); default: detected")
-    checkpoint_path: str | None = _opt(None, "start from a saved VLM2Vec directory (its LoRA adapter is "
-                                       "trained further)")
+    model_name: str = _opt(
+        DEMO_MODEL,
+        f"HF hub id or local directory of the backbone, tiny:<family> for "
+        f"a tiny randomly initialised model (tests), or {DEMO_MODEL} for the embedded CPU "
+        "demo (EfficientNet-Lite0 + all-MiniLM-L6-v2 on Noto emoji; unset options take "
+        "its recipe, see the end of --help)",
+    )
+    model_backbone: str | None = _opt(
+        None,
+        "backbone family (qwen2_vl, qwen2_5_vl, qwen3_vl, llava_next, "
+        "phi3_v; reference names like 'phi' accepted); default: detected",
+    )
+    checkpoint_path: str | None = _opt(
+        None, "start from a saved VLM2Vec directory (its LoRA adapter is trained further)"
+    )
     pooling: str = _opt("last", "embedding pooling", choices=POOLINGS)
     normalize: bool = _opt(True, "L2-normalise embeddings (similarity = cosine)")
     temperature: float = _opt(0.02, "InfoNCE temperature")
     symmetric_loss: bool = _opt(False, "add the target->query InfoNCE direction (CLIP style)")
     max_len: int = _opt(256, "maximum tokens per input (image tokens included; never cut)")
-    image_resolution: str | None = _opt(None, "resize images first: low 336x336, high 1344x1344, native",
-                                        choices=RESOLUTIONS)
+    image_resolution: str | None = _opt(
+        None, "resize images first: low 336x336, high 1344x1344, native", choices=RESOLUTIONS
+    )
     num_crops: int | None = _opt(None, "Phi-3.5-V HD crops (paper: 4)")
     min_pixels: int | None = _opt(None, "Qwen dynamic resolution lower bound", aliases=("resize_min_pixels",))
     max_pixels: int | None = _opt(None, "Qwen dynamic resolution upper bound", aliases=("resize_max_pixels",))
-    attn_implementation: str = _opt("auto", "attention kernel: auto (flash_attention_2 on CUDA when "
-                                    "installed, else sdpa), sdpa, eager, flash_attention_2")
+    attn_implementation: str = _opt(
+        "auto",
+        "attention kernel: auto (flash_attention_2 on CUDA when "
+        "installed, else sdpa), sdpa, eager, flash_attention_2",
+    )
     lora: bool = _opt(True, "train a LoRA adapter on the LLM (off: full fine-tuning)")
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(64, "LoRA alpha")
     lora_dropout: float = _opt(0.1, "LoRA dropout")
     lora_target_modules: str | None = _opt(None, "comma-separated module names; default: the family's")
     dora: bool = _opt(False, "DoRA instead of LoRA (released VLM2Vec Qwen2-VL checkpoints)")
-    quantization: str | None = _opt(None, "load the base in 4-bit NF4 (QLoRA; needs --lora)",
-                                    choices=("nf4",))
+    quantization: str | None = _opt(
+        None, "load the base in 4-bit NF4 (QLoRA; needs --lora)", choices=("nf4",)
+    )
     freeze_vision: bool = _opt(True, "keep the vision tower frozen", aliases=("image_encoder_freeze",))
     gradient_checkpointing: bool = _opt(False, "recompute the backbone's activations in backward")
 
     # --- data ------------------------------------------------------------------------------------
-    dataset_name: str | None = _opt(None, "MMEB-train: local directory/file or hub name "
-                                    "(TIGER-Lab/MMEB-train); default: small synthetic data",
-                                    aliases=("train_data",))
+    dataset_name: str | None = _opt(
+        None,
+        "MMEB-train: local directory/file or hub name (TIGER-Lab/MMEB-train); default: small synthetic data",
+        aliases=("train_data",),
+    )
     subset_name: list[str] | None = _opt(None, "subsets to train on (default: all found)")
-    dataset_split: str | None = _opt(None, "split of the hub data (original, diverse_instruction)",
-                                     aliases=("split_name",))
+    dataset_split: str | None = _opt(
+        None, "split of the hub data (original, diverse_instruction)", aliases=("split_name",)
+    )
     num_sample_per_subset: int | None = _opt(None, "keep at most N rows per subset")
     image_dir: str | None = _opt(None, "root that image paths are relative to (default: the data folder)")
     subset_weights: str = _opt("size", "how subsets are mixed: size or uniform", choices=("size", "uniform"))
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
-    missing_negatives: str = _opt("error", "a row with fewer hard negatives: error, or sample other rows' "
-                                  "positives", choices=("error", "sample"))
+    missing_negatives: str = _opt(
+        "error",
+        "a row with fewer hard negatives: error, or sample other rows' positives",
+        choices=("error", "sample"),
+    )
     skip_bad_rows: bool = _opt(False, "skip (and count) unreadable rows instead of stopping")
     sort_by_length: bool = _opt(True, "group rows of similar length into the same GradCache chunk")
     dataloader_num_workers: int = _opt(0, "background processes that load and prepare batches")
-    demo_dir: str = _opt("runs/emoji_demo", f"{DEMO_MODEL}: where the emoji data, image features and "
-                         "baseline evaluations are built once and reused")
+    demo_dir: str = _opt(
+        "runs/emoji_demo",
+        f"{DEMO_MODEL}: where the emoji data, image features and "
+        "baseline evaluations are built once and reused",
+    )
     demo_n_train: int = _opt(870, f"{DEMO_MODEL}: training emoji (fewer: a quick subset run)")
     demo_n_eval: int = _opt(1000, f"{DEMO_MODEL}: held-out emoji = retrieval candidates (fewer: quick run)")
 
     # --- step ------------------------------------------------------------------------------------
     per_device_train_batch_size: int = _opt(8, "queries per process per step")
-    train_batch_size: int | None = _opt(None, "global queries per step (overrides the per-device size: "
-                                        "divided by the number of processes)", aliases=("global_batch_size",))
+    train_batch_size: int | None = _opt(
+        None,
+        "global queries per step (overrides the per-device size: divided by the number of processes)",
+        aliases=("global_batch_size",),
+    )
     grad_cache: bool = _opt(True, "GradCache: encode in chunks, recompute each chunk in backward")
     gc_q_chunk_size: int = _opt(2, "GradCache chunk size for queries")
     gc_p_chunk_size: int = _opt(2, "GradCache chunk size for targets (positives + hard negatives)")
-    reuse_vision_features: bool = _opt(True, "frozen vision tower: reuse the first pass's image features "
-                                       "in the recompute (one vision pass per step)")
+    reuse_vision_features: bool = _opt(
+        True,
+        "frozen vision tower: reuse the first pass's image features "
+        "in the recompute (one vision pass per step)",
+    )
     cross_device_negatives: bool = _opt(True, "score every query against the candidates of all processes")
 
     # --- optimisation ----------------------------------------------------------------------------
@@ -151,12 +193,18 @@ class TrainConfig:
 
     # --- run -------------------------------------------------------------------------------------
     output_dir: str = _opt("runs/vlm2vec", "where the model, checkpoints and logs go")
-    ds_config: str | None = _opt(None, "DeepSpeed JSON (configs/ds_zero*.json); default: ZeRO-0",
-                                 aliases=("deepspeed", "deepspeed_config"))
+    ds_config: str | None = _opt(
+        None,
+        "DeepSpeed JSON (configs/ds_zero*.json); default: ZeRO-0",
+        aliases=("deepspeed", "deepspeed_config"),
+    )
     save_steps: int = _opt(500, "write a checkpoint every N steps and at the end (0: only at the end)")
     save_total_limit: int | None = _opt(None, "keep only the newest N checkpoints")
-    resume: str | None = _opt(None, "auto (newest checkpoint in output_dir, if any) or a checkpoint dir",
-                              aliases=("resume_from", "resume_from_checkpoint"))
+    resume: str | None = _opt(
+        None,
+        "auto (newest checkpoint in output_dir, if any) or a checkpoint dir",
+        aliases=("resume_from", "resume_from_checkpoint"),
+    )
     logging_steps: int = _opt(1, "log every N steps (JSONL + TensorBoard)")
     logging_dir: str | None = _opt(None, "TensorBoard directory (default: output_dir/tensorboard)")
     report_to: str = _opt("tensorboard", "metrics sink besides the JSONL log", choices=REPORT_TO)
@@ -165,14 +213,24 @@ class TrainConfig:
     local_rank: int = _opt(-1, "set by the deepspeed launcher")
 
     # filled by load_config: which options the user set (YAML or command line), and which were ignored
-    explicit: frozenset[str] = field(default_factory=frozenset, repr=False, compare=False,
-                                     metadata={"internal": True})
+    explicit: frozenset[str] = field(
+        default_factory=frozenset, repr=False, compare=False, metadata={"internal": True}
+    )
     ignored: tuple[str, ...] = field(default=(), repr=False, compare=False, metadata={"internal": True})
 
     def validate(self) -> TrainConfig:
         """Check values and paths; raise ConfigError naming the first bad option."""
-        positive = ("max_len", "per_device_train_batch_size", "gc_q_chunk_size", "gc_p_chunk_size", "lora_r",
-                    "lora_alpha", "logging_steps", "demo_n_train", "demo_n_eval")
+        positive = (
+            "max_len",
+            "per_device_train_batch_size",
+            "gc_q_chunk_size",
+            "gc_p_chunk_size",
+            "lora_r",
+            "lora_alpha",
+            "logging_steps",
+            "demo_n_train",
+            "demo_n_eval",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -191,17 +249,23 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1 or not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"--lora_dropout and --warmup_ratio must be in [0, 1), got "
-                              f"{self.lora_dropout} and {self.warmup_ratio}")
+            raise ConfigError(
+                f"--lora_dropout and --warmup_ratio must be in [0, 1), got "
+                f"{self.lora_dropout} and {self.warmup_ratio}"
+            )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_steps <= 0 and not self.num_train_epochs > 0:
-            raise ConfigError(f"set --max_steps > 0 or --num_train_epochs > 0 (got {self.max_steps} and "
-                              f"{self.num_train_epochs})")
+            raise ConfigError(
+                f"set --max_steps > 0 or --num_train_epochs > 0 (got {self.max_steps} and "
+                f"{self.num_train_epochs})"
+            )
         if self.fp16:
-            raise ConfigError("--fp16 is not supported (no loss scaling here, and DeepSpeed refuses fp16 on "
-                              "the CPU); use --bf16")
+            raise ConfigError(
+                "--fp16 is not supported (no loss scaling here, and DeepSpeed refuses fp16 on "
+                "the CPU); use --bf16"
+            )
         if self.quantization and not self.lora:
             raise ConfigError("--quantization nf4 trains a LoRA adapter on frozen 4-bit weights: add --lora")
         self._validate_model()
@@ -211,35 +275,52 @@ class TrainConfig:
     def _validate_model(self) -> None:
         if self.model_name == DEMO_MODEL:
             if self.demo_n_train + self.demo_n_eval > 1870:
-                raise ConfigError(f"--demo_n_train {self.demo_n_train} + --demo_n_eval {self.demo_n_eval} "
-                                  "exceeds the 1870 emoji available")
+                raise ConfigError(
+                    f"--demo_n_train {self.demo_n_train} + --demo_n_eval {self.demo_n_eval} "
+                    "exceeds the 1870 emoji available"
+                )
             if not self.lora:
-                raise ConfigError(f"--model_name {DEMO_MODEL} trains a LoRA adapter + the projector: drop "
-                                  "--lora false")
+                raise ConfigError(
+                    f"--model_name {DEMO_MODEL} trains a LoRA adapter + the projector: drop --lora false"
+                )
         elif self.model_name.startswith(TINY_PREFIX):
             from vlm2vec.backbones import tiny_families
 
-            family = self.model_name[len(TINY_PREFIX):]
+            family = self.model_name[len(TINY_PREFIX) :]
             if family not in tiny_families():
-                raise ConfigError(f"--model_name {self.model_name!r}: no tiny model of family {family!r}; "
-                                  f"choose one of {', '.join(TINY_PREFIX + f for f in tiny_families())}")
+                raise ConfigError(
+                    f"--model_name {self.model_name!r}: no tiny model of family {family!r}; "
+                    f"choose one of {', '.join(TINY_PREFIX + f for f in tiny_families())}"
+                )
         elif not os.path.exists(self.model_name) and (_offline() or not HUB_NAME.match(self.model_name)):
-            raise ConfigError(f"--model_name {self.model_name!r}: no such directory"
-                              + (" (and the hub is offline)" if _offline() else
-                                 ", and not a hub id like 'Qwen/Qwen2-VL-2B-Instruct'"))
+            raise ConfigError(
+                f"--model_name {self.model_name!r}: no such directory"
+                + (
+                    " (and the hub is offline)"
+                    if _offline()
+                    else ", and not a hub id like 'Qwen/Qwen2-VL-2B-Instruct'"
+                )
+            )
         if self.model_backbone is not None and self.model_backbone.lower() not in BACKBONE_ALIASES:
             from vlm2vec.backbones import FAMILIES
 
             if self.model_backbone not in FAMILIES:
-                raise ConfigError(f"--model_backbone {self.model_backbone!r} is unknown; choose one of "
-                                  f"{', '.join(sorted(set(BACKBONE_ALIASES.values())))}")
+                raise ConfigError(
+                    f"--model_backbone {self.model_backbone!r} is unknown; choose one of "
+                    f"{', '.join(sorted(set(BACKBONE_ALIASES.values())))}"
+                )
 
     def _validate_paths(self) -> None:
         if self.dataset_name is not None and not os.path.exists(self.dataset_name):
             if _offline() or not HUB_NAME.match(self.dataset_name):
-                raise ConfigError(f"--dataset_name {self.dataset_name!r}: no such file or directory"
-                                  + (" (and the hub is offline)" if _offline() else
-                                     ", and not a hub name like 'TIGER-Lab/MMEB-train'"))
+                raise ConfigError(
+                    f"--dataset_name {self.dataset_name!r}: no such file or directory"
+                    + (
+                        " (and the hub is offline)"
+                        if _offline()
+                        else ", and not a hub name like 'TIGER-Lab/MMEB-train'"
+                    )
+                )
         for name in ("image_dir", "checkpoint_path"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
@@ -255,7 +336,7 @@ class TrainConfig:
     def family(self) -> str | None:
         """Backbone family requested by --model_backbone or a tiny: model name (None: detect)."""
         if self.model_name.startswith(TINY_PREFIX):
-            return self.model_name[len(TINY_PREFIX):]
+            return self.model_name[len(TINY_PREFIX) :]
         if self.model_backbone is None:
             return None
         return BACKBONE_ALIASES.get(self.model_backbone.lower(), self.model_backbone)
@@ -265,8 +346,10 @@ class TrainConfig:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(
+        os.environ.get(v, "0").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -333,8 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win)")
     hints = _hints()
     groups: dict[str, Any] = {}
-    group_of = {"model_name": "model", "dataset_name": "data", "per_device_train_batch_size": "step",
-                "max_steps": "optimisation", "output_dir": "run"}
+    group_of = {
+        "model_name": "model",
+        "dataset_name": "data",
+        "per_device_train_batch_size": "step",
+        "max_steps": "optimisation",
+        "output_dir": "run",
+    }
     group = parser
     for f in _fields():
         if f.name in group_of:
@@ -359,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
         group.add_argument(*names, **kwargs)
     compat = parser.add_argument_group("accepted for compatibility (no effect)")
     for name, why in IGNORED_OPTIONS.items():
-        compat.add_argument(f"--{name}", dest=f"ignored:{name}", nargs="?", const=True, metavar="VALUE",
-                            help=why)
+        compat.add_argument(
+            f"--{name}", dest=f"ignored:{name}", nargs="?", const=True, metavar="VALUE", help=why
+        )
     return parser
 
 
@@ -369,10 +458,12 @@ def _demo_epilog() -> str:
 
     shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in recipe_defaults().items()}
     values = ", ".join(f"--{k} {v}" for k, v in shown.items())
-    return (f"default run (--model_name {DEMO_MODEL}): builds the emoji data set in --demo_dir, evaluates "
-            "the untrained model and a linear probe, trains LoRA on MiniLM + the projector with GradCache "
-            "under DeepSpeed, evaluates the trained model and prints the table (image->name P@1 last). "
-            f"Options not set take the demo recipe's values instead of the defaults above: {values}.")
+    return (
+        f"default run (--model_name {DEMO_MODEL}): builds the emoji data set in --demo_dir, evaluates "
+        "the untrained model and a linear probe, trains LoRA on MiniLM + the projector with GradCache "
+        "under DeepSpeed, evaluates the trained model and prints the table (image->name P@1 last). "
+        f"Options not set take the demo recipe's values instead of the defaults above: {values}."
+    )
 
 
 def _suggest(name: str, prefix: str = "--") -> str:
@@ -505,13 +596,16 @@ def per_device_batch_size(config: TrainConfig, world_size: int) -> int:
     if config.train_batch_size is None:
         return config.per_device_train_batch_size
     if config.train_batch_size % world_size:
-        raise ConfigError(f"--train_batch_size {config.train_batch_size} is not divisible by the "
-                          f"{world_size} processes")
+        raise ConfigError(
+            f"--train_batch_size {config.train_batch_size} is not divisible by the {world_size} processes"
+        )
     per_device = config.train_batch_size // world_size
     if "per_device_train_batch_size" in config.explicit and per_device != config.per_device_train_batch_size:
-        raise ConfigError(f"--train_batch_size {config.train_batch_size} over {world_size} processes gives "
-                          f"{per_device} per device, but --per_device_train_batch_size is "
-                          f"{config.per_device_train_batch_size}; set only one of them")
+        raise ConfigError(
+            f"--train_batch_size {config.train_batch_size} over {world_size} processes gives "
+            f"{per_device} per device, but --per_device_train_batch_size is "
+            f"{config.per_device_train_batch_size}; set only one of them"
+        )
     return per_device
 
 
@@ -527,18 +621,24 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         if current == "auto":
             container[key] = value
         elif option in config.explicit and current != value:
-            raise ConfigError(f"{source} sets {key}={current!r} but --{option} is {value!r}; make them agree "
-                              f"or write \"auto\" in the JSON")
+            raise ConfigError(
+                f"{source} sets {key}={current!r} but --{option} is {value!r}; make them agree "
+                f'or write "auto" in the JSON'
+            )
         return container[key]
 
     settle(ds, "train_micro_batch_size_per_gpu", "per_device_train_batch_size", micro)
     if ds["train_micro_batch_size_per_gpu"] != micro:
-        raise ConfigError(f"{source}: train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
-                          f"but this run uses {micro} queries per device; write \"auto\"")
+        raise ConfigError(
+            f"{source}: train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
+            f'but this run uses {micro} queries per device; write "auto"'
+        )
     gas = ds.setdefault("gradient_accumulation_steps", 1)
     if gas not in (1, "auto"):
-        raise ConfigError(f"{source}: gradient_accumulation_steps={gas}; GradCache replaces gradient "
-                          "accumulation here (tune --gc_q_chunk_size/--gc_p_chunk_size for memory) - set 1")
+        raise ConfigError(
+            f"{source}: gradient_accumulation_steps={gas}; GradCache replaces gradient "
+            "accumulation here (tune --gc_q_chunk_size/--gc_p_chunk_size for memory) - set 1"
+        )
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = micro * world_size
     settle(ds, "gradient_clipping", "max_grad_norm", config.max_grad_norm)
@@ -548,8 +648,10 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"{source} enables fp16, which this trainer does not support; use bf16")
     ds.pop("fp16", None)
     if "scheduler" in ds:
-        raise ConfigError(f"{source} has a 'scheduler' section; the schedule comes from --lr_scheduler_type, "
-                          "--warmup_steps and --learning_rate - remove it")
+        raise ConfigError(
+            f"{source} has a 'scheduler' section; the schedule comes from --lr_scheduler_type, "
+            "--warmup_steps and --learning_rate - remove it"
+        )
     if "optimizer" in ds:  # DeepSpeed builds it (e.g. DeepSpeedCPUAdam for ZeRO-Offload)
         params = ds["optimizer"].setdefault("params", {})
         settle(params, "lr", "learning_rate", config.learning_rate)
@@ -558,11 +660,13 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         settle(params, "weight_decay", "weight_decay", config.weight_decay)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if config.quantization and zero.get("stage", 0) == 3:
-        raise ConfigError("--quantization nf4 cannot be combined with ZeRO-3 (4-bit weights cannot be "
-                          f"partitioned); use a ZeRO 0-2 config instead of {source}")
+        raise ConfigError(
+            "--quantization nf4 cannot be combined with ZeRO-3 (4-bit weights cannot be "
+            f"partitioned); use a ZeRO 0-2 config instead of {source}"
+        )
     for key, value in list(zero.items()):
         if value == "auto":
-            raise ConfigError(f"{source}: zero_optimization.{key} is \"auto\"; give a number")
+            raise ConfigError(f'{source}: zero_optimization.{key} is "auto"; give a number')
     ds.setdefault("steps_per_print", 2**31 - 1)
     return ds
 

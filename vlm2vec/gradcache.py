@@ -88,8 +88,10 @@ def encode_chunks(encoder: Encoder, chunks: Sequence[Inputs], *, grad_cache: boo
         # pair up around forward (DeepSpeed ZeRO-3 gathers/releases parameters) always see both halves.
         # RNG: our own replay (torch's only covers devices of tensor arguments; inputs may sit on the CPU)
         with set_checkpoint_early_stop(False):
-            reps = [checkpoint(SameRandomness(encoder), c, use_reentrant=False, preserve_rng_state=False)
-                    for c in chunks]
+            reps = [
+                checkpoint(SameRandomness(encoder), c, use_reentrant=False, preserve_rng_state=False)
+                for c in chunks
+            ]
     for i, rep in enumerate(reps):
         if rep.dim() != 2:
             raise ValueError(f"encoder must return [rows, D] embeddings; chunk {i} gave {tuple(rep.shape)}")

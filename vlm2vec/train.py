@@ -84,8 +84,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     without a launcher, form a one-process group here (DeepSpeed would otherwise probe for MPI).
     Returns (rank, world_size, device)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+        )
     import deepspeed
     import deepspeed.ops
 
@@ -143,11 +148,17 @@ def build_model(config: TrainConfig, base: Any = None) -> Any:
 
         model = load_demo_model(recipe_of(config, dist.get_world_size() if dist.is_initialized() else 1))
     elif config.checkpoint_path:
-        model = VLM2Vec.from_pretrained(config.checkpoint_path, dtype=dtype, is_trainable=True,
-                                        attn_implementation=config.attn_implementation, **common)
+        model = VLM2Vec.from_pretrained(
+            config.checkpoint_path,
+            dtype=dtype,
+            is_trainable=True,
+            attn_implementation=config.attn_implementation,
+            **common,
+        )
     elif config.model_name.startswith(TINY_PREFIX):
-        settings = ProcessorSettings(config.image_resolution or "native", config.min_pixels,
-                                     config.max_pixels, config.num_crops)
+        settings = ProcessorSettings(
+            config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops
+        )
         model = tiny(config.family, settings=settings, **common)
     else:
         model = VLM2Vec.from_pretrained(
@@ -158,8 +169,13 @@ def build_model(config: TrainConfig, base: Any = None) -> Any:
         )  # fmt: skip
     if config.lora and not model.is_peft:
         targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
-        model.add_lora(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, targets=targets,
-                       dora=config.dora)
+        model.add_lora(
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            targets=targets,
+            dora=config.dora,
+        )
     elif not config.lora:
         model.enable_full_finetuning(train_vision=not config.freeze_vision)
     if not config.freeze_vision and model.vision_tower is not None:
@@ -230,13 +246,26 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
     if total <= 0:
         rows = per_device * world
         total = math.ceil(config.num_train_epochs * max(1, len(data) // rows))
-    batches = TrainBatches(data, per_device * world, weights=config.subset_weights, seed=config.seed,
-                           num_steps=total, rank=rank, world_size=world, skip_bad_rows=config.skip_bad_rows)
+    batches = TrainBatches(
+        data,
+        per_device * world,
+        weights=config.subset_weights,
+        seed=config.seed,
+        num_steps=total,
+        rank=rank,
+        world_size=world,
+        skip_bad_rows=config.skip_bad_rows,
+    )
     group = config.num_hard_negatives + 1
     q_chunk = config.gc_q_chunk_size if config.grad_cache else per_device
     c_chunk = config.gc_p_chunk_size if config.grad_cache else per_device * group
-    collate = ChunkCollator(model, query_chunk_size=q_chunk, cand_chunk_size=c_chunk,
-                            sort_by_length=config.sort_by_length, skip_bad_rows=config.skip_bad_rows)
+    collate = ChunkCollator(
+        model,
+        query_chunk_size=q_chunk,
+        cand_chunk_size=c_chunk,
+        sort_by_length=config.sort_by_length,
+        skip_bad_rows=config.skip_bad_rows,
+    )
     return batches, collate, total
 
 
@@ -274,8 +303,14 @@ class RunLog:
             self.writer = SummaryWriter(config.logging_dir or os.path.join(config.output_dir, "tensorboard"))
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=start, unit="step", desc="train", dynamic_ncols=True,
-                        disable=config.disable_tqdm)
+        self.bar = tqdm(
+            total=total,
+            initial=start,
+            unit="step",
+            desc="train",
+            dynamic_ncols=True,
+            disable=config.disable_tqdm,
+        )
 
     def step(self, step: int, record: dict[str, Any], write: bool) -> None:
         if self.rank != 0:
@@ -285,8 +320,9 @@ class RunLog:
         speed = round(done * self.samples_per_step / elapsed, 3)
         record = {"step": step + 1, **record, "samples_per_s": speed, "elapsed_s": round(elapsed, 3)}
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                             samples_s=f"{record['samples_per_s']:.1f}")
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", samples_s=f"{record['samples_per_s']:.1f}"
+        )
         if not write:
             return
         with open(self.path, "a", encoding="utf-8") as f:
@@ -347,8 +383,15 @@ def _loss_fn(temperature: float, targets: torch.Tensor, group: Any, symmetric: b
     from vlm2vec_kernels import contrastive_loss
 
     def loss_fn(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return contrastive_loss(queries, candidates, temperature, normalize=False,
-                                targets=targets.to(queries.device), group=group, symmetric=symmetric)
+        return contrastive_loss(
+            queries,
+            candidates,
+            temperature,
+            normalize=False,
+            targets=targets.to(queries.device),
+            group=group,
+            symmetric=symmetric,
+        )
 
     return loss_fn
 
@@ -378,8 +421,13 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     optimizer = None
     if "optimizer" not in ds_config:
         betas = (config.adam_beta1, config.adam_beta2)
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=betas,
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=config.learning_rate,
+            betas=betas,
+            eps=config.adam_epsilon,
+            weight_decay=config.weight_decay,
+        )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer,
         lr_scheduler=make_scheduler(config, total_steps), config=ds_config,
@@ -389,9 +437,14 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     save_model = _model_saver(engine, model, zero_stage)
 
     def state(step: int) -> dict[str, Any]:
-        return {"step": step, "data": {"step": step, "fingerprint": batches.sampler.fingerprint()},
-                "world_size": world, "zero_stage": zero_stage, "total_steps": total_steps,
-                "options": config.to_dict()}
+        return {
+            "step": step,
+            "data": {"step": step, "fingerprint": batches.sampler.fingerprint()},
+            "world_size": world,
+            "zero_stage": zero_stage,
+            "total_steps": total_steps,
+            "options": config.to_dict(),
+        }
 
     start = 0
     resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
@@ -407,18 +460,25 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     result = TrainResult(config.output_dir, start, start, engine=engine)
     saved_at = start
     try:
-        for step, raw, batch in _prepared_batches(batches, collate, start, total_steps,
-                                                  config.dataloader_num_workers, config.seed):
+        for step, raw, batch in _prepared_batches(
+            batches, collate, start, total_steps, config.dataloader_num_workers, config.seed
+        ):
             loss_fn = _loss_fn(config.temperature, batch.targets, group, config.symmetric_loss)
             with model.reuse_vision_features() if reuse else contextlib.nullcontext():
-                loss = contrastive_step(engine.module, batch.query_chunks, batch.cand_chunks, loss_fn,
-                                        grad_cache=config.grad_cache)
+                loss = contrastive_step(
+                    engine.module,
+                    batch.query_chunks,
+                    batch.cand_chunks,
+                    loss_fn,
+                    grad_cache=config.grad_cache,
+                )
                 bad = _any_rank(not bool(torch.isfinite(loss.detach()).item()))
                 if bad and not config.skip_nonfinite_loss:
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step + 1} (rank {rank} loss {loss.item()}); batch: "
                         f"{_batch_label(raw)}. Stopped before the optimizer step: the weights and the last "
-                        "checkpoint are intact. Pass --skip_nonfinite_loss to skip such batches instead.")
+                        "checkpoint are intact. Pass --skip_nonfinite_loss to skip such batches instead."
+                    )
                 if not bad:
                     engine.backward(loss)
             if bad:
@@ -433,19 +493,35 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
                 if grad_norm is not None and not math.isfinite(float(grad_norm)):
                     raise NonFiniteLossError(
                         f"non-finite gradient norm at step {step + 1}; batch: {_batch_label(raw)}. The "
-                        "weights of this step are suspect; resume from the last checkpoint.")
+                        "weights of this step are suspect; resume from the last checkpoint."
+                    )
             result.losses[step + 1] = loss_value
             result.last_step = step + 1
-            record = {"loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": None if grad_norm is None else float(grad_norm)}
+            record = {
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+            }
             log.step(step, record, write=(step + 1) % config.logging_steps == 0 or step + 1 == total_steps)
             if config.save_steps and (step + 1) % config.save_steps == 0:
-                ckpt.save_checkpoint(engine, save_model, config.output_dir, step + 1, state(step + 1),
-                                     total_limit=config.save_total_limit)
+                ckpt.save_checkpoint(
+                    engine,
+                    save_model,
+                    config.output_dir,
+                    step + 1,
+                    state(step + 1),
+                    total_limit=config.save_total_limit,
+                )
                 saved_at = step + 1
         if saved_at != total_steps:
-            ckpt.save_checkpoint(engine, save_model, config.output_dir, total_steps, state(total_steps),
-                                 total_limit=config.save_total_limit)
+            ckpt.save_checkpoint(
+                engine,
+                save_model,
+                config.output_dir,
+                total_steps,
+                state(total_steps),
+                total_limit=config.save_total_limit,
+            )
         save_model(config.output_dir)
         dist.barrier()
         log.message(f"done: {total_steps} steps; model saved to {config.output_dir}")

@@ -100,22 +100,48 @@ def shipped_configurations() -> list[dict]:
                 for even_k in (True, False):
                     if not even_k and dtype == "fp16":
                         continue  # same code as bf16; the masked-K variant is checked there
-                    constexprs = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
-                                  "EVEN_K": even_k, "UPCAST": False, "DOT_PRECISION": precision, **extra}
+                    constexprs = {
+                        "BLOCK_M": cfg.block_m,
+                        "BLOCK_N": cfg.block_n,
+                        "BLOCK_K": cfg.block_k,
+                        "EVEN_K": even_k,
+                        "UPCAST": False,
+                        "DOT_PRECISION": precision,
+                        **extra,
+                    }
                     if "GROUP_M" in fn.arg_names:
                         constexprs["GROUP_M"] = GROUP_M
                     if "GRAD_BF16" in fn.arg_names:
                         constexprs["GRAD_BF16"] = dtype != "fp32"
-                    label = (f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
-                             f"{'' if even_k else ' maskK'}"
-                             f"{' lse' if extra.get('WRITE_LSE') else ''}")
-                    out.append({"fn": fn, "kernel": role, "config": label, "dtype": dtype,
-                                "pointer_types": pointer_types, "constexprs": constexprs,
-                                "options": cfg.launch_options(), "needs_hgmma": True})
-    out.append({"fn": lse_merge_kernel, "kernel": "lse_merge", "config": f"BLOCK {MERGE_BLOCK} w4",
-                "dtype": "fp32", "pointer_types": {"part_ptr": "*fp32", "lse_ptr": "*fp32"},
-                "constexprs": {"BLOCK": MERGE_BLOCK}, "options": {"num_warps": 4, "num_stages": 1},
-                "needs_hgmma": False})
+                    label = (
+                        f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages}"
+                        f"{'' if even_k else ' maskK'}"
+                        f"{' lse' if extra.get('WRITE_LSE') else ''}"
+                    )
+                    out.append(
+                        {
+                            "fn": fn,
+                            "kernel": role,
+                            "config": label,
+                            "dtype": dtype,
+                            "pointer_types": pointer_types,
+                            "constexprs": constexprs,
+                            "options": cfg.launch_options(),
+                            "needs_hgmma": True,
+                        }
+                    )
+    out.append(
+        {
+            "fn": lse_merge_kernel,
+            "kernel": "lse_merge",
+            "config": f"BLOCK {MERGE_BLOCK} w4",
+            "dtype": "fp32",
+            "pointer_types": {"part_ptr": "*fp32", "lse_ptr": "*fp32"},
+            "constexprs": {"BLOCK": MERGE_BLOCK},
+            "options": {"num_warps": 4, "num_stages": 1},
+            "needs_hgmma": False,
+        }
+    )
     return out
 
 
@@ -131,17 +157,24 @@ def compile_one(entry: dict) -> CompileReport:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True, text=True, check=True
+        ).stdout
         sass = subprocess.run([_tool("nvdisasm"), cubin], capture_output=True, text=True, check=True).stdout
     regs = re.search(r"REG:(\d+)", usage)
     stack = re.search(r"STACK:(\d+)", usage)
     static_shared = re.search(r"SHARED:(\d+)", usage)
     shared = int(compiled.metadata.shared) + (int(static_shared.group(1)) if static_shared else 0)
-    return CompileReport(kernel=entry["kernel"], config=entry["config"], dtype=entry["dtype"],
-                         registers=int(regs.group(1)) if regs else -1,
-                         stack_bytes=int(stack.group(1)) if stack else -1, shared_bytes=shared,
-                         hgmma=len(re.findall(r"\bHGMMA\.", sass)), needs_hgmma=entry["needs_hgmma"])
+    return CompileReport(
+        kernel=entry["kernel"],
+        config=entry["config"],
+        dtype=entry["dtype"],
+        registers=int(regs.group(1)) if regs else -1,
+        stack_bytes=int(stack.group(1)) if stack else -1,
+        shared_bytes=shared,
+        hgmma=len(re.findall(r"\bHGMMA\.", sass)),
+        needs_hgmma=entry["needs_hgmma"],
+    )
 
 
 def _compile_index(index: int) -> CompileReport:
@@ -161,23 +194,32 @@ def compile_all(jobs: int = 1) -> list[CompileReport]:
 
 
 def format_table(reports: list[CompileReport]) -> str:
-    head = (f"{'kernel':<12} {'config':<28} {'dtype':<5} {'regs':>4} {'shared KB':>9} {'stack':>5} "
-            f"{'HGMMA':>5}  status")
+    head = (
+        f"{'kernel':<12} {'config':<28} {'dtype':<5} {'regs':>4} {'shared KB':>9} {'stack':>5} "
+        f"{'HGMMA':>5}  status"
+    )
     lines = [head, "-" * len(head)]
     for r in reports:
         status = "; ".join(r.problems()) or "ok"
         hgmma = str(r.hgmma) if r.needs_hgmma else "-"
-        lines.append(f"{r.kernel:<12} {r.config:<28} {r.dtype:<5} {r.registers:>4} "
-                     f"{r.shared_bytes / 1024:>9.1f} {r.stack_bytes:>5} {hgmma:>5}  {status}")
+        lines.append(
+            f"{r.kernel:<12} {r.config:<28} {r.dtype:<5} {r.registers:>4} "
+            f"{r.shared_bytes / 1024:>9.1f} {r.stack_bytes:>5} {hgmma:>5}  {status}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="also write the reports to this JSON file")
-    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
-                        help="parallel compilations (default: min(4, CPUs))")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="parallel compilations (default: min(4, CPUs))",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("sm90_report: set TRITON_INTERPRET=0 (the interpreter cannot compile)", file=sys.stderr)

@@ -15,9 +15,21 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _score_tile(
+    q_ptr,
+    c_ptr,
+    rows,
+    cols,
+    D,
+    stride_q,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """<q_i, c_j> for a BLOCK_M x BLOCK_N tile, accumulated in fp32 over D (rows/cols in bounds)."""
     offs_k = tl.arange(0, BLOCK_K)
     q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_q + offs_k[None, :]
@@ -41,11 +53,28 @@ def _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
 
 
 @triton.jit
-def row_lse_partial_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, part_ptr, lse_ptr,
-                           M, N, D, stride_q, stride_c, tiles_per_split,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                           WRITE_LSE: tl.constexpr, FLATTEN: tl.constexpr = False):
+def row_lse_partial_kernel(
+    q_ptr,
+    c_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    part_ptr,
+    lse_ptr,
+    M,
+    N,
+    D,
+    stride_q,
+    stride_c,
+    tiles_per_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+    FLATTEN: tl.constexpr = False,
+):
     """Online (max, sum-exp) of one row block over one column split, in base-2 units.
 
     Grid (column splits, row blocks), splits fastest: the programs running at once share a few q
@@ -67,8 +96,21 @@ def row_lse_partial_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, part_ptr,
     for step in tl.range(0, tiles_per_split, flatten=FLATTEN):
         offs_n = (pid_s * tiles_per_split + step) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % N
-        acc = _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
+        acc = _score_tile(
+            q_ptr,
+            c_ptr,
+            rows,
+            cols,
+            D,
+            stride_q,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            EVEN_K,
+            UPCAST,
+            DOT_PRECISION,
+        )
         col_scale = tl.load(col_scale_ptr + cols)
         s = acc * row_scale[:, None] * col_scale[None, :]
         # a -inf score only comes from non-finite input; it would vanish from the sum, so make it NaN
@@ -120,15 +162,45 @@ def _grouped_tile(GROUP_M: tl.constexpr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _prob_tile(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
-               M, N, D, stride_q, stride_c,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _prob_tile(
+    q_ptr,
+    c_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    weight_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    D,
+    stride_q,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """P_ij = w_i * exp(s_ij - lse_i) for one tile (0 outside the matrix) and the tile's scales."""
     rows = offs_m % M
     cols = offs_n % N
-    acc = _score_tile(q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
+    acc = _score_tile(
+        q_ptr,
+        c_ptr,
+        rows,
+        cols,
+        D,
+        stride_q,
+        stride_c,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+        UPCAST,
+        DOT_PRECISION,
+    )
     row_scale = tl.load(row_scale_ptr + rows)
     col_scale = tl.load(col_scale_ptr + cols)
     lse2 = tl.load(lse_ptr + rows) * LOG2E
@@ -140,12 +212,29 @@ def _prob_tile(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, 
 
 
 @triton.jit
-def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr,
-                               gq_ptr, gc_ptr, M, N, D, stride_q, stride_c,
-                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                               EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                               DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
-                               GRAD_BF16: tl.constexpr):
+def softmax_grad_atomic_kernel(
+    q_ptr,
+    c_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    weight_ptr,
+    gq_ptr,
+    gc_ptr,
+    M,
+    N,
+    D,
+    stride_q,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    GRAD_BF16: tl.constexpr,
+):
     """One P tile, then gq[rows] += (P*cs) @ c[cols] and gc[cols] += (P*rs)^T @ q[rows].
 
     1-D grouped grid over P tiles; gq/gc are zeroed fp32 [*, D] buffers updated with relaxed
@@ -155,8 +244,26 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     p, row_scale, col_scale, rows, cols = _prob_tile(
-        q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
-        M, N, D, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
+        q_ptr,
+        c_ptr,
+        row_scale_ptr,
+        col_scale_ptr,
+        lse_ptr,
+        weight_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        D,
+        stride_q,
+        stride_c,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+        UPCAST,
+        DOT_PRECISION,
+    )
     # P goes to the tensor cores as bf16 for 16-bit inputs (fp16 would flush small P to zero),
     # as fp32 otherwise (3xTF32 on the GPU, exact under the interpreter)
     if GRAD_BF16:
@@ -201,19 +308,55 @@ def softmax_grad_atomic_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_p
 
 
 @triton.jit
-def softmax_probs_kernel(q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr,
-                         pq_ptr, pc_ptr, M, N, D, stride_q, stride_c, stride_p,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         GROUP_M: tl.constexpr):
+def softmax_probs_kernel(
+    q_ptr,
+    c_ptr,
+    row_scale_ptr,
+    col_scale_ptr,
+    lse_ptr,
+    weight_ptr,
+    pq_ptr,
+    pc_ptr,
+    M,
+    N,
+    D,
+    stride_q,
+    stride_c,
+    stride_p,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """Writes one [M, N] block of P * col_scale (-> gq = . @ c) and of P * row_scale
     (-> gc = .^T @ q), P = w * exp(s - lse), in the buffers' dtype, for two GEMMs on raw q and c."""
     pid_m, pid_n = _grouped_tile(GROUP_M, M, N, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     p, row_scale, col_scale, _, _ = _prob_tile(
-        q_ptr, c_ptr, row_scale_ptr, col_scale_ptr, lse_ptr, weight_ptr, offs_m, offs_n,
-        M, N, D, stride_q, stride_c, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION)
+        q_ptr,
+        c_ptr,
+        row_scale_ptr,
+        col_scale_ptr,
+        lse_ptr,
+        weight_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        D,
+        stride_q,
+        stride_c,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        EVEN_K,
+        UPCAST,
+        DOT_PRECISION,
+    )
     offsets = offs_m[:, None] * stride_p + offs_n[None, :]  # int32: the launcher keeps a block < 2^31
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(pq_ptr + offsets, (p * col_scale[None, :]).to(pq_ptr.dtype.element_ty), mask=mask)

@@ -153,9 +153,7 @@ def _checked_targets(
     if host_check or _reads_values_on_host(targets):
         low, high = int(targets.min()), int(targets.max())
         if low < 0 or high >= n_c:
-            raise ValueError(
-                f"targets must index candidates rows [0, {n_c}), got values in [{low}, {high}]"
-            )
+            raise ValueError(f"targets must index candidates rows [0, {n_c}), got values in [{low}, {high}]")
         return targets, None
     clamped = targets.clamp(0, n_c - 1)
     return clamped, clamped.ne(targets).unsqueeze(1)
@@ -445,8 +443,24 @@ class _InfoNCE(torch.autograd.Function):
         ctx.plan, ctx.grads = plan, grads
         ctx.inv_tau = inv_tau if isinstance(inv_tau, float) else None
         ctx.save_for_backward(
-            A, B, tau, None if isinstance(inv_tau, float) else inv_tau, a_norms, b_norms, a, rb, rb_p,
-            B_p, A_e, B_e, B_p_e, row_scale, col_scale, reverse_row_scale, reverse_col_scale, lse,
+            A,
+            B,
+            tau,
+            None if isinstance(inv_tau, float) else inv_tau,
+            a_norms,
+            b_norms,
+            a,
+            rb,
+            rb_p,
+            B_p,
+            A_e,
+            B_e,
+            B_p_e,
+            row_scale,
+            col_scale,
+            reverse_row_scale,
+            reverse_col_scale,
+            lse,
             reverse_lse,
         )
         if not plan.as_sum:
@@ -458,8 +472,27 @@ class _InfoNCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         plan = ctx.plan
-        (A, B, tau, inv_tau_t, a_norms, b_norms, a, rb, rb_p, B_p, A_e, B_e, B_p_e, row_scale, col_scale,
-         reverse_row_scale, reverse_col_scale, lse, reverse_lse) = ctx.saved_tensors
+        (
+            A,
+            B,
+            tau,
+            inv_tau_t,
+            a_norms,
+            b_norms,
+            a,
+            rb,
+            rb_p,
+            B_p,
+            A_e,
+            B_e,
+            B_p_e,
+            row_scale,
+            col_scale,
+            reverse_row_scale,
+            reverse_col_scale,
+            lse,
+            reverse_lse,
+        ) = ctx.saved_tensors
         inv_tau = ctx.inv_tau if inv_tau_t is None else inv_tau_t
         h = 0.5 if plan.symmetric else 1.0
         a_local, A_local, p = _local(a, plan.local), _local(A, plan.local), plan.positives
@@ -477,9 +510,11 @@ class _InfoNCE(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None  # a repeated backward (retain_graph) recomputes
         if grads is None:
             engine_weight = torch.ones_like(lse) if row_weight is None else row_weight
-            grads = list(plan.engine.softmax_grad(
-                _local(A_e, plan.local), B_e, row_scale, col_scale, lse, engine_weight
-            ))
+            grads = list(
+                plan.engine.softmax_grad(
+                    _local(A_e, plan.local), B_e, row_scale, col_scale, lse, engine_weight
+                )
+            )
             if plan.symmetric:
                 grads += plan.engine.softmax_grad(
                     B_p_e, A_e, reverse_row_scale, reverse_col_scale, reverse_lse, engine_weight
@@ -508,9 +543,7 @@ class _InfoNCE(torch.autograd.Function):
                 d_tau = (a * dots).sum() * (-inv_tau)
                 d_tau = d_tau if weight is None else d_tau.mul_(weight)
             if need_a:
-                d_a = _finish_input_grad(
-                    g_a, A, dots if plan.normalize else None, a_norms, a, weight
-                )
+                d_a = _finish_input_grad(g_a, A, dots if plan.normalize else None, a_norms, a, weight)
         if need_b:
             dots = _row_dots(g_b, B) if plan.normalize else None
             d_b = _finish_input_grad(g_b, B, dots, b_norms, rb if plan.normalize else None, weight)

@@ -67,8 +67,10 @@ class TileConfig:
         return {"num_warps": self.num_warps, "num_stages": self.num_stages}
 
     def spec(self) -> str:
-        return (f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
-                f"{'f' if self.flatten else ''}")
+        return (
+            f"{self.block_m}x{self.block_n}x{self.block_k}w{self.num_warps}s{self.num_stages}"
+            f"{'f' if self.flatten else ''}"
+        )
 
     @classmethod
     def parse(cls, spec: str) -> TileConfig:
@@ -80,7 +82,7 @@ class TileConfig:
 
 
 # Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
-# for sm_90 by kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit wide
+# for sm_90 by vlm2vec_kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit wide
 # tiles are the fastest of bench/loss_kernel.py --sweep on an H100 (triton 3.6, B=65,536, D=1536,
 # bf16): row_lse 128x256 23.7 ms vs 128x128 29.8 ms; softmax_grad (gemm) with 256x128 P tiles
 # 66.3 ms vs 128x128 74.6 ms. "_narrow" tiles serve batches whose wide tiles cannot fill the GPU.
@@ -115,8 +117,10 @@ def _apply_env_overrides(configs: dict, spec: str) -> None:
         role, _, operand = key.strip().partition(":")
         operand = operand or "16bit"
         if (role, operand) not in configs:
-            raise ValueError(f"VLM2VEC_TRITON_CONFIG: unknown role {key!r}; known: "
-                             f"{sorted(f'{r}:{o}' for r, o in configs)}")
+            raise ValueError(
+                f"VLM2VEC_TRITON_CONFIG: unknown role {key!r}; known: "
+                f"{sorted(f'{r}:{o}' for r, o in configs)}"
+            )
         configs[(role, operand)] = TileConfig.parse(value)
 
 
@@ -237,8 +241,15 @@ def choose_splits(M: int, N: int, cfg: TileConfig, device: torch.device) -> tupl
     return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split
 
 
-def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-            *, config: TileConfig | None = None, splits: int | None = None) -> torch.Tensor:
+def row_lse(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    *,
+    config: TileConfig | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """lse_i = log sum_j exp(row_scale_i * col_scale_j * <q_i, c_j>), fp32 [M].
 
     `config` / `splits` override the tile configuration and the number of column splits (tests and
@@ -265,8 +276,23 @@ def row_lse(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale
     single = splits == 1
     part = lse if single else _new_buffer((2, splits, M), torch.float32, q.device)
     row_lse_partial_kernel[(splits, triton.cdiv(M, cfg.block_m))](
-        q, c, row_scale, col_scale, part, lse, M, N, D, q.stride(0), c.stride(0), tiles_per_split,
-        WRITE_LSE=single, FLATTEN=cfg.flatten, **_common_constexprs(q, cfg, D), **cfg.launch_options())
+        q,
+        c,
+        row_scale,
+        col_scale,
+        part,
+        lse,
+        M,
+        N,
+        D,
+        q.stride(0),
+        c.stride(0),
+        tiles_per_split,
+        WRITE_LSE=single,
+        FLATTEN=cfg.flatten,
+        **_common_constexprs(q, cfg, D),
+        **cfg.launch_options(),
+    )
     if not single:
         lse_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](part, lse, M, splits, BLOCK=MERGE_BLOCK)
     return lse
@@ -277,11 +303,21 @@ def choose_grad_path(M: int, N: int, D: int, atomic_max_bytes: int = DEFAULT_ATO
     return "atomic" if (M + N) * D * 4 <= atomic_max_bytes else "gemm"
 
 
-def softmax_grad(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                 lse: torch.Tensor, row_weight: torch.Tensor, *, path: str | None = None,
-                 atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES, p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
-                 block_rows: int | None = None, block_cols: int | None = None,
-                 config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def softmax_grad(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    row_scale: torch.Tensor,
+    col_scale: torch.Tensor,
+    lse: torch.Tensor,
+    row_weight: torch.Tensor,
+    *,
+    path: str | None = None,
+    atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES,
+    p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+    config: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(gq [M, D], gc [N, D]) in fp32 for P = row_weight * exp(s - lse); see the module docstring.
 
     `path` forces "atomic" or "gemm" (default: `choose_grad_path` with `atomic_max_bytes`);
@@ -294,8 +330,9 @@ def softmax_grad(q: torch.Tensor, c: torch.Tensor, row_scale: torch.Tensor, col_
     if path == "atomic":
         return _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config)
     if path == "gemm":
-        return _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes,
-                                  block_rows, block_cols, config)
+        return _softmax_grad_gemm(
+            q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows, block_cols, config
+        )
     raise ValueError(f"path must be 'atomic', 'gemm' or None, got {path!r}")
 
 
@@ -309,9 +346,24 @@ def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
     cfg = _pick_config("grad_atomic", q, config)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     softmax_grad_atomic_kernel[grid](
-        q, c, row_scale, col_scale, lse, row_weight, gq, gc, M, N, D, q.stride(0), c.stride(0),
-        GROUP_M=GROUP_M, GRAD_BF16=grad_operand_dtype(q) == torch.bfloat16,
-        **_common_constexprs(q, cfg, D), **cfg.launch_options())
+        q,
+        c,
+        row_scale,
+        col_scale,
+        lse,
+        row_weight,
+        gq,
+        gc,
+        M,
+        N,
+        D,
+        q.stride(0),
+        c.stride(0),
+        GROUP_M=GROUP_M,
+        GRAD_BF16=grad_operand_dtype(q) == torch.bfloat16,
+        **_common_constexprs(q, cfg, D),
+        **cfg.launch_options(),
+    )
     return gq, gc
 
 
@@ -342,8 +394,15 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bo
 _FP32_OUT_MM = [True]
 
 
-def p_block_shape(M: int, N: int, elem_bytes: int, block_m: int, p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
-                  block_rows: int | None = None, block_cols: int | None = None) -> tuple[int, int]:
+def p_block_shape(
+    M: int,
+    N: int,
+    elem_bytes: int,
+    block_m: int,
+    p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
+    block_rows: int | None = None,
+    block_cols: int | None = None,
+) -> tuple[int, int]:
     """(rows, cols) of the gemm path's P blocks: both blocks (P*col_scale, P*row_scale) within
     p_block_bytes, at most 32768 columns, and at most a quarter of the rows once that still leaves
     MIN_GEMM_ROWS (mid-size batches then hold a quarter of B x B, not all of it)."""
@@ -359,8 +418,9 @@ def p_block_shape(M: int, N: int, elem_bytes: int, block_m: int, p_block_bytes: 
     return rows, cols
 
 
-def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows,
-                       block_cols, config):
+def _softmax_grad_gemm(
+    q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows, block_cols, config
+):
     """P in [rows x cols] blocks (two scaled copies), then cuBLAS: gq[r] (+)= Pq @ c[cols] and
     gc[cols] (+)= Pc^T @ q[r]. The first block along the sum writes, the later ones accumulate."""
     M, D = q.shape
@@ -391,9 +451,24 @@ def _softmax_grad_gemm(q, c, row_scale, col_scale, lse, row_weight, p_block_byte
             pc = pc_buffer[:size].view(r1 - r0, c1 - c0)
             grid = (triton.cdiv(r1 - r0, cfg.block_m) * triton.cdiv(c1 - c0, cfg.block_n),)
             softmax_probs_kernel[grid](
-                q[r0:r1], c[c0:c1], row_scale[r0:r1], col_scale[c0:c1], lse[r0:r1], row_weight[r0:r1],
-                pq, pc, r1 - r0, c1 - c0, D, q.stride(0), c.stride(0), pq.stride(0),
-                GROUP_M=GROUP_M, **constexprs, **cfg.launch_options())
+                q[r0:r1],
+                c[c0:c1],
+                row_scale[r0:r1],
+                col_scale[c0:c1],
+                lse[r0:r1],
+                row_weight[r0:r1],
+                pq,
+                pc,
+                r1 - r0,
+                c1 - c0,
+                D,
+                q.stride(0),
+                c.stride(0),
+                pq.stride(0),
+                GROUP_M=GROUP_M,
+                **constexprs,
+                **cfg.launch_options(),
+            )
             _mm_into(gq[r0:r1], pq, c_op[c0:c1], accumulate=c0 > 0)
             _mm_into(gc[c0:c1], pc.t(), q_op[r0:r1], accumulate=r0 > 0)
     return gq, gc
