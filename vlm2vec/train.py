@@ -131,6 +131,40 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def align_vision_paths(batch: Any, zero_stage: int) -> None:
+    """Make every process run the vision path equally often in each chunk of this step.
+
+    ZeRO-3 fetches each submodule's weights with collectives as the forward reaches it, so all ranks
+    must run the same submodules in the same order. A chunk's vision path runs once per kind of visual
+    input (`model.visual_calls`); rows differ across ranks (one rank's chunk is text-only, another's
+    has an image), so one all_reduce per step agrees, chunk by chunk, on the most vision runs any rank
+    needs, and a rank with fewer adds zero-weighted dummy image passes (`VLM2Vec.forward`): the
+    embeddings and gradients are exactly those without them. Done at every stage, so the path never
+    depends on the stage; with one process there is nothing to agree on."""
+    from vlm2vec.model import DUMMY_VISION_KEY, visual_calls
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    chunks = list(batch.query_chunks) + list(batch.cand_chunks)
+    counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
+    extremes = torch.cat([counts, -counts])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if not torch.equal(extremes[:2], -extremes[2:]):
+        if zero_stage == 3:
+            raise ConfigError(
+                "the processes have different numbers of GradCache chunks this step (rows dropped by "
+                "--skip_bad_rows); ZeRO-3 needs the same on every rank: fix the rows, drop "
+                "--skip_bad_rows, or use a ZeRO 0-2 config"
+            )
+        return  # ZeRO 0-2 hold whole weights: a different path issues no different collectives
+    calls = torch.tensor([visual_calls(chunk) for chunk in chunks])
+    most = calls.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for chunk, mine, needed in zip(chunks, calls.tolist(), most.tolist()):
+        if needed > mine:
+            chunk[DUMMY_VISION_KEY] = needed - mine
+
+
 # --------------------------------------------------------------------------------------------- model
 def build_model(config: TrainConfig, base: Any = None) -> Any:
     """The VLM2Vec encoder (`base` if given) with the trainable parts the options ask for (LoRA / full),
@@ -464,6 +498,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             batches, collate, start, total_steps, config.dataloader_num_workers, config.seed
         ):
             loss_fn = _loss_fn(config.temperature, batch.targets, group, config.symmetric_loss)
+            align_vision_paths(batch, zero_stage)
             with model.reuse_vision_features() if reuse else contextlib.nullcontext():
                 loss = contrastive_step(
                     engine.module,
