@@ -438,6 +438,16 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = resolve_ds_config(config, world)  # ConfigError before anything is built
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    global_batch = per_device_batch_size(config, world) * world
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    plan = None
+    if resume_from is not None:  # ResumeError before anything is built
+        plan = ckpt.plan_resume(
+            resume_from, world_size=world, zero_stage=zero_stage, global_batch=global_batch
+        )
+        if plan.universal:
+            ckpt.to_universal(plan.path)
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -481,16 +491,16 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         }
 
     start = 0
-    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
     seed_everything(config.seed + 1000 * rank)  # dropout differs across ranks, reproducibly
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(engine, resume_from)  # also restores this rank's RNG
-        batches.load_state_dict(saved["data"])
-        start = saved["step"]
-    samples_per_step = per_device_batch_size(config, world) * world
-    log = RunLog(config, rank, start, total_steps, samples_per_step)
-    if resume_from is not None:
-        log.message(f"resumed from {resume_from} at step {start}")
+    if plan is not None:
+        batches.load_state_dict(plan.state["data"])  # global position: valid at any world size
+        start = plan.state["step"]
+        if not ckpt.load_checkpoint(engine, plan):  # restores this rank's RNG when the world is the same
+            seed_everything(config.seed + 1000 * rank + start)  # another world size: a fresh stream
+    log = RunLog(config, rank, start, total_steps, global_batch)
+    if plan is not None:
+        how = f" (written by {plan.state.get('world_size')} processes)" if plan.universal else ""
+        log.message(f"resumed from {plan.path} at step {start}{how}")
     result = TrainResult(config.output_dir, start, start, engine=engine)
     saved_at = start
     try:
@@ -582,9 +592,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_default_demo(config)  # data, baselines, `train`, evaluation table
         else:
             train(config)
-    except (ConfigError, NonFiniteLossError) as err:
+    except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
         print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 1 if isinstance(err, NonFiniteLossError) else 2
     except Exception as err:
         from vlm2vec.data import DataError
 

@@ -1,0 +1,217 @@
+"""The trainer at scale on 2 CPU processes (gloo, the real `deepspeed` launcher, tiny Qwen2-VL + LoRA):
+
+  * ZeRO-1/2/3 on mixed image/text data whose ranks differ in modality in the same step (checked
+    here before anything runs), with frozen-vision feature reuse on and off: training runs, saves,
+    resumes, and the adapter after N steps equals a 1-process full-batch run's (no dropout, fp32);
+  * resume at another world size: a ZeRO-3 run saved on 2 processes continues on 1 and the reverse,
+    logging the losses of an uninterrupted run on the new world size.
+
+Every launch has a timeout: a hang (the failure mode of diverging ZeRO-3 collectives) fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 8
+STAGES = (1, 2, 3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def _deepspeed(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    return _run(["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), *args], timeout)
+
+
+def _python(args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    return _run([sys.executable, *args], timeout)
+
+
+def _ds_config(stage: int, directory: str) -> str:
+    """The shipped JSON of `stage`; ZeRO-3 partitions every parameter (tiny ones would stay whole)."""
+    with open(os.path.join(REPO, "configs", f"ds_zero{stage}.json")) as f:
+        ds = json.load(f)
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = os.path.join(directory, f"ds_zero{stage}.json")
+    with open(path, "w") as f:
+        json.dump(ds, f)
+    return path
+
+
+def _options(data: str, out: str, ds_config: str, *extra: str) -> list[str]:
+    return [
+        "--model_name", "tiny:qwen2_vl", "--dataset_name", data, "--num_hard_negatives", "1",
+        "--train_batch_size", str(GLOBAL_BATCH), "--gc_q_chunk_size", "2", "--gc_p_chunk_size", "3",
+        "--max_steps", str(STEPS), "--save_steps", str(SAVE_AT), "--learning_rate", "1e-3",
+        "--temperature", "0.05", "--lora_r", "4", "--lora_alpha", "8", "--lora_dropout", "0",
+        "--ds_config", ds_config, "--output_dir", out, "--report_to", "none", "--disable_tqdm", *extra,
+    ]  # fmt: skip
+
+
+def _adapter(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _losses(out: str) -> dict[int, float]:
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def mixed_data(tmp_path_factory) -> str:
+    """Text->image and image classification rows mixed in every step; some step gives one rank image queries
+    and the other none (asserted: otherwise the test could not fail the way ZeRO-3 used to)."""
+    from vlm2vec.data import TrainBatches, load_train_data
+    from vlm2vec.synthetic import write_synthetic_mmeb
+
+    root = tmp_path_factory.mktemp("mixed")
+    made = write_synthetic_mmeb(
+        root, rows=8, image_size=32, seed=3, subsets=("ShapeRetrieval_t2i", "ShapeClassification")
+    )
+    data = load_train_data(str(made.train_dir), num_negatives=1)
+    differs = []
+    for step in range(STEPS):
+        has_image = []
+        for rank in (0, 1):
+            batch = TrainBatches(data, GLOBAL_BATCH, seed=42, num_steps=STEPS, rank=rank, world_size=2)[step]
+            has_image.append(any(img is not None for img in batch.query_images))
+        differs.append(has_image[0] != has_image[1])
+    assert any(differs), "no step where the ranks differ in query modality: pick another seed"
+    return str(made.train_dir)
+
+
+def test_mixed_modality_zero_stages_match_one_process(mixed_data, tmp_path):
+    reference = str(tmp_path / "one_process")
+    _python(["vlm2vec/train.py", *_options(mixed_data, reference, _ds_config(0, str(tmp_path)))], 300)
+    expected = _adapter(reference)
+    out = tmp_path / "two_ranks"
+    _deepspeed([os.path.join("tests", "test_train_scale.py"), "--out", str(out), "--data", mixed_data], 600)
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == [f"{s}-{r}" for s in STAGES for r in ("False", "True")]
+    for name, r in results.items():
+        assert r["dummy_passes"] > 0, (name, r)  # the ranks really differed in some chunk
+        assert r["rank_spread"] == 0.0, (name, r)
+        run, resumed = _adapter(r["dir"]), _adapter(r["resumed_dir"])
+        assert _max_diff(run, expected) < 1e-6, (name, _max_diff(run, expected))
+        assert _max_diff(resumed, run) < 1e-6, (name, _max_diff(resumed, run))
+        assert max(float(v.abs().max()) for k, v in run.items() if "lora_B" in k) > 1e-3  # it trained
+        ref_losses, losses = _losses(reference), _losses(r["dir"])
+        assert all(abs(losses[s] - ref_losses[s]) < 1e-5 for s in ref_losses), (name, losses, ref_losses)
+
+
+@pytest.mark.parametrize("stage", [3])
+def test_resume_at_another_world_size(mixed_data, tmp_path, stage):
+    ds = _ds_config(stage, str(tmp_path))
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    _deepspeed(["vlm2vec/train.py", *_options(mixed_data, two, ds)], 300)
+    _python(["vlm2vec/train.py", *_options(mixed_data, one, ds)], 300)
+    two_to_one, one_to_two = str(tmp_path / "two_to_one"), str(tmp_path / "one_to_two")
+    checkpoint = f"checkpoint-{SAVE_AT}"
+    from_two = _options(mixed_data, two_to_one, ds, "--resume", os.path.join(two, checkpoint))
+    resumed = _python(["vlm2vec/train.py", *from_two], 300)
+    assert "written by 2 processes" in resumed.stdout + resumed.stderr
+    from_one = _options(mixed_data, one_to_two, ds, "--resume", os.path.join(one, checkpoint))
+    _deepspeed(["vlm2vec/train.py", *from_one], 300)
+    for moved, uninterrupted in ((two_to_one, one), (one_to_two, two)):
+        got, want = _losses(moved), _losses(uninterrupted)
+        assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1)), got
+        for step in got:
+            assert abs(got[step] - want[step]) < 1e-4, (moved, step, got, want)
+        assert _max_diff(_adapter(moved), _adapter(uninterrupted)) < 2e-5
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _worker(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", required=True)
+    args, _ = parser.parse_known_args(argv)  # the launcher adds --local_rank
+    from vlm2vec import train
+    from vlm2vec.config import load_config
+    from vlm2vec.model import VLM2Vec
+
+    rank, world, _ = train.init_distributed()
+    import torch.distributed as dist
+
+    dummies = []
+    original = VLM2Vec._dummy_image_features
+
+    def counted(self):
+        dummies.append(1)
+        return original(self)
+
+    VLM2Vec._dummy_image_features = counted
+    results = {}
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        for stage in STAGES:
+            holder = [_ds_config(stage, args.out) if rank == 0 else None]
+            dist.broadcast_object_list(holder, src=0)
+            for reuse in (False, True):
+                out = os.path.join(args.out, f"zero{stage}_reuse{reuse}")
+                options = _options(args.data, out, holder[0], "--reuse_vision_features", str(reuse))
+                dummies.clear()
+                result = train.train(load_config(options))
+                flat = torch.cat([p.detach().flatten() for p in _trainable(result.engine, stage)])
+                everyone = [torch.empty_like(flat) for _ in range(world)]
+                dist.all_gather(everyone, flat)
+                result.engine.destroy()
+                passes = torch.tensor([len(dummies)])
+                dist.all_reduce(passes)
+                resumed_dir = out + "_resumed"
+                resume = ["--resume", os.path.join(out, f"checkpoint-{SAVE_AT}"), "--output_dir", resumed_dir]
+                train.train(load_config([*options, *resume])).engine.destroy()
+                results[f"{stage}-{reuse}"] = {
+                    "dir": out, "resumed_dir": resumed_dir, "dummy_passes": int(passes),
+                    "rank_spread": float(max((e - everyone[0]).abs().max() for e in everyone)),
+                }  # fmt: skip
+        if rank == 0:
+            with open(os.path.join(args.out, "results.json"), "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _trainable(engine, stage: int) -> list[torch.Tensor]:
+    import contextlib
+
+    import deepspeed
+
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    gather = deepspeed.zero.GatheredParameters(params) if stage == 3 else contextlib.nullcontext()
+    with gather:
+        return [p.detach().clone() for p in params]
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))
