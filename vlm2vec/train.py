@@ -575,12 +575,25 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     return result
 
 
+def preflight(config: TrainConfig, world: int) -> None:
+    """Everything that can be refused from the options, the DeepSpeed JSON, the world size and the
+    checkpoint to resume: ConfigError / ResumeError before the process group, data or model exist."""
+    ds_config = resolve_ds_config(config, world)
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    if resume_from is not None:
+        stage = int(ds_config["zero_optimization"].get("stage", 0))
+        global_batch = per_device_batch_size(config, world) * world
+        ckpt.plan_resume(resume_from, world_size=world, zero_stage=stage, global_batch=global_batch)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: parse, check, join the process group, train, leave the group."""
     try:
         config = load_config(argv)
-    except ConfigError as err:
-        print(f"vlm2vec/train.py: error: {err}", file=sys.stderr)
+        preflight(config, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world size
+    except (ConfigError, ckpt.ResumeError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one message
+            print(f"vlm2vec/train.py: error: {err}", file=sys.stderr)
         return 2
     rank, world, _ = init_distributed()
     try:
