@@ -21,7 +21,10 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+    "MALLOC_MMAP_THRESHOLD_": "262144",  # freed tensors go back to the OS (memory measurements)
+}  # fmt: skip
 STEPS, SAVE_AT, GLOBAL_BATCH = 4, 2, 8
 STAGES = (1, 2, 3)
 
@@ -147,13 +150,106 @@ def test_resume_at_another_world_size(mixed_data, tmp_path, stage):
         assert _max_diff(_adapter(moved), _adapter(uninterrupted)) < 1e-6
 
 
+def _write_large_qwen2_vl(path: str) -> int:
+    """A Qwen2-VL of >= 100M parameters (tiny's tokenizer and vision tower, a 1024-wide 8-layer LM) saved
+    as a loadable VLM2Vec directory; returns the parameter count."""
+    from vlm2vec.backbones import get_family
+    from vlm2vec.model import VLM2Vec
+
+    family = get_family("qwen2_vl")
+    small, processor = family.tiny()
+    config = small.config
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 1024, 4096, 8
+    text.num_attention_heads, text.num_key_value_heads = 64, 32  # head_dim 16 keeps tiny's M-RoPE split
+    text.layer_types = ["full_attention"] * 8
+    config.vision_config.hidden_size = 1024  # the merger's output feeds the LM
+    torch.manual_seed(0)
+    large = type(small)(config)
+    VLM2Vec(large, processor, family).save_pretrained(path)
+    return sum(p.numel() for p in large.parameters())
+
+
+def test_partitioned_loading_peak_memory(tmp_path):
+    """Peak private memory per rank from `build_model` to a ready ZeRO-3 engine, for a 127M-parameter
+    checkpoint: loaded partitioned (zero.Init through transformers' HfDeepSpeedConfig) vs loaded whole
+    and partitioned by `deepspeed.initialize` (the way before). Measured as anonymous RSS (sampled every
+    2 ms) with a fixed malloc mmap threshold, so freed tensors leave the process and the number is
+    what a rank holds; the checkpoint's own file pages (read through mmap) are not counted."""
+    model = str(tmp_path / "large")
+    assert _write_large_qwen2_vl(model) >= 100e6
+    peaks = {}
+    for mode in ("whole", "zero3"):
+        out = tmp_path / mode
+        worker = [os.path.join("tests", "test_train_scale.py"), "--out", str(out), "--rss", mode, model]
+        _deepspeed(worker, 300)
+        peaks[mode] = json.loads((out / "rss.json").read_text())
+    print(json.dumps(peaks))
+    for rank in ("0", "1"):
+        assert peaks["zero3"][rank]["partitioned"], peaks
+    # rank 1 received the whole model in the old way (broadcast into its copy); rank 0 only ever held
+    # its partition there too, as the broadcast source reading the mapped file
+    assert peaks["zero3"]["1"]["anon_mib"] < 0.75 * peaks["whole"]["1"]["anon_mib"], peaks
+    worst = {mode: max(r["anon_mib"] for r in by_rank.values()) for mode, by_rank in peaks.items()}
+    assert worst["zero3"] < 0.75 * worst["whole"], peaks
+
+
 # ---------------------------------------------------------------------------------------------- worker
+def _rss_worker(out: str, mode: str, model: str) -> None:
+    """Peak anonymous RSS (MiB above the start) of building `model` + deepspeed.initialize at ZeRO-3."""
+    import threading
+    import time
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlm2vec import train
+    from vlm2vec.config import load_config, resolve_ds_config
+
+    def anon_mib() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) // 1024 for line in f if line.startswith("RssAnon:"))
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.makedirs(out, exist_ok=True)
+    ds_path = _ds_config(3, out) if rank == 0 else None
+    holder = [ds_path]
+    dist.broadcast_object_list(holder, src=0)
+    config = load_config(["--model_name", model, "--ds_config", holder[0], "--report_to", "none"])
+    ds_config = resolve_ds_config(config, world)
+    start, peak, done = anon_mib(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], anon_mib())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    model_ = train.build_model(config, ds_config=ds_config if mode == "zero3" else None)
+    partitioned = all(hasattr(p, "ds_id") for p in model_.parameters() if not p.requires_grad)
+    trainable = [p for p in model_.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model_, optimizer=torch.optim.AdamW(trainable), config=ds_config)
+    seconds = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    mine = {"anon_mib": peak[0] - start, "partitioned": partitioned, "seconds": round(seconds, 1)}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        with open(os.path.join(out, "rss.json"), "w") as f:
+            json.dump({str(r): v for r, v in enumerate(everyone)}, f)
+    engine.destroy()
+
+
 def _worker(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data")
+    parser.add_argument("--rss", nargs=2, metavar=("MODE", "MODEL"))
     args, _ = parser.parse_known_args(argv)  # the launcher adds --local_rank
     from vlm2vec import train
     from vlm2vec.config import load_config
@@ -161,6 +257,13 @@ def _worker(argv: list[str]) -> int:
 
     rank, world, _ = train.init_distributed()
     import torch.distributed as dist
+
+    if args.rss:
+        try:
+            _rss_worker(args.out, *args.rss)
+        finally:
+            dist.destroy_process_group()
+        return 0
 
     dummies = []
     original = VLM2Vec._dummy_image_features

@@ -166,12 +166,27 @@ def align_vision_paths(batch: Any, zero_stage: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- model
-def build_model(config: TrainConfig, base: Any = None) -> Any:
+def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any] | None = None) -> Any:
     """The VLM2Vec encoder (`base` if given) with the trainable parts the options ask for (LoRA / full),
-    in train mode."""
+    in train mode.
+
+    Under ZeRO-3 (`ds_config` stage 3) a pretrained backbone is loaded already partitioned: with
+    transformers' `HfDeepSpeedConfig` alive, `from_pretrained` builds the model inside
+    `deepspeed.zero.Init` and rank 0 copies each layer's checkpoint values into its gathered
+    parameters, so no rank ever holds the whole model. LoRA layers then attach to the partitioned
+    model (they are created whole; `deepspeed.initialize` partitions them). Tiny models (tests) are
+    built whole: zero.Init would skip transformers' weight init and give other random weights than a
+    1-process run."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from vlm2vec.backbones import ProcessorSettings, tiny
     from vlm2vec.model import VLM2Vec
 
+    unset_hf_deepspeed_config()  # an earlier ZeRO-3 model of this process must not make this one partitioned
+    hf_deepspeed_config = None
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference only
     common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
     dtype = torch.bfloat16 if config.bf16 else None
     if base is not None:
@@ -216,6 +231,7 @@ def build_model(config: TrainConfig, base: Any = None) -> Any:
         model.vision_tower.requires_grad_(True)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.hf_deepspeed_config = hf_deepspeed_config  # alive as long as the model (peft's DoRA asks it too)
     model.train()
     if _vision_frozen(model):
         model.vision_tower.eval()  # frozen: deterministic, so its features can be reused in the recompute
@@ -396,7 +412,10 @@ def _model_saver(engine: Any, model: Any, zero_stage: int) -> Callable[[str], No
         if zero_stage == 3:
             import deepspeed
 
-            gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+            # an adapter over a base that has a path is saved alone: gather only the trained weights
+            adapter_only = model.is_peft and model.base_path
+            params = [p for p in model.parameters() if p.requires_grad or not adapter_only]
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
             if dist.get_rank() == 0:
                 model.save_pretrained(directory)
@@ -457,7 +476,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
 
     data = load_data(config)
     seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
-    model = build_model(config, base=model)
+    model = build_model(config, base=model, ds_config=ds_config)
     batches, collate, total_steps = make_batches(config, data, model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
