@@ -4,7 +4,9 @@
     here before anything runs), with frozen-vision feature reuse on and off: training runs, saves,
     resumes, and the adapter after N steps equals a 1-process full-batch run's (no dropout, fp32);
   * resume at another world size: a ZeRO-3 run saved on 2 processes continues on 1 and the reverse,
-    logging the losses of an uninterrupted run on the new world size.
+    logging the losses of an uninterrupted run on the new world size;
+  * ZeRO-3 with CPU offload of parameters and optimizer: trains, saves, resumes;
+  * partitioned loading: peak memory per rank while loading a >= 100M-parameter checkpoint.
 
 Every launch has a timeout: a hang (the failure mode of diverging ZeRO-3 collectives) fails the test.
 """
@@ -148,6 +150,21 @@ def test_resume_at_another_world_size(mixed_data, tmp_path, stage):
         for step in got:
             assert abs(got[step] - want[step]) < 1e-5, (moved, step, got, want)
         assert _max_diff(_adapter(moved), _adapter(uninterrupted)) < 1e-6
+
+
+def test_zero3_cpu_offload_trains_saves_resumes(mixed_data, tmp_path):
+    """configs/ds_zero3_offload.json as shipped (parameters and optimizer on the CPU, DeepSpeedCPUAdam,
+    JIT-built on first use): trains on 2 ranks, saves, and a resume from the middle repeats the
+    uninterrupted run's losses and adapter."""
+    ds = os.path.join(REPO, "configs", "ds_zero3_offload.json")
+    run, resumed = str(tmp_path / "run"), str(tmp_path / "resumed")
+    _deepspeed(["vlm2vec/train.py", *_options(mixed_data, run, ds)], 600)
+    checkpoint = os.path.join(run, f"checkpoint-{SAVE_AT}")
+    _deepspeed(["vlm2vec/train.py", *_options(mixed_data, resumed, ds, "--resume", checkpoint)], 300)
+    want, got = _losses(run), _losses(resumed)
+    assert sorted(want) == list(range(1, STEPS + 1)) and want[STEPS] < want[1], want
+    assert all(abs(got[s] - want[s]) < 1e-5 for s in range(SAVE_AT + 1, STEPS + 1)), (got, want)
+    assert _max_diff(_adapter(resumed), _adapter(run)) < 1e-6
 
 
 def _write_large_qwen2_vl(path: str) -> int:

@@ -184,9 +184,13 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
     from vlm2vec.model import VLM2Vec
 
     unset_hf_deepspeed_config()  # an earlier ZeRO-3 model of this process must not make this one partitioned
-    hf_deepspeed_config = None
-    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        hf_deepspeed_config = HfDeepSpeedConfig(ds_config)  # transformers keeps a weak reference only
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    pretrained = base is None and (
+        config.checkpoint_path
+        or not (config.model_name == DEMO_MODEL or config.model_name.startswith(TINY_PREFIX))
+    )
+    # transformers keeps a weak reference only: held by the model below, as long as the model lives
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if zero3 and pretrained else None
     common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
     dtype = torch.bfloat16 if config.bf16 else None
     if base is not None:
