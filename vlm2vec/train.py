@@ -123,6 +123,20 @@ def _all_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+def _peak_memory_mib() -> dict[str, int]:
+    """Peak host RSS (and accelerator memory) so far, the largest over the processes, in MiB."""
+    import resource
+
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]
+    if torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated() // 2**20)
+    value = torch.tensor(peaks, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    names = ("peak_host_mib", "peak_gpu_mib")
+    return {name: int(v) for name, v in zip(names, value.tolist())}
+
+
 def _any_rank(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
@@ -570,7 +584,10 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
             }
-            log.step(step, record, write=(step + 1) % config.logging_steps == 0 or step + 1 == total_steps)
+            write = (step + 1) % config.logging_steps == 0 or step + 1 == total_steps
+            if write:  # the same steps on every rank: one small all_reduce
+                record.update(_peak_memory_mib())
+            log.step(step, record, write=write)
             if config.save_steps and (step + 1) % config.save_steps == 0:
                 ckpt.save_checkpoint(
                     engine,
