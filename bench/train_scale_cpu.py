@@ -2,6 +2,7 @@
 across a world-size change, on this CPU box (gloo, the real `deepspeed` launcher).
 
     python bench/train_scale_cpu.py [--model tiny:qwen2_vl | DIR] [--steps 6] [--out runs/bench_scale]
+        [--only zero3 ...] [--train_args --min_pixels 3136 ...]
 
 Each run trains --steps steps on mixed image/text synthetic MMEB rows (global batch 8, GradCache chunks
 of 2/3, one hard negative, LoRA); time per step is the mean over the steps after the first (the first
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--out", default="runs/bench_scale")
     parser.add_argument("--only", nargs="*", help="run names to run (default: all)")
+    parser.add_argument("--train_args", nargs=argparse.REMAINDER, default=[], help="more train.py options")
     args = parser.parse_args()
     sys.path.insert(0, REPO)
     from vlm2vec.synthetic import write_synthetic_mmeb
@@ -73,7 +75,7 @@ def main() -> None:
             "--train_batch_size", "8", "--gc_q_chunk_size", "2", "--gc_p_chunk_size", "3",
             "--max_steps", str(args.steps), "--save_steps", str(half), "--learning_rate", "1e-3",
             "--ds_config", os.path.join(REPO, "configs", ds), "--output_dir", os.path.join(out, name),
-            "--report_to", "none", "--disable_tqdm", *extra,
+            "--report_to", "none", "--disable_tqdm", *args.train_args, *extra,
         ]  # fmt: skip
 
     runs = [(f"zero{s}", 2, options(f"zero{s}", f"ds_zero{s}.json"), 2) for s in (0, 1, 2, 3)]

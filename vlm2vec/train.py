@@ -10,6 +10,7 @@ One training step (the loop in `train`):
 
     batches[step]           rows of this step for this process, chosen by (seed, step) only
     collate(batch)          model inputs per GradCache chunk, each padded to its own longest row
+    align_vision_paths      ranks agree per chunk on vision runs (dummy image passes, weight 0: ZeRO-3)
     contrastive_step(...)   chunks encoded without keeping activations -> loss over the global batch
     engine.backward(loss)   loss gradient -> each chunk re-encoded (same RNG) and back-propagated;
                             gradients reduced across processes once
