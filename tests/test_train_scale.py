@@ -131,7 +131,7 @@ def test_mixed_modality_zero_stages_match_one_process(mixed_data, tmp_path):
         assert all(abs(losses[s] - ref_losses[s]) < 1e-5 for s in ref_losses), (name, losses, ref_losses)
 
 
-@pytest.mark.parametrize("stage", [3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_at_another_world_size(mixed_data, tmp_path, stage):
     ds = _ds_config(stage, str(tmp_path))
     two, one = str(tmp_path / "two"), str(tmp_path / "one")

@@ -510,6 +510,15 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
+    # what DeepSpeed's universal-checkpoint converter needs to find in a ZeRO 1/2 checkpoint (it re-splits
+    # the flat optimizer state at another world size; pure data parallelism: no tensor-parallel patterns)
+    from deepspeed.checkpoint import constants as uc
+
+    setattr(
+        model,
+        uc.UNIVERSAL_CHECKPOINT_INFO,
+        {uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer,
         lr_scheduler=make_scheduler(config, total_steps), config=ds_config,
@@ -537,7 +546,8 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             seed_everything(config.seed + 1000 * rank + start)  # another world size: a fresh stream
     log = RunLog(config, rank, start, total_steps, global_batch)
     if plan is not None:
-        how = f" (written by {plan.state.get('world_size')} processes)" if plan.universal else ""
+        saved_world = plan.state.get("world_size", world)
+        how = f" (written by {saved_world} processes)" if saved_world != world else ""
         log.message(f"resumed from {plan.path} at step {start}{how}")
     result = TrainResult(config.output_dir, start, start, engine=engine)
     saved_at = start
