@@ -167,6 +167,36 @@ def test_zero3_cpu_offload_trains_saves_resumes(mixed_data, tmp_path):
     assert _max_diff(_adapter(resumed), _adapter(run)) < 1e-6
 
 
+DORA_CHECK = """
+import sys, deepspeed
+from vlm2vec import train
+from vlm2vec.config import load_config, resolve_ds_config
+train.init_distributed()
+config = load_config(["--model_name", sys.argv[1], "--ds_config", sys.argv[2], "--dora", "--report_to=none"])
+train.seed_everything(0)
+whole = train.build_model(config)
+train.seed_everything(0)
+part = train.build_model(config, ds_config=resolve_ds_config(config, 1))
+assert all(hasattr(p, "ds_id") for p in part.parameters() if not p.requires_grad), "not partitioned"
+mags = [{n: p for n, p in m.named_parameters() if "magnitude" in n} for m in (whole, part)]
+with deepspeed.zero.GatheredParameters([p for p in part.parameters() if hasattr(p, "ds_id")]):
+    print("DIFF", len(mags[0]), max(float((mags[0][n] - mags[1][n]).abs().max()) for n in mags[0]))
+"""
+
+
+def test_dora_attaches_to_a_partitioned_model(tmp_path):
+    """DoRA's magnitudes are the base weights' column norms: on a model loaded partitioned (ZeRO-3) they
+    must come out as on the whole model (peft gathers the weights while transformers' DeepSpeed config
+    is alive)."""
+    from vlm2vec.backbones import tiny
+
+    model = str(tmp_path / "tiny")
+    tiny("qwen2_vl").save_pretrained(model)
+    done = _python(["-c", DORA_CHECK, model, _ds_config(3, str(tmp_path))], 300)
+    count, diff = done.stdout.split("DIFF")[1].split()
+    assert int(count) > 0 and float(diff) == 0.0, done.stdout[-2000:]
+
+
 def _write_large_qwen2_vl(path: str) -> int:
     """A Qwen2-VL of >= 100M parameters (tiny's tokenizer and vision tower, a 1024-wide 8-layer LM) saved
     as a loadable VLM2Vec directory; returns the parameter count."""
