@@ -227,6 +227,77 @@ def test_errors_come_before_any_model_or_engine_is_built():
         assert proc.stderr.startswith("vlm2vec/train.py: error: "), proc.stderr
 
 
+def _zero_json(tmp_path, name: str, zero: dict, **top) -> str:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps({"zero_optimization": zero, **top}))
+    return str(path)
+
+
+def _checkpoint(tmp_path, world: int, stage: int, batch: int) -> str:
+    """A checkpoint directory with just its trainer_state.json (what the resume checks read)."""
+    path = tmp_path / f"checkpoint-w{world}-s{stage}-b{batch}"
+    path.mkdir()
+    state = {
+        "step": 2,
+        "world_size": world,
+        "zero_stage": stage,
+        "data": {"fingerprint": {"batch_size": batch}},
+    }
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    return str(path)
+
+
+def test_launcher_stage_offload_world_size_combinations_refused_up_front(tmp_path):
+    """Each bad combination stops in `main` before the process group, data or model exist: exit 2, one
+    line from rank 0 naming what to change, nothing from the other ranks, no traceback."""
+    offload_cpu = {"device": "cpu"}
+    bf16_sharded = _checkpoint(tmp_path, 2, 0, 8)
+    (tmp_path / os.path.basename(bf16_sharded) / "deepspeed").mkdir()
+    (
+        tmp_path
+        / os.path.basename(bf16_sharded)
+        / "deepspeed"
+        / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    ).touch()
+    cases = [
+        (["--ds_config", _zero_json(tmp_path, "s4", {"stage": 4})], 1, "use 0, 1, 2 or 3"),
+        (["--ds_config", _zero_json(tmp_path, "p2", {"stage": 2, "offload_param": offload_cpu})], 2,
+         "offload_param needs ZeRO-3"),
+        (["--ds_config", _zero_json(tmp_path, "o0", {"stage": 0, "offload_optimizer": offload_cpu})], 1,
+         "offload_optimizer needs ZeRO 1-3"),
+        (["--ds_config", _zero_json(tmp_path, "oc", {"stage": 3, "offload_optimizer": offload_cpu})], 4,
+         "needs DeepSpeed's CPU Adam"),
+        (["--ds_config", _zero_json(tmp_path, "nv", {"stage": 3, "offload_param": {"device": "nvme"}})], 2,
+         'device="nvme" is not supported'),
+        (["--train_batch_size", "8"], 3, "not divisible by the 3 processes"),
+        (["--resume", _checkpoint(tmp_path, 2, 2, 8), "--train_batch_size", "8"], 1,
+         "written under ZeRO-2, this run uses ZeRO-0"),
+        (["--resume", _checkpoint(tmp_path, 2, 0, 16)], 1, "pass --train_batch_size 16"),
+        (["--resume", bf16_sharded, "--train_batch_size", "8"], 1, "bf16 optimizer under ZeRO-0"),
+    ]  # fmt: skip
+    code = (
+        "import sys\nfrom vlm2vec.train import main\nrc = main(sys.argv[1:])\n"
+        "print('RESULT', rc, 'transformers' in sys.modules, 'deepspeed' in sys.modules)"
+    )
+    for argv, world, expected in cases:
+        for rank in range(min(world, 2)):
+            env = {**os.environ, "WORLD_SIZE": str(world), "RANK": str(rank)}
+            proc = subprocess.run(
+                [sys.executable, "-c", code, *argv],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert "RESULT 2 False False" in proc.stdout, (argv, proc.stdout, proc.stderr[-2000:])
+            if rank == 0:
+                assert proc.stderr.startswith("vlm2vec/train.py: error: "), proc.stderr
+                assert expected in proc.stderr and proc.stderr.count("\n") == 1, (argv, proc.stderr)
+            else:
+                assert proc.stderr == "", proc.stderr
+
+
 def test_learning_rate_schedules():
     import torch
 

@@ -256,3 +256,45 @@ def test_tiny_backbone_gradcache_with_gradient_checkpointing(tiny_qwen):
         model.hf_model.gradient_checkpointing_disable()
     assert calls == 4
     torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "phi3_v"])
+@pytest.mark.parametrize("train_vision", [False, True])
+def test_dummy_vision_pass_runs_the_tower_and_changes_nothing(name, train_vision):
+    """`inputs["vision_dummies"] = n` (what the trainer sets on a rank whose chunk has fewer visual inputs
+    than another rank's, for ZeRO-3): the vision path runs n more times, the embeddings and every
+    gradient are bitwise those without it; a trainable tower gets exact-zero gradients from it."""
+    from vlm2vec.backbones import tiny
+    from vlm2vec.model import DUMMY_VISION_KEY
+
+    torch.manual_seed(0)
+    model = tiny(name).train()
+    model.enable_full_finetuning(train_vision=train_vision)
+    texts = ["a caption about a red circle", "<|image_1|> what is shown?"]
+    inputs = model.prepare(texts[:1])  # a text-only chunk
+    calls = []
+    first_block = next(model.vision_tower.children())
+    handle = first_block.register_forward_hook(lambda *args: calls.append(1))
+
+    def run(extra: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model({**inputs, **extra})
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    try:
+        plain, plain_grads = run({})
+        assert calls == []
+        dummy, dummy_grads = run({DUMMY_VISION_KEY: 2})
+    finally:
+        handle.remove()
+    assert len(calls) == 2  # the tower ran twice, on the dummy image
+    assert torch.equal(dummy, plain)
+    assert plain_grads and all(torch.equal(dummy_grads[n], g) for n, g in plain_grads.items())
+    # parameters reached only through the dummy (a trainable tower; LLaVA's / Phi's projector): exact zeros
+    extra = set(dummy_grads) - set(plain_grads)
+    assert all(int((dummy_grads[n] != 0).sum()) == 0 for n in extra)
+    if train_vision:
+        assert extra

@@ -5,8 +5,16 @@ Layout of `<output_dir>/checkpoint-<step>/`:
     vlm2vec.json, adapter_model.safetensors | model.safetensors, ...   (VLM2Vec.save_pretrained: the
                                          directory loads with VLM2Vec.from_pretrained / vlm2vec.eval)
     deepspeed/                           optimizer + scheduler + trainable (master) weights, per rank
+    universal/                           (made on a resume at another world size) the same state per
+                                         parameter, world-size independent (DeepSpeed universal format)
     rng_state_<rank>.pt                  python / numpy / torch CPU / accelerator RNG of each process
     trainer_state.json                   step, data position, world size, options (written last)
+
+Resume at another number of processes: the data position is global (a step's rows are a pure function
+of seed and step, split by the current world size), so only the ZeRO-partitioned optimizer state is
+tied to the old world size. `plan_resume` decides before any model is built; `to_universal` converts
+the shards once with DeepSpeed's `ds_to_universal` (per-parameter fp32 weights, exp_avg, exp_avg_sq),
+which the engine loads at any world size when its config sets `checkpoint.load_universal`.
 
 Every process writes into `.tmp-checkpoint-<step>/`; once all are done, rank 0 renames it to
 `checkpoint-<step>/` (one atomic rename), so a directory named `checkpoint-*` is always complete and a
@@ -15,12 +23,16 @@ kill mid-save leaves only a temporary directory that the next save or resume ign
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +43,7 @@ PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 DEEPSPEED_TAG = "deepspeed"
+UNIVERSAL_TAG = "universal"
 _STEP = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -51,22 +64,93 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+class ResumeError(ValueError):
+    """A checkpoint this run cannot continue from; the message says what to change."""
+
+
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     """The checkpoint to resume from: None (fresh start), the newest in output_dir for "auto" (None if
-    there is none yet), or the given directory (ValueError if it is not a complete checkpoint)."""
+    there is none yet), or the given directory (ResumeError if it is not a complete checkpoint)."""
     if resume is None:
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
-        raise ValueError(f"--resume {resume!r} is not a complete checkpoint (no {TRAINER_STATE})")
+        raise ResumeError(f"--resume {resume!r} is not a complete checkpoint (no {TRAINER_STATE})")
     return resume
 
 
 def read_trainer_state(path: str) -> dict[str, Any]:
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as f:
         return json.load(f)
+
+
+@dataclass
+class ResumePlan:
+    """How to load a checkpoint: `state` is its trainer_state.json; `universal` when it was written by
+    another number of processes and its ZeRO shards must be read in the universal format."""
+
+    path: str
+    state: dict[str, Any]
+    universal: bool
+
+
+def _sharded(path: str) -> bool:
+    """Whether the DeepSpeed state is split per process (ZeRO 1-3, or the bf16 optimizer)."""
+    return bool(glob.glob(os.path.join(path, DEEPSPEED_TAG, "*zero_pp_rank_*optim_states.pt")))
+
+
+def plan_resume(path: str, *, world_size: int, zero_stage: int, global_batch: int) -> ResumePlan:
+    """Check that this run can continue `path`; ResumeError saying what to change otherwise. Called
+    before any model is built."""
+    state = read_trainer_state(path)
+    saved_world = int(state.get("world_size", world_size))
+    saved_stage = int(state.get("zero_stage", zero_stage))
+    saved_batch = state.get("data", {}).get("fingerprint", {}).get("batch_size", global_batch)
+    if saved_stage != zero_stage:
+        raise ResumeError(
+            f"{path} was written under ZeRO-{saved_stage}, this run uses ZeRO-{zero_stage}; resume with a "
+            f"ZeRO-{saved_stage} --ds_config (the optimizer state is laid out per stage)"
+        )
+    if saved_batch != global_batch:
+        raise ResumeError(
+            f"{path} was trained with {saved_batch} queries per step, this run has {global_batch} "
+            f"({world_size} processes); pass --train_batch_size {saved_batch} so every step keeps its rows"
+        )
+    universal = saved_world != world_size and _sharded(path)
+    if universal and zero_stage == 0:
+        raise ResumeError(
+            f"{path} was written by {saved_world} processes with the bf16 optimizer under ZeRO-0, whose "
+            f"state DeepSpeed cannot re-split for {world_size}; resume on {saved_world} processes, or "
+            "train with a ZeRO 1-3 config to move between world sizes"
+        )
+    return ResumePlan(path, state, universal)
+
+
+def to_universal(path: str) -> None:
+    """Convert `path`'s ZeRO shards into `path/universal` once (rank 0 converts, atomically; every rank
+    raises ResumeError if it fails, so none waits forever)."""
+    target = os.path.join(path, UNIVERSAL_TAG)
+    error = [None]
+    if _rank() == 0 and not os.path.isdir(target):
+        tmp = target + f".tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+            os.path.join(path, DEEPSPEED_TAG), "--output_folder", tmp, "--num_extract_workers", "1",
+            "--num_merge_workers", "1",
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode == 0:
+            os.rename(tmp, target)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            error[0] = f"converting {path} to DeepSpeed's universal format failed:\n{done.stderr[-3000:]}"
+    if dist.is_initialized():
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ResumeError(error[0])
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -159,26 +243,22 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine: Any, path: str) -> dict[str, Any]:
-    """Restore optimizer, scheduler, trainable weights and this rank's RNG; returns the trainer state.
-
-    Raises ValueError when the checkpoint was written by a different number of processes (ZeRO shards
-    the optimizer state per process)."""
-    state = read_trainer_state(path)
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if state.get("world_size", world) != world:
-        raise ValueError(
-            f"{path} was written by {state['world_size']} processes, this run has {world}; "
-            "resume with the same number of processes"
-        )
+def load_checkpoint(engine: Any, plan: ResumePlan) -> bool:
+    """Restore optimizer, scheduler and trainable weights (from the universal form when `plan` says so)
+    and this rank's RNG. Returns False when the RNG could not be restored (another world size: the
+    caller starts a fresh, seeded stream)."""
+    tag = UNIVERSAL_TAG if plan.universal else DEEPSPEED_TAG
     load_path, _ = engine.load_checkpoint(
-        path,
-        tag=DEEPSPEED_TAG,
+        plan.path,
+        tag=tag,
         load_module_strict=False,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise ValueError(f"DeepSpeed found no state under {os.path.join(path, DEEPSPEED_TAG)}")
-    restore_rng(torch.load(os.path.join(path, f"rng_state_{_rank()}.pt"), weights_only=False))
-    return state
+        raise ResumeError(f"DeepSpeed found no state under {os.path.join(plan.path, tag)}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if int(plan.state.get("world_size", world)) != world:
+        return False
+    restore_rng(torch.load(os.path.join(plan.path, f"rng_state_{_rank()}.pt"), weights_only=False))
+    return True

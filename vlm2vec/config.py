@@ -659,6 +659,7 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         settle(params, "eps", "adam_epsilon", config.adam_epsilon)
         settle(params, "weight_decay", "weight_decay", config.weight_decay)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
+    _check_zero(zero, ds, source)
     if config.quantization and zero.get("stage", 0) == 3:
         raise ConfigError(
             "--quantization nf4 cannot be combined with ZeRO-3 (4-bit weights cannot be "
@@ -669,6 +670,37 @@ def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f'{source}: zero_optimization.{key} is "auto"; give a number')
     ds.setdefault("steps_per_print", 2**31 - 1)
     return ds
+
+
+def _offload_device(zero: dict[str, Any], key: str) -> str:
+    section = zero.get(key) or {}
+    return str(section.get("device", "none")).lower() if isinstance(section, dict) else "none"
+
+
+def _check_zero(zero: dict[str, Any], ds: dict[str, Any], source: str) -> None:
+    """ZeRO stage x offload combinations that DeepSpeed would reject (or mis-train) only after the model
+    is built and the engine initialised: refused here, with what to change."""
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
+    params, optimizer = _offload_device(zero, "offload_param"), _offload_device(zero, "offload_optimizer")
+    for key, device in (("offload_param", params), ("offload_optimizer", optimizer)):
+        if device not in ("none", "cpu"):
+            raise ConfigError(
+                f'{source}: zero_optimization.{key}.device="{device}" is not supported here (only "cpu", '
+                "which configs/ds_zero3_offload.json uses); NVMe offload is untested with this trainer"
+            )
+    if params == "cpu" and stage != 3:
+        raise ConfigError(
+            f"{source}: offload_param needs ZeRO-3 (stage is {stage}); set stage 3 or remove offload_param"
+        )
+    if optimizer == "cpu" and stage == 0:
+        raise ConfigError(f"{source}: offload_optimizer needs ZeRO 1-3; set a stage or drop it")
+    if optimizer == "cpu" and "optimizer" not in ds and ds.get("zero_force_ds_cpu_optimizer", True):
+        raise ConfigError(
+            f'{source}: offload_optimizer needs DeepSpeed\'s CPU Adam: add an "optimizer" section '
+            '({"type": "AdamW", "params": {"lr": "auto", ...}} as in configs/ds_zero3_offload.json)'
+        )
 
 
 def format_config(config: TrainConfig) -> str:

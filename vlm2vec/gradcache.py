@@ -25,6 +25,7 @@ the image features of the first pass instead of running the tower again (one vis
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -35,7 +36,27 @@ Inputs = Mapping[str, Tensor]
 Encoder = Callable[[Inputs], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-__all__ = ["Encoder", "Inputs", "LossFn", "SameRandomness", "contrastive_step", "encode_chunks"]
+__all__ = [
+    "Encoder",
+    "Inputs",
+    "LossFn",
+    "SameRandomness",
+    "contrastive_step",
+    "encode_chunks",
+    "recomputing",
+]
+
+_RECOMPUTING = contextvars.ContextVar("vlm2vec_gradcache_recomputing", default=False)
+
+
+def recomputing() -> bool:
+    """True while a chunk's forward is re-run in backward (the second encoding of a GradCache step).
+
+    `VLM2Vec.reuse_vision_features` replays image features only then: in the first pass every call must
+    run the tower, even for an image seen earlier in the step, because under ZeRO-3 each tower run is a
+    series of collectives that every rank has to issue alike (a cache hit on one rank only would skip
+    them there)."""
+    return _RECOMPUTING.get()
 
 
 def _accelerator() -> tuple[str, list[int]]:
@@ -66,11 +87,15 @@ class SameRandomness:
         if self.state is None:
             self.state = (torch.get_rng_state(), [self._module().get_rng_state(d) for d in self.devices])
             return self.encoder(inputs)
-        with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
-            torch.set_rng_state(self.state[0])
-            for device, state in zip(self.devices, self.state[1]):
-                self._module().set_rng_state(state, device)
-            return self.encoder(inputs)
+        token = _RECOMPUTING.set(True)
+        try:
+            with torch.random.fork_rng(devices=self.devices, device_type=self.device_type):
+                torch.set_rng_state(self.state[0])
+                for device, state in zip(self.devices, self.state[1]):
+                    self._module().set_rng_state(state, device)
+                return self.encoder(inputs)
+        finally:
+            _RECOMPUTING.reset(token)
 
 
 def encode_chunks(encoder: Encoder, chunks: Sequence[Inputs], *, grad_cache: bool = True) -> Tensor:

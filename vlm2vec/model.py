@@ -26,6 +26,23 @@ if TYPE_CHECKING:
 META_FILE = "vlm2vec.json"
 BASE_SUBDIR = "base"
 POOLINGS = ("last", "mean")
+VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
+"""Input keys that each make the backbone run its vision path once (images; Qwen videos)."""
+DUMMY_VISION_KEY = "vision_dummies"
+"""Input key: how many zero-weighted dummy image passes to run in this forward (see `VLM2Vec.forward`)."""
+
+
+def visual_calls(inputs: dict[str, Any]) -> int:
+    """How many times the backbone runs its vision path on `inputs`: once per kind of visual input."""
+    return sum(key in inputs for key in VISUAL_INPUT_KEYS)
+
+
+def _tensor_sum(value: Any) -> torch.Tensor:
+    """Sum of every floating tensor in a (nested) model output, as one fp32 scalar."""
+    if isinstance(value, torch.Tensor):
+        return value.float().sum() if value.is_floating_point() else value.new_zeros((), dtype=torch.float32)
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else []
+    return sum((_tensor_sum(v) for v in items), torch.zeros(()))
 
 
 def resolve_attn_implementation(requested: str | None, device: str | torch.device | None) -> str:
@@ -129,6 +146,7 @@ class VLM2Vec(nn.Module):
         self.padding_side = padding_side
         self.settings = settings or copy.deepcopy(family.default_settings)
         self.base_path = base_path
+        self._dummy_inputs: dict[str, torch.Tensor] | None = None  # built on first use
         if freeze_vision and self.vision_tower is not None:
             self.vision_tower.requires_grad_(False)
         self.train(backbone.training)  # follow the backbone (transformers loads models in eval mode)
@@ -184,9 +202,16 @@ class VLM2Vec(nn.Module):
         )
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Embeddings [N, D] (fp32, L2-normalised when `normalize`) of a prepared chunk."""
+        """Embeddings [N, D] (fp32, L2-normalised when `normalize`) of a prepared chunk.
+
+        `inputs["vision_dummies"] = n` (set by the trainer) also runs the vision path n times on a dummy
+        image, weighted by exactly zero: the result is unchanged, but every process runs the same
+        submodules (ZeRO-3 fetches each one's weights with collectives)."""
+        inputs = dict(inputs)
+        dummies = int(inputs.pop(DUMMY_VISION_KEY, 0))
         inputs = self._to_device(inputs)
-        hidden = self.family.hidden_states(self.hf_model, inputs)
+        with self._dummy_vision(dummies):
+            hidden = self.family.hidden_states(self.hf_model, inputs)
         pooled = pool(hidden, inputs, self.pooling).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
 
@@ -252,14 +277,59 @@ class VLM2Vec(nn.Module):
             moved[key] = value
         return moved
 
+    # ------------------------------------------------------------------------- dummy vision passes
+    @contextmanager
+    def _dummy_vision(self, n: int) -> Iterator[None]:
+        """Run the vision path n times on a dummy image right after the token embedding, adding
+        0 * (its features' sum) to the embeddings.
+
+        Why there: every backbone embeds the tokens first and then runs its vision path, so a rank
+        whose chunk has no image issues the same module sequence (embedding, vision, language model) as
+        a rank whose chunk has one. Why zero-weighted: x + 0 == x, so the embeddings (and the loss) are
+        bitwise those without the dummy; a frozen tower contributes no graph at all, a trainable one
+        gets exactly-zero gradients (so its gradient reduction still happens on every rank)."""
+        if n <= 0:
+            yield
+            return
+        done = []
+
+        def after_embedding(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if done:  # one embedding call per forward runs the dummies (a placeholder lookup may re-embed)
+                return output
+            done.append(True)
+            extra = sum(_tensor_sum(self._dummy_image_features()) for _ in range(n))
+            return output + 0.0 * extra.to(output.device, output.dtype)
+
+        handle = self.hf_model.get_input_embeddings().register_forward_hook(after_embedding)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _dummy_image_features(self) -> Any:
+        """The backbone's image features (`get_image_features`) of a small blank image."""
+        hf_model = self.hf_model
+        if not hasattr(hf_model, "get_image_features"):
+            raise ValueError(f"{type(hf_model).__name__} has no get_image_features: cannot run a dummy image")
+        if self._dummy_inputs is None:
+            from PIL import Image
+
+            prepared = self.prepare([""], [Image.new("RGB", (56, 56), (127, 127, 127))])
+            accepted = inspect.signature(hf_model.get_image_features).parameters
+            self._dummy_inputs = {k: v for k, v in prepared.items() if k in accepted}
+        return hf_model.get_image_features(**self._to_device(self._dummy_inputs))
+
     # ----------------------------------------------------------------------- frozen vision features
     @contextmanager
     def reuse_vision_features(self) -> Iterator[dict[str, int]]:
-        """Inside this block the (frozen) vision tower runs once per distinct input; repeats replay.
+        """Inside this block the (frozen) vision tower's second run on an input replays the first.
 
-        GradCache encodes each chunk twice (no-grad pass, then re-forward with grad); nothing in a
-        frozen tower needs gradients, so the second pass can reuse the first pass's outputs. Yields a
-        dict of counters {"computed", "reused"}. Raises ValueError if the tower has trainable weights."""
+        GradCache encodes each chunk twice (first pass, then the recompute in backward); nothing in a
+        frozen tower needs gradients, so the second pass can reuse the first pass's outputs. A call is
+        replayed only during the recompute (`gradcache.recomputing()`) or when the earlier call ran
+        without grad (a no-grad encoding pass); a repeated image within the first pass runs the tower
+        again, so every rank runs it equally often (ZeRO-3). Yields a dict of counters
+        {"computed", "reused"}. Raises ValueError if the tower has trainable weights."""
         tower = self.vision_tower
         stats = {"computed": 0, "reused": 0}
         if tower is None:
@@ -267,17 +337,21 @@ class VLM2Vec(nn.Module):
             return
         if any(p.requires_grad for p in tower.parameters()):
             raise ValueError("the vision tower has trainable parameters; its features cannot be reused")
+        from vlm2vec.gradcache import recomputing
+
         original = tower.forward
-        cache: list[tuple[tuple, dict, Any]] = []
+        cache: list[tuple[tuple, dict, Any, bool]] = []
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            for cached_args, cached_kwargs, output in cache:
-                if _same_call(cached_args, cached_kwargs, args, kwargs):
+            replay = recomputing()
+            for cached_args, cached_kwargs, output, without_grad in cache:
+                if (replay or without_grad) and _same_call(cached_args, cached_kwargs, args, kwargs):
                     stats["reused"] += 1
                     return copy.copy(output)  # callers may reassign fields of a ModelOutput
+            without_grad = not torch.is_grad_enabled()
             with torch.no_grad():
                 output = original(*args, **kwargs)
-            cache.append((args, kwargs, output))
+            cache.append((args, kwargs, output, without_grad))
             stats["computed"] += 1
             return copy.copy(output)
 

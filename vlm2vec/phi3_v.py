@@ -255,6 +255,10 @@ class Phi3VForCausalLM(Phi3PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.model.embed_tokens
 
+    def get_image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """Projected image tokens, as the forward computes them (the trainer's ZeRO-3 dummy image path)."""
+        return self.model.vision_embed_tokens(pixel_values, image_sizes)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

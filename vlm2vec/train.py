@@ -10,6 +10,7 @@ One training step (the loop in `train`):
 
     batches[step]           rows of this step for this process, chosen by (seed, step) only
     collate(batch)          model inputs per GradCache chunk, each padded to its own longest row
+    align_vision_paths      ranks agree per chunk on vision runs (dummy image passes, weight 0: ZeRO-3)
     contrastive_step(...)   chunks encoded without keeping activations -> loss over the global batch
     engine.backward(loss)   loss gradient -> each chunk re-encoded (same RNG) and back-propagated;
                             gradients reduced across processes once
@@ -123,6 +124,20 @@ def _all_mean(value: torch.Tensor) -> float:
     return float(value)
 
 
+def _peak_memory_mib() -> dict[str, int]:
+    """Peak host RSS (and accelerator memory) so far, the largest over the processes, in MiB."""
+    import resource
+
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]
+    if torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated() // 2**20)
+    value = torch.tensor(peaks, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    names = ("peak_host_mib", "peak_gpu_mib")
+    return {name: int(v) for name, v in zip(names, value.tolist())}
+
+
 def _any_rank(flag: bool) -> bool:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return flag
@@ -131,13 +146,66 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def align_vision_paths(batch: Any, zero_stage: int) -> None:
+    """Make every process run the vision path equally often in each chunk of this step.
+
+    ZeRO-3 fetches each submodule's weights with collectives as the forward reaches it, so all ranks
+    must run the same submodules in the same order. A chunk's vision path runs once per kind of visual
+    input (`model.visual_calls`); rows differ across ranks (one rank's chunk is text-only, another's
+    has an image), so one all_reduce per step agrees, chunk by chunk, on the most vision runs any rank
+    needs, and a rank with fewer adds zero-weighted dummy image passes (`VLM2Vec.forward`): the
+    embeddings and gradients are exactly those without them. Done at every stage, so the path never
+    depends on the stage; with one process there is nothing to agree on."""
+    from vlm2vec.model import DUMMY_VISION_KEY, visual_calls
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    chunks = list(batch.query_chunks) + list(batch.cand_chunks)
+    counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
+    extremes = torch.cat([counts, -counts])
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if not torch.equal(extremes[:2], -extremes[2:]):
+        if zero_stage == 3:
+            raise ConfigError(
+                "the processes have different numbers of GradCache chunks this step (rows dropped by "
+                "--skip_bad_rows); ZeRO-3 needs the same on every rank: fix the rows, drop "
+                "--skip_bad_rows, or use a ZeRO 0-2 config"
+            )
+        return  # ZeRO 0-2 hold whole weights: a different path issues no different collectives
+    calls = torch.tensor([visual_calls(chunk) for chunk in chunks])
+    most = calls.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    for chunk, mine, needed in zip(chunks, calls.tolist(), most.tolist()):
+        if needed > mine:
+            chunk[DUMMY_VISION_KEY] = needed - mine
+
+
 # --------------------------------------------------------------------------------------------- model
-def build_model(config: TrainConfig, base: Any = None) -> Any:
+def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any] | None = None) -> Any:
     """The VLM2Vec encoder (`base` if given) with the trainable parts the options ask for (LoRA / full),
-    in train mode."""
+    in train mode.
+
+    Under ZeRO-3 (`ds_config` stage 3) a pretrained backbone is loaded already partitioned: with
+    transformers' `HfDeepSpeedConfig` alive, `from_pretrained` builds the model inside
+    `deepspeed.zero.Init` and rank 0 copies each layer's checkpoint values into its gathered
+    parameters, so no rank ever holds the whole model. LoRA layers then attach to the partitioned
+    model (they are created whole; `deepspeed.initialize` partitions them). Tiny models (tests) are
+    built whole: zero.Init would skip transformers' weight init and give other random weights than a
+    1-process run."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from vlm2vec.backbones import ProcessorSettings, tiny
     from vlm2vec.model import VLM2Vec
 
+    unset_hf_deepspeed_config()  # an earlier ZeRO-3 model of this process must not make this one partitioned
+    zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    pretrained = base is None and (
+        config.checkpoint_path
+        or not (config.model_name == DEMO_MODEL or config.model_name.startswith(TINY_PREFIX))
+    )
+    # transformers keeps a weak reference only: held by the model below, as long as the model lives
+    hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if zero3 and pretrained else None
     common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
     dtype = torch.bfloat16 if config.bf16 else None
     if base is not None:
@@ -182,6 +250,7 @@ def build_model(config: TrainConfig, base: Any = None) -> Any:
         model.vision_tower.requires_grad_(True)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    model.hf_deepspeed_config = hf_deepspeed_config  # alive as long as the model (peft's DoRA asks it too)
     model.train()
     if _vision_frozen(model):
         model.vision_tower.eval()  # frozen: deterministic, so its features can be reused in the recompute
@@ -362,7 +431,10 @@ def _model_saver(engine: Any, model: Any, zero_stage: int) -> Callable[[str], No
         if zero_stage == 3:
             import deepspeed
 
-            gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+            # an adapter over a base that has a path is saved alone: gather only the trained weights
+            adapter_only = model.is_peft and model.base_path
+            params = [p for p in model.parameters() if p.requires_grad or not adapter_only]
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
             if dist.get_rank() == 0:
                 model.save_pretrained(directory)
@@ -404,6 +476,16 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     rank, world = dist.get_rank(), dist.get_world_size()
     ds_config = resolve_ds_config(config, world)  # ConfigError before anything is built
     zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    global_batch = per_device_batch_size(config, world) * world
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    plan = None
+    if resume_from is not None:  # ResumeError before anything is built
+        plan = ckpt.plan_resume(
+            resume_from, world_size=world, zero_stage=zero_stage, global_batch=global_batch
+        )
+        if plan.universal:
+            ckpt.to_universal(plan.path)
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     if rank == 0:
         os.makedirs(config.output_dir, exist_ok=True)
         with open(os.path.join(config.output_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -413,7 +495,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
 
     data = load_data(config)
     seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
-    model = build_model(config, base=model)
+    model = build_model(config, base=model, ds_config=ds_config)
     batches, collate, total_steps = make_batches(config, data, model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -428,6 +510,15 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             eps=config.adam_epsilon,
             weight_decay=config.weight_decay,
         )
+    # what DeepSpeed's universal-checkpoint converter needs to find in a ZeRO 1/2 checkpoint (it re-splits
+    # the flat optimizer state at another world size; pure data parallelism: no tensor-parallel patterns)
+    from deepspeed.checkpoint import constants as uc
+
+    setattr(
+        model,
+        uc.UNIVERSAL_CHECKPOINT_INFO,
+        {uc.UNIVERSAL_CHECKPOINT_VERSION_KEY: uc.UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer,
         lr_scheduler=make_scheduler(config, total_steps), config=ds_config,
@@ -447,16 +538,17 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         }
 
     start = 0
-    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
     seed_everything(config.seed + 1000 * rank)  # dropout differs across ranks, reproducibly
-    if resume_from is not None:
-        saved = ckpt.load_checkpoint(engine, resume_from)  # also restores this rank's RNG
-        batches.load_state_dict(saved["data"])
-        start = saved["step"]
-    samples_per_step = per_device_batch_size(config, world) * world
-    log = RunLog(config, rank, start, total_steps, samples_per_step)
-    if resume_from is not None:
-        log.message(f"resumed from {resume_from} at step {start}")
+    if plan is not None:
+        batches.load_state_dict(plan.state["data"])  # global position: valid at any world size
+        start = plan.state["step"]
+        if not ckpt.load_checkpoint(engine, plan):  # restores this rank's RNG when the world is the same
+            seed_everything(config.seed + 1000 * rank + start)  # another world size: a fresh stream
+    log = RunLog(config, rank, start, total_steps, global_batch)
+    if plan is not None:
+        saved_world = plan.state.get("world_size", world)
+        how = f" (written by {saved_world} processes)" if saved_world != world else ""
+        log.message(f"resumed from {plan.path} at step {start}{how}")
     result = TrainResult(config.output_dir, start, start, engine=engine)
     saved_at = start
     try:
@@ -464,6 +556,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
             batches, collate, start, total_steps, config.dataloader_num_workers, config.seed
         ):
             loss_fn = _loss_fn(config.temperature, batch.targets, group, config.symmetric_loss)
+            align_vision_paths(batch, zero_stage)
             with model.reuse_vision_features() if reuse else contextlib.nullcontext():
                 loss = contrastive_step(
                     engine.module,
@@ -502,7 +595,10 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": None if grad_norm is None else float(grad_norm),
             }
-            log.step(step, record, write=(step + 1) % config.logging_steps == 0 or step + 1 == total_steps)
+            write = (step + 1) % config.logging_steps == 0 or step + 1 == total_steps
+            if write:  # the same steps on every rank: one small all_reduce
+                record.update(_peak_memory_mib())
+            log.step(step, record, write=write)
             if config.save_steps and (step + 1) % config.save_steps == 0:
                 ckpt.save_checkpoint(
                     engine,
@@ -530,12 +626,25 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     return result
 
 
+def preflight(config: TrainConfig, world: int) -> None:
+    """Everything that can be refused from the options, the DeepSpeed JSON, the world size and the
+    checkpoint to resume: ConfigError / ResumeError before the process group, data or model exist."""
+    ds_config = resolve_ds_config(config, world)
+    resume_from = ckpt.resolve_resume(config.resume, config.output_dir)
+    if resume_from is not None:
+        stage = int(ds_config["zero_optimization"].get("stage", 0))
+        global_batch = per_device_batch_size(config, world) * world
+        ckpt.plan_resume(resume_from, world_size=world, zero_stage=stage, global_batch=global_batch)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: parse, check, join the process group, train, leave the group."""
     try:
         config = load_config(argv)
-    except ConfigError as err:
-        print(f"vlm2vec/train.py: error: {err}", file=sys.stderr)
+        preflight(config, int(os.environ.get("WORLD_SIZE", "1")))  # the launcher's world size
+    except (ConfigError, ckpt.ResumeError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops; one message
+            print(f"vlm2vec/train.py: error: {err}", file=sys.stderr)
         return 2
     rank, world, _ = init_distributed()
     try:
@@ -547,9 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_default_demo(config)  # data, baselines, `train`, evaluation table
         else:
             train(config)
-    except (ConfigError, NonFiniteLossError) as err:
+    except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
         print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError) else 1
+        return 1 if isinstance(err, NonFiniteLossError) else 2
     except Exception as err:
         from vlm2vec.data import DataError
 
