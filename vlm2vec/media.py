@@ -116,9 +116,12 @@ def decode_video(path: str | os.PathLike, num_frames: int | None, where: str = "
 
 
 def load_video(
-    source: VideoSource, num_frames: int | None = DEFAULT_NUM_FRAMES, *, root: str | os.PathLike | None = None,
+    source: VideoSource,
+    num_frames: int | None = DEFAULT_NUM_FRAMES,
+    *,
+    root: str | os.PathLike | None = None,
     where: str = "video",
-) -> list[Image.Image]:  # fmt: skip
+) -> list[Image.Image]:
     """Sampled frames (RGB PIL images) of a frame folder, a video file or a list of frames.
 
     Relative paths resolve against `root`. A list is sampled like a folder's sorted frames (the caller
@@ -188,7 +191,8 @@ def pdf_pages(
         try:
             pdf = pdfium.PdfDocument(str(path))
         except pdfium.PdfiumError as err:
-            raise MediaError(f"{where}: cannot read PDF {path}: {err}") from err
+            # PDFium refuses a document without pages at load time, so both land here
+            raise MediaError(f"{where}: cannot read PDF {path} (damaged, or without pages): {err}") from err
         try:
             if len(pdf) == 0:
                 raise MediaError(f"{where}: PDF {path} has no pages")

@@ -106,7 +106,7 @@ def expand_placeholders(
                 )
             if k > n_images:
                 what = "no image was given" if n_images == 0 else f"only {n_images} image(s) were given"
-                raise ValueError(f"row {row}: the text has an image placeholder {m.group(0)} but {what}")
+                raise ValueError(f"row {row}: the text has an image placeholder but {what} ({m.group(0)})")
             next_image += 1
             token = image_token
         out.append(text[last : m.start()] + token)
