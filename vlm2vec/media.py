@@ -37,6 +37,11 @@ VideoSource = str | os.PathLike | Sequence[Any]
 """A frame folder, a video file, or a list of frames (PIL images or image paths)."""
 
 
+class Frames(list):
+    """A video's sampled frames (a list of PIL images), marked so that callers passing visual inputs
+    around can tell a video from a list of images."""
+
+
 class MediaError(ValueError):
     """A video, frame or PDF that cannot be used; the message names the row (`where`) and the file."""
 
