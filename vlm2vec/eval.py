@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"paths relative to it; or a hub name such as {HUB_EVAL_NAME} (online)")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (scores.json, table.md)")
     p.add_argument("--benchmark", choices=("mmeb", "mmeb-v2"), default="mmeb", help="mmeb: the 36 image "
-                   "datasets (P@1); mmeb-v2: the 78 image/video/visual-document tasks of a local MMEB-V2 copy "
+                   "datasets (P@1); mmeb-v2: the 78 image/video/visual-document tasks of a local copy "
                    "(Hit@1 / NDCG@5, group table), see vlm2vec/mmeb_v2.py for the layout")  # fmt: skip
     p.add_argument("--tasks", default=None, help="--benchmark mmeb-v2: comma-separated task names "
                    "(default: every task found under --data)")  # fmt: skip

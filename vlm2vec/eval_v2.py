@@ -124,7 +124,7 @@ def evaluate_v2(
     check_inputs: Callable[[set[str], str], None] | None = None,
 ) -> dict[str, Any] | None:
     """Evaluate on MMEB-V2 tasks of a local copy; returns the scores on rank 0 (None elsewhere).
-    check_inputs(kinds, where): raises for input kinds the model cannot take (VLM2Vec: family.check_inputs)."""
+    check_inputs(kinds, where): raises for input kinds the model cannot take (family.check_inputs)."""
     rank, world_size = _dist_rank_world()
     sets = {}
     for task in available_tasks(root, tasks):  # read and check everything before embedding anything
@@ -191,14 +191,15 @@ def render_v2_report(scores: dict[str, Any]) -> str:
         "|---|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, r in scores["tasks"].items():
-        lines.append(
-            f"| {name} | {r['modality']} | {r['group']} | {r['eval_type']} | {r['metric']} | {100 * r['score']:.1f} "
-            f"| {100 * r['hit_at_1']:.1f} | {100 * r['ndcg_at_5']:.1f} | {r['n_queries']} | {r['n_candidates']} |"
-        )
+        cells = [name, r["modality"], r["group"], r["eval_type"], r["metric"]]
+        cells += [f"{100 * r[k]:.1f}" for k in ("score", "hit_at_1", "ndcg_at_5")]
+        lines.append("| " + " | ".join(cells + [str(r["n_queries"]), str(r["n_candidates"])]) + " |")
+    intro = (
+        f"Data: `{scores['data']}` ({len(scores['tasks'])} tasks). Scores in %: Hit@1 for image and video "
+        "tasks, NDCG@5 (linear gain) for visual documents; group columns are means over the tasks present."
+    )
     return (
-        f"# MMEB-V2 evaluation: {scores['model']}\n\nData: `{scores['data']}` ({len(scores['tasks'])} tasks). "
-        "Scores in %: Hit@1 for image and video tasks, NDCG@5 (linear gain) for visual documents; group "
-        "columns are means over the tasks present.\n\n"
+        f"# MMEB-V2 evaluation: {scores['model']}\n\n{intro}\n\n"
         + v2_markdown_table({scores["model"]: scores["aggregate"]})
         + "\n## Per task\n\n"
         + "\n".join(lines)
