@@ -11,7 +11,7 @@ import torch
 
 from vlm2vec.data import DataError
 from vlm2vec.eval_v2 import evaluate_v2, score_task
-from vlm2vec.mmeb_v2 import MMEB_V2_TASKS, V2Row, V2Set, Visual, get_task, load_task
+from vlm2vec.mmeb_v2 import MMEB_V2_TASKS, V2Row, V2Set, get_task, load_task
 from vlm2vec.scoring import label_metrics
 from vlm2vec.synthetic import write_tiny_mmeb_v2
 
