@@ -167,6 +167,12 @@ class TrainConfig:
     grad_cache: bool = _opt(True, "GradCache: encode in chunks, recompute each chunk in backward")
     gc_q_chunk_size: int = _opt(2, "GradCache chunk size for queries")
     gc_p_chunk_size: int = _opt(2, "GradCache chunk size for targets (positives + hard negatives)")
+    gc_max_visual_tokens: int | None = _opt(
+        None,
+        "size GradCache chunks by tokens instead of rows: each chunk holds at most this many tokens "
+        "(visual + text, as padded); a video row costs thousands, a text row tens. "
+        "Explicit --gc_q_chunk_size/--gc_p_chunk_size then cap rows per chunk",
+    )
     reuse_vision_features: bool = _opt(
         True,
         "frozen vision tower: reuse the first pass's image features "
@@ -234,7 +240,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops"):
+        for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops",
+                     "gc_max_visual_tokens"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")

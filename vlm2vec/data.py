@@ -670,9 +670,18 @@ class ContrastiveBatch:
     num_negatives: int = 0
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    query_videos: list[list[Image.Image] | None] = field(default_factory=list)  # [] = no videos
+    cand_videos: list[list[Image.Image] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.query_texts)
+
+    def videos(self, side: str) -> list[list[Image.Image] | None]:
+        """Per-row sampled video frames of `side` ("query" / "cand"), None where a row has none."""
+        texts, videos = (
+            (self.query_texts, self.query_videos) if side == "query" else (self.cand_texts, self.cand_videos)
+        )
+        return list(videos) if videos else [None] * len(texts)
 
     def select(self, keep: Sequence[int]) -> ContrastiveBatch:
         """The batch restricted to the queries `keep` (with their candidate groups), targets rebuilt."""
@@ -688,6 +697,8 @@ class ContrastiveBatch:
             num_negatives=self.num_negatives,
             sources=[self.sources[i] for i in keep] if self.sources else [],
             skipped=list(self.skipped),
+            query_videos=[self.query_videos[i] for i in keep] if self.query_videos else [],
+            cand_videos=[self.cand_videos[c] for c in cands] if self.cand_videos else [],
         )
 
 
@@ -882,59 +893,124 @@ class ChunkCollator:
     sort_by_length: order queries and candidates (separately) by `length_fn` so similar lengths share a
       chunk; targets follow the new order.
     packed: ask prepare for padding-free packed sequences (`prepare(..., packed=True)`).
+    max_tokens: size chunks by tokens instead of rows: consecutive rows (in the sorted order) fill a
+      chunk while the chunk's tokens stay within the budget. A chunk's tokens are what the model sees:
+      rows x its longest row when padded, the sum of row lengths when packed; a row's length is its
+      prepared length (visual + text tokens, from `model.count_tokens` when the model has it), so a
+      video row (~5,000 tokens) goes nearly alone while text rows (~20) share a chunk by the hundred.
+      A row longer than the budget gets a chunk of its own. Chunk sizes then only bound rows per chunk
+      when given explicitly (`query_chunk_size` / `cand_chunk_size` act as caps; None: no cap).
     """
 
     def __init__(
         self,
         model: Any,
         *,
-        query_chunk_size: int,
+        query_chunk_size: int | None,
         cand_chunk_size: int | None = None,
         sort_by_length: bool = False,
         length_fn: Callable[[str, Image.Image | None], int] = estimate_length,
         skip_bad_rows: bool = False,
         packed: bool = False,
+        max_tokens: int | None = None,
     ):
         if not callable(getattr(model, "prepare", None)):
             raise TypeError(f"model must have a prepare(texts, images) method, got {type(model).__name__}")
-        cand_chunk_size = query_chunk_size if cand_chunk_size is None else cand_chunk_size
-        if query_chunk_size < 1 or cand_chunk_size < 1:
-            raise ValueError(f"chunk sizes must be >= 1, got {query_chunk_size} and {cand_chunk_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if query_chunk_size is None and max_tokens is None:
+            raise ValueError("query_chunk_size is required unless chunks are sized by max_tokens")
+        if cand_chunk_size is None and max_tokens is None:
+            cand_chunk_size = query_chunk_size
+        for size in (query_chunk_size, cand_chunk_size):
+            if size is not None and size < 1:
+                raise ValueError(f"chunk sizes must be >= 1, got {query_chunk_size} and {cand_chunk_size}")
         self.model, self.query_chunk_size, self.cand_chunk_size = model, query_chunk_size, cand_chunk_size
         self.sort_by_length, self.length_fn = sort_by_length, length_fn
-        self.skip_bad_rows, self.packed = skip_bad_rows, packed
+        self.skip_bad_rows, self.packed, self.max_tokens = skip_bad_rows, packed, max_tokens
         self.bad_rows = BadRows()
 
-    def _prepare(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+    def _prepare(self, texts: list[str], images: list, videos: list) -> dict[str, torch.Tensor]:
         imgs = images if any(i is not None for i in images) else None
-        if self.packed:
-            return self.model.prepare(texts, imgs, packed=True)
-        return self.model.prepare(texts, imgs)
+        kwargs: dict[str, Any] = {"packed": True} if self.packed else {}
+        if any(v is not None for v in videos):
+            kwargs["videos"] = videos
+        return self.model.prepare(texts, imgs, **kwargs)
 
-    def _order(self, texts: list[str], images: list[Image.Image | None]) -> list[int]:
-        if not self.sort_by_length:
-            return list(range(len(texts)))
-        lengths = [self.length_fn(t, i) for t, i in zip(texts, images)]
-        return sorted(range(len(texts)), key=lambda r: -lengths[r])  # stable: ties keep batch order
+    def _lengths(self, texts: list[str], images: list, videos: list) -> list[int] | None:
+        """Per-row lengths: exact prepared token counts under a token budget (`model.count_tokens`),
+        `length_fn` estimates for sorting otherwise (None when neither is needed)."""
+        count = getattr(self.model, "count_tokens", None)
+        if self.max_tokens is not None and callable(count):
+            return [int(count(t, i, v)) for t, i, v in zip(texts, images, videos)]
+        if self.max_tokens is None and not self.sort_by_length:
+            return None
+        out = []
+        for t, i, v in zip(texts, images, videos):
+            if v is None and not isinstance(i, list | tuple):  # one image or none: length_fn as given
+                out.append(self.length_fn(t, i))
+                continue
+            ims = list(i) if isinstance(i, list | tuple) else [i] if i is not None else []
+            out.append(self.length_fn(t, None) + sum(self.length_fn("", im) for im in ims + list(v or [])))
+        return out
+
+    def _order(self, lengths: list[int] | None) -> list[int]:
+        if not self.sort_by_length or lengths is None:
+            return list(range(len(lengths))) if lengths is not None else []
+        return sorted(range(len(lengths)), key=lambda r: -lengths[r])  # stable: ties keep batch order
+
+    def _groups(self, order: list[int], lengths: list[int] | None, size: int | None) -> list[list[int]]:
+        """Rows of each chunk: `size` rows at a time, or filled up to the token budget."""
+        if self.max_tokens is None:
+            assert size is not None
+            return [order[s : s + size] for s in range(0, len(order), size)]
+        assert lengths is not None
+        groups: list[list[int]] = []
+        current: list[int] = []
+        longest = total = 0
+        for r in order:
+            n = lengths[r]
+            grown = (total + n) if self.packed else (len(current) + 1) * max(longest, n)
+            if current and (grown > self.max_tokens or (size is not None and len(current) == size)):
+                groups.append(current)
+                current, longest, total = [], 0, 0
+            current.append(r)
+            longest, total = max(longest, n), total + n
+        if current:
+            groups.append(current)
+        return groups
 
     def _chunks(
-        self, texts: list[str], images: list, order: list[int], size: int
-    ) -> tuple[list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
-        """Prepared chunks, or the rows (batch indices) that prepare rejects when some chunk fails."""
+        self, texts: list[str], images: list, videos: list, size: int | None
+    ) -> tuple[list[int], list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
+        """(row order, prepared chunks) or the rows (batch indices) that prepare rejects."""
+        try:
+            lengths = self._lengths(texts, images, videos)
+        except ValueError:  # a row cannot even be measured: find it row by row below
+            lengths, size = None, 1
+        order = self._order(lengths) if lengths is not None else list(range(len(texts)))
+        groups = (
+            self._groups(order, lengths, size)
+            if lengths is not None or self.max_tokens is None
+            else [[r] for r in order]
+        )
         chunks, failures = [], []
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
+        for rows in groups:
             try:
-                chunks.append(self._prepare([texts[r] for r in rows], [images[r] for r in rows]))
+                chunks.append(
+                    self._prepare(
+                        [texts[r] for r in rows], [images[r] for r in rows], [videos[r] for r in rows]
+                    )
+                )
             except ValueError as err:
                 bad = []
                 for r in rows:
                     try:
-                        self._prepare([texts[r]], [images[r]])
+                        self._prepare([texts[r]], [images[r]], [videos[r]])
                     except ValueError as row_err:
                         bad.append((r, row_err))
                 failures.extend(bad or [(r, err) for r in rows])
-        return chunks, failures
+        return order, chunks, failures
 
     def __call__(self, batch: ContrastiveBatch) -> PreparedBatch:
         g = batch.num_negatives + 1
@@ -943,13 +1019,11 @@ class ChunkCollator:
         while True:
             if len(batch) == 0:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
-            q_order = self._order(batch.query_texts, batch.query_images)
-            c_order = self._order(batch.cand_texts, batch.cand_images)
-            q_chunks, q_fail = self._chunks(
-                batch.query_texts, batch.query_images, q_order, self.query_chunk_size
+            q_order, q_chunks, q_fail = self._chunks(
+                batch.query_texts, batch.query_images, batch.videos("query"), self.query_chunk_size
             )
-            c_chunks, c_fail = self._chunks(
-                batch.cand_texts, batch.cand_images, c_order, self.cand_chunk_size
+            c_order, c_chunks, c_fail = self._chunks(
+                batch.cand_texts, batch.cand_images, batch.videos("cand"), self.cand_chunk_size
             )
             if not q_fail and not c_fail:
                 break

@@ -193,6 +193,12 @@ class VLM2Vec(nn.Module):
             **kwargs,
         )
 
+    def count_tokens(self, text: str, images: Any = None, video: Sequence[Image] | None = None) -> int:
+        """Tokens the backbone sees for one row (visual + text), exactly as `prepare` builds it: what a
+        chunk's memory scales with (GradCache chunks sized by a token budget)."""
+        inputs = self.prepare([text], [images], videos=[video] if video is not None else None)
+        return int(inputs["input_ids"].shape[-1])
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings [N, D] (fp32, L2-normalised when `normalize`) of a prepared chunk."""
         inputs = self._to_device(inputs)

@@ -259,12 +259,17 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
     group = config.num_hard_negatives + 1
     q_chunk = config.gc_q_chunk_size if config.grad_cache else per_device
     c_chunk = config.gc_p_chunk_size if config.grad_cache else per_device * group
+    budget = config.gc_max_visual_tokens if config.grad_cache else None
+    if budget is not None:  # chunks by tokens; row sizes only where given explicitly
+        q_chunk = q_chunk if "gc_q_chunk_size" in config.explicit else None
+        c_chunk = c_chunk if "gc_p_chunk_size" in config.explicit else None
     collate = ChunkCollator(
         model,
         query_chunk_size=q_chunk,
         cand_chunk_size=c_chunk,
         sort_by_length=config.sort_by_length,
         skip_bad_rows=config.skip_bad_rows,
+        max_tokens=budget,
     )
     return batches, collate, total
 
