@@ -39,6 +39,7 @@ import contextlib
 import gc
 import json
 import os
+import re
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, IMAGE_PLACEHOLDER, MMEB_TRAIN_SUBSETS, EvalDatasetInfo
+
+VIDEO_PLACEHOLDER = "<|video_1|>"
 
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -127,6 +130,21 @@ def _path_of(record: Mapping[str, Any], column: str) -> str | None:
     return _text_of(record, column) or None
 
 
+def _paths_of(record: Mapping[str, Any], column: str) -> str | tuple[str, ...] | None:
+    """An image column holding one path, or a list of paths (several images, document pages: MMEB-V2
+    rows); a one-item list is one path."""
+    value = record.get(column) if column in record else _text_of(record, column)
+    if isinstance(value, list | tuple | np.ndarray):
+        paths = tuple(str(p) for p in value if p)
+        return None if not paths else paths[0] if len(paths) == 1 else paths
+    return _path_of(record, column)
+
+
+def _video_of(record: Mapping[str, Any], column: str) -> str | None:
+    """An optional video column (frame folder or video file); absent or empty = no video."""
+    return _text_of(record, column) or None if column in record else None
+
+
 def _list_of(record: Mapping[str, Any], column: str) -> list[str]:
     """A text/path column that may hold one item or a list; None and "" mean no items."""
     if column not in record:
@@ -150,30 +168,74 @@ def _list_of(record: Mapping[str, Any], column: str) -> list[str]:
     return out
 
 
-def _check_side(label: str, text: str, image: str | None, image_token: str | None) -> None:
-    """A side (query/candidate) needs text or an image, and exactly one image token iff it has an image."""
-    if not text.strip() and image is None:
+_IMAGE_MARK = re.compile(r"<\|image_\d+\|>")
+
+
+def _check_side(
+    label: str,
+    text: str,
+    image: str | tuple[str, ...] | None,
+    image_token: str | None,
+    video: str | None = None,
+) -> None:
+    """A side (query/candidate) needs text or a visual input, one image placeholder per image
+    (`<|image_1|>`, `<|image_2|>`, ...) and `<|video_1|>` iff it has a video."""
+    if not text.strip() and image is None and video is None:
         raise _RowProblem("empty", f"{label} has empty text and no image")
-    n_tokens = text.count(IMAGE_PLACEHOLDER)
+    n_images = 0 if image is None else len(image) if isinstance(image, tuple) else 1
+    n_tokens = len(_IMAGE_MARK.findall(text))
     if image_token and image_token != IMAGE_PLACEHOLDER:
         n_tokens += text.count(image_token)
-    if image is not None and n_tokens != 1:
+    if n_images and n_tokens != n_images:
         raise _RowProblem(
             "placeholder",
-            f"{label} has an image but {n_tokens} {IMAGE_PLACEHOLDER!r} tokens in its text (need 1)",
+            f"{label} has {'an image' if n_images == 1 else f'{n_images} images'} but {n_tokens} "
+            f"{IMAGE_PLACEHOLDER!r} tokens in its text (need {n_images})",
         )
-    if image is None and n_tokens:
+    if not n_images and n_tokens:
         raise _RowProblem("placeholder", f"{label} text has {IMAGE_PLACEHOLDER!r} but no image path")
+    n_video = text.count(VIDEO_PLACEHOLDER)
+    if (video is not None) != (n_video == 1) or n_video > 1:
+        raise _RowProblem(
+            "placeholder",
+            f"{label} has {'a' if video else 'no'} video but {n_video} {VIDEO_PLACEHOLDER!r} in its text",
+        )
 
 
-def _check_image_exists(path: str | None, image_root: Path | None, label: str) -> None:
-    if path is not None and not _resolve(path, image_root).is_file():
-        raise _RowProblem("image", f"{label} image not found: {_resolve(path, image_root)}")
+def _check_image_exists(path: str | tuple[str, ...] | None, image_root: Path | None, label: str) -> None:
+    for p in path if isinstance(path, tuple) else (path,):
+        if p is not None and not _resolve(p, image_root).is_file():
+            raise _RowProblem("image", f"{label} image not found: {_resolve(p, image_root)}")
 
 
 def _resolve(path: str, image_root: Path | None) -> Path:
     p = Path(path)
     return p if p.is_absolute() or image_root is None else image_root / p
+
+
+def load_visual(
+    paths: str | tuple[str, ...] | None, image_root: str | os.PathLike | None, where: str
+) -> Image.Image | list[Image.Image] | None:
+    """A row's image column as encoder input: None, one image, or a list (several images / pages)."""
+    if paths is None:
+        return None
+    if isinstance(paths, tuple):
+        return [load_image(p, image_root, f"{where}[{k}]") for k, p in enumerate(paths)]
+    return load_image(paths, image_root, where)
+
+
+def load_frames(
+    source: str | None, image_root: str | os.PathLike | None, num_frames: int | None, where: str
+) -> list[Image.Image] | None:
+    """A row's video (frame folder or video file) as sampled frames; a DataError naming `where`."""
+    if source is None:
+        return None
+    from vlm2vec.media import MediaError, load_video
+
+    try:
+        return load_video(source, num_frames, root=image_root, where=where)
+    except MediaError as err:
+        raise DataError(str(err)) from err
 
 
 def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> Image.Image:
@@ -351,6 +413,8 @@ class TrainExample:
     neg_images: list[str | None] = field(default_factory=list)
     source: str = ""  # file (or hub split) the row came from
     row: int = -1  # row index in that file
+    query_video: str | None = None  # frame folder or video file (MMEB-V2 rows), relative to the root
+    pos_video: str | None = None
 
     @property
     def where(self) -> str:
@@ -361,8 +425,9 @@ def _parse_train_row(
     record: Mapping[str, Any], *, subset: str, source: str, row: int, image_token: str | None,
     num_negatives: int, missing_negatives: str, image_root: Path | None, check_images: bool,
 ) -> TrainExample:  # fmt: skip
-    query, query_image = _text_of(record, "qry"), _path_of(record, "qry_image_path")
-    pos, pos_image = _text_of(record, "pos_text"), _path_of(record, "pos_image_path")
+    query, query_image = _text_of(record, "qry"), _paths_of(record, "qry_image_path")
+    pos, pos_image = _text_of(record, "pos_text"), _paths_of(record, "pos_image_path")
+    query_video, pos_video = _video_of(record, "qry_video_path"), _video_of(record, "pos_video_path")
     neg_texts, neg_images = _list_of(record, "neg_text"), _list_of(record, "neg_image_path")
     if neg_texts and neg_images and len(neg_texts) != len(neg_images):
         raise _RowProblem(
@@ -371,8 +436,12 @@ def _parse_train_row(
     n_neg = max(len(neg_texts), len(neg_images))
     neg_texts = neg_texts or [""] * n_neg
     negs_img: list[str | None] = [p or None for p in neg_images] if neg_images else [None] * n_neg
-    _check_side("query", query, query_image, image_token)
-    _check_side("positive", pos, pos_image, image_token)
+    _check_side("query", query, query_image, image_token, query_video)
+    _check_side("positive", pos, pos_image, image_token, pos_video)
+    if check_images:
+        for label, v in (("query", query_video), ("positive", pos_video)):
+            if v is not None and not _resolve(v, image_root).exists():
+                raise _RowProblem("image", f"{label} video not found: {_resolve(v, image_root)}")
     for k, (t, p) in enumerate(zip(neg_texts, negs_img)):
         _check_side(f"negative {k}", t, p, image_token)
     if n_neg < num_negatives and missing_negatives == "error":
@@ -398,6 +467,8 @@ def _parse_train_row(
         neg_images=negs_img,
         source=source,
         row=row,
+        query_video=query_video,
+        pos_video=pos_video,
     )
 
 
@@ -410,6 +481,7 @@ class TrainData:
     num_negatives: int = 0
     missing_negatives: Literal["error", "sample"] = "error"
     bad_rows: BadRows = field(default_factory=BadRows)
+    num_frames: int | None = 8  # frames sampled per training video (media.DEFAULT_NUM_FRAMES)
     # (subset, index) of rows whose images failed to load under skip_bad_rows: counted once, then skipped
     known_bad: set[tuple[str, int]] = field(default_factory=set)
 
@@ -768,14 +840,18 @@ class TrainBatches(torch.utils.data.Dataset):
         batch = ContrastiveBatch([], [], [], [], torch.arange(local, dtype=torch.long) * (k + 1), [], k)
         for pos, (subset, idx) in enumerate(self.sampler.rows(step, self.rank, self.world_size)):
             global_pos = self.rank * local + pos
-            ex, q_img, cands = self._good_example(subset, idx, step, global_pos, batch.skipped)
+            ex, q_img, q_vid, cands = self._good_example(subset, idx, step, global_pos, batch.skipped)
             batch.query_texts.append(ex.query_text)
             batch.query_images.append(q_img)
+            batch.query_videos.append(q_vid)
             batch.subsets.append(subset)
             batch.sources.append(ex.where)
-            for text, img in cands:
+            for text, img, vid in cands:
                 batch.cand_texts.append(text)
                 batch.cand_images.append(img)
+                batch.cand_videos.append(vid)
+        if not any(v is not None for v in batch.query_videos + batch.cand_videos):
+            batch.query_videos, batch.cand_videos = [], []  # image-only batches stay as before
         return batch
 
     def _good_example(self, subset: str, idx: int, step: int, pos: int, skipped: list[str]) -> tuple:
@@ -797,11 +873,13 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def _materialize(self, ex: TrainExample, idx: int, step: int, pos: int) -> tuple:
         root, k = self.data.image_root, self.data.num_negatives
-        q_img = load_image(ex.query_image, root, f"{ex.where} qry_image_path") if ex.query_image else None
-        p_img = load_image(ex.pos_image, root, f"{ex.where} pos_image_path") if ex.pos_image else None
-        cands = [(ex.pos_text, p_img)]
+        q_img = load_visual(ex.query_image, root, f"{ex.where} qry_image_path")
+        p_img = load_visual(ex.pos_image, root, f"{ex.where} pos_image_path")
+        frames = self.data.num_frames
+        q_vid = load_frames(ex.query_video, root, frames, f"{ex.where} qry_video_path")
+        cands = [(ex.pos_text, p_img, load_frames(ex.pos_video, root, frames, f"{ex.where} pos_video_path"))]
         if k == 0:
-            return q_img, cands
+            return q_img, q_vid, cands
         rng = np.random.default_rng([self.seed, 3, step, pos])
         negs = list(range(len(ex.neg_texts)))
         if len(negs) > k:
@@ -809,35 +887,37 @@ class TrainBatches(torch.utils.data.Dataset):
         for n in negs:
             img_path = ex.neg_images[n]
             img = load_image(img_path, root, f"{ex.where} neg_image_path[{n}]") if img_path else None
-            cands.append((ex.neg_texts[n], img))
+            cands.append((ex.neg_texts[n], img, None))
         if len(cands) < k + 1:  # missing_negatives == "sample" (read time rejected it otherwise)
             cands.extend(self._sampled_negatives(ex, idx, k + 1 - len(cands), rng))
-        return q_img, cands
+        return q_img, q_vid, cands
 
     def _sampled_negatives(self, ex: TrainExample, idx: int, need: int, rng: np.random.Generator) -> list:
         rows = self.data.subsets[ex.subset]
-        taken = {(ex.pos_text, ex.pos_image)}
+        taken = {(ex.pos_text, ex.pos_image, ex.pos_video)}
         out = []
         for _ in range(50 * need + 50):
             if len(out) == need:
                 return out
             j = int(rng.integers(len(rows)))
             other = rows[j]
-            if j == idx or (other.pos_text, other.pos_image) in taken or (ex.subset, j) in self._known_bad:
+            key = (other.pos_text, other.pos_image, other.pos_video)
+            if j == idx or key in taken or (ex.subset, j) in self._known_bad:
                 continue
             try:
-                img = (
-                    load_image(other.pos_image, self.data.image_root, f"{other.where} pos_image_path")
-                    if other.pos_image else None
-                )  # fmt: skip
+                root = self.data.image_root
+                img = load_visual(other.pos_image, root, f"{other.where} pos_image_path")
+                vid = load_frames(
+                    other.pos_video, root, self.data.num_frames, f"{other.where} pos_video_path"
+                )
             except DataError as err:
                 if not self.skip_bad_rows:
                     raise
                 self._known_bad.add((ex.subset, j))
                 self.bad_rows.add(str(err), "image")
                 continue
-            taken.add((other.pos_text, other.pos_image))
-            out.append((other.pos_text, img))
+            taken.add(key)
+            out.append((other.pos_text, img, vid))
         if len(out) == need:
             return out
         raise DataError(
