@@ -352,3 +352,49 @@ def write_tiny_mmeb_v2(
     write_rows(doc / "queries" / "test.jsonl", queries)
     write_rows(doc / "qrels" / "test.jsonl", qrels)
     return ["ImageNet-1K", "HMDB51", "MSR-VTT", "QVHighlight", "Video-MME", "ViDoRe_arxivqa"]
+
+
+def write_synthetic_v2_train(out_dir: str | Path, *, rows: int = 8, frames: int = 4, size: int = 32,
+                             seed: int = 0) -> Path:  # fmt: skip
+    """MMEB-V2-style training rows in the MMEB-train layout plus video and multi-page columns: subsets
+    ShapeRetrieval_i2t (one image), VideoCaption (query video -> caption; frame folders, every other one
+    an mp4) and DocRetrieval (query -> document page image, every other document two pages). Returns
+    the train directory (paths relative to it)."""
+    from vlm2vec.media import write_frames, write_video
+
+    train = Path(out_dir) / "train"
+    rng = random.Random(f"{seed}/v2-train")
+    write_rows(train / "ShapeRetrieval_i2t.jsonl", _train_rows("ShapeRetrieval_i2t", rows, train, size, seed))
+    video_rows, doc_rows = [], []
+    for k in range(rows):
+        color, shape = rng.choice(list(COLORS)), rng.choice(("circle", "square"))
+        clip = moving_shape(color, shape, frames, size, rng)
+        if k % 2:
+            rel = f"videos/clip{k}.mp4"
+            write_video(train / rel, clip)
+        else:
+            rel = f"videos/clip{k}"
+            write_frames(train / rel, clip)
+        video_rows.append(dict(qry="<|video_1|> Describe the video.", qry_image_path="", qry_video_path=rel,
+                               pos_text=f"a {color} {shape} moving right", pos_image_path="",
+                               neg_text="", neg_image_path=""))  # fmt: skip
+        pages = []
+        for p in range(1 + k % 2):
+            rel_page = f"pages/doc{k}_p{p}.png"
+            (train / "pages").mkdir(parents=True, exist_ok=True)
+            draw_shape(color, rng.choice(SHAPES), size * 2, rng).save(train / rel_page)
+            pages.append(rel_page)
+        marks = "".join(f"<|image_{p + 1}|>" for p in range(len(pages)))
+        doc_rows.append(
+            dict(
+                qry=f"Find a document image that matches the given query: the {color} page",
+                qry_image_path="",
+                pos_text=f"{marks} Understand the content of the provided document image.",
+                pos_image_path=pages,
+                neg_text="",
+                neg_image_path="",
+            )
+        )
+    write_rows(train / "VideoCaption.jsonl", video_rows)
+    write_rows(train / "DocRetrieval.jsonl", doc_rows)
+    return train
