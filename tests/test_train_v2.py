@@ -107,3 +107,39 @@ def test_zero2_two_ranks_train_on_image_video_document_batches(tmp_path) -> None
         ["<|video_1|> Describe the video."], videos=[[str(f) for f in frames]], show_progress=False
     )
     assert emb.shape[0] == 1 and torch.isfinite(emb).all()
+
+
+def test_weighted_sources_and_task_wise_chunks(tmp_path) -> None:
+    from collections import Counter
+
+    from vlm2vec.backbones import tiny
+    from vlm2vec.data import ChunkCollator, TrainBatches, load_train_mix, parse_sources
+    from vlm2vec.synthetic import write_synthetic_mmeb, write_synthetic_v2_train
+
+    assert parse_sources("a=0.7, hub/name=0.3,b") == [("a", 0.7), ("hub/name", 0.3), ("b", None)]
+    with pytest.raises(ValueError, match="must be a number"):
+        parse_sources("a=x")
+    images = write_synthetic_mmeb(tmp_path / "img", rows=4, image_size=32).train_dir
+    mixed = write_synthetic_v2_train(tmp_path / "v2", rows=4)
+    data = load_train_mix(f"{images}=0.25,{mixed}=0.75", weights="size")
+    assert sum(data.weights.values()) == pytest.approx(1.0)
+    assert data.weights["0:train/ShapeVQA"] == pytest.approx(0.25 / 4)  # 4 equal subsets share 0.25
+    assert "1:train/VideoCaption" in data.subsets  # both folders are called train: numbered
+    video = "1:train/VideoCaption"
+    batches = TrainBatches(data, 6, seed=3, weights=data.weights, homogeneous_size=3)
+    groups = [batches.sampler.rows(step)[k][0] for step in range(200) for k in (0, 3)]
+    drawn = Counter(g.startswith("1:") for g in groups)
+    assert abs(drawn[True] / sum(drawn.values()) - 0.75) < 0.06  # groups drawn by source weight
+    assert (
+        batches[5].subsets
+        == TrainBatches(data, 6, seed=3, weights=data.weights, homogeneous_size=3)[5].subsets
+    )
+    step = next(s for s in range(50) if video in batches[s].subsets and len(set(batches[s].subsets)) == 2)
+    batch = batches[step]
+    assert batch.subsets[:3] == [batch.subsets[0]] * 3 and batch.subsets[3:] == [batch.subsets[3]] * 3
+    model = tiny("qwen2_vl")
+    prepared = ChunkCollator(
+        model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000, group_size=3
+    )(batch)
+    assert len(prepared.query_chunks) == 2  # one chunk per group even though one chunk would fit all
+    assert sorted(prepared.query_order[:3].tolist()) == [0, 1, 2]

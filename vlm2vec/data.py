@@ -36,6 +36,7 @@ Eval directory: `<dataset>.jsonl`, `<dataset>.parquet`, `<dataset>.arrow` or a f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -482,6 +483,7 @@ class TrainData:
     missing_negatives: Literal["error", "sample"] = "error"
     bad_rows: BadRows = field(default_factory=BadRows)
     num_frames: int | None = 8  # frames sampled per training video (media.DEFAULT_NUM_FRAMES)
+    weights: dict[str, float] | None = None  # per-subset sampling weights of a multi-source mix
     # (subset, index) of rows whose images failed to load under skip_bad_rows: counted once, then skipped
     known_bad: set[tuple[str, int]] = field(default_factory=set)
 
@@ -606,6 +608,75 @@ def load_train_data(
             raise DataError(f"subset {name!r} has no usable rows ({[s for s, _ in sources[name]]})")
         out[name] = rows
     return TrainData(out, root, num_negatives, missing_negatives, bad)
+
+
+def parse_sources(spec: str) -> list[tuple[str, float | None]]:
+    """`SRC[=WEIGHT][,SRC[=WEIGHT]...]` -> [(source, weight or None)]: several training sources (local
+    paths or hub names) mixed with weights, e.g. `mmeb_train=0.6,video_caption=0.2,visdoc=0.2`."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        source, _, weight = part.rpartition("=") if "=" in part else (part, "", "")
+        try:
+            w = float(weight) if weight else None
+        except ValueError:
+            raise ValueError(f"dataset source {part!r}: the weight after '=' must be a number") from None
+        if w is not None and (w < 0 or not np.isfinite(w)):
+            raise ValueError(f"dataset source {part!r}: the weight must be finite and >= 0")
+        out.append((source, w))
+    if not out:
+        raise ValueError(f"no dataset source in {spec!r}")
+    return out
+
+
+def load_train_mix(spec: str, *, weights: Literal["size", "uniform"] = "size", **kwargs: Any) -> TrainData:
+    """One or several training sources (`parse_sources`) as one TrainData. With several, subsets are named
+    `<source name>/<subset>` and `TrainData.weights` gives each source its weight (equal when not
+    written), split over its subsets by size or uniformly (`weights`); a single source keeps its
+    subset names and weights None (the sampler's `weights` apply)."""
+    sources = parse_sources(spec)
+    if len(sources) == 1 and sources[0][1] is None:
+        return load_train_data(sources[0][0], **kwargs)
+    merged: dict[str, list[TrainExample]] = {}
+    mix: dict[str, float] = {}
+    first = None
+    names = [Path(src).name or src for src, _ in sources]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    for (src, weight), name in zip(sources, names):
+        data = load_train_data(src, **kwargs)
+        first = first or data
+        sizes = data.sizes()
+        total = sum(sizes.values()) if weights == "size" else len(sizes)
+        for subset, rows in data.subsets.items():
+            if data.image_root != first.image_root:  # rows keep paths relative to their own root
+                rows = [_rooted(ex, data.image_root) for ex in rows]
+            merged[f"{name}/{subset}"] = [dataclasses.replace(ex, subset=f"{name}/{subset}") for ex in rows]
+            share = sizes[subset] if weights == "size" else 1
+            mix[f"{name}/{subset}"] = (1.0 if weight is None else weight) * share / total
+    assert first is not None
+    out = TrainData(merged, first.image_root, first.num_negatives, first.missing_negatives, first.bad_rows)
+    out.weights = mix
+    return out
+
+
+def _rooted(ex: TrainExample, root: Path | None) -> TrainExample:
+    """The row with its relative image/video paths made absolute under `root`."""
+    if root is None:
+        return ex
+
+    def fix(p: Any) -> Any:
+        if p is None:
+            return None
+        if isinstance(p, tuple):
+            return tuple(fix(q) for q in p)
+        return p if Path(p).is_absolute() else str(root / p)
+
+    return dataclasses.replace(
+        ex, query_image=fix(ex.query_image), pos_image=fix(ex.pos_image), query_video=fix(ex.query_video),
+        pos_video=fix(ex.pos_video), neg_images=[fix(p) for p in ex.neg_images],
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -980,6 +1051,9 @@ class ChunkCollator:
       video row (~5,000 tokens) goes nearly alone while text rows (~20) share a chunk by the hundred.
       A row longer than the budget gets a chunk of its own. Chunk sizes then only bound rows per chunk
       when given explicitly (`query_chunk_size` / `cand_chunk_size` act as caps; None: no cap).
+    group_size: task-wise batching: every `group_size` consecutive queries (drawn from one subset by
+      `StepSampler(homogeneous_size=...)`) and their candidates are sorted and chunked on their own, so
+      no GradCache chunk mixes two groups.
     """
 
     def __init__(
@@ -993,6 +1067,7 @@ class ChunkCollator:
         skip_bad_rows: bool = False,
         packed: bool = False,
         max_tokens: int | None = None,
+        group_size: int | None = None,
     ):
         if not callable(getattr(model, "prepare", None)):
             raise TypeError(f"model must have a prepare(texts, images) method, got {type(model).__name__}")
@@ -1008,6 +1083,9 @@ class ChunkCollator:
         self.model, self.query_chunk_size, self.cand_chunk_size = model, query_chunk_size, cand_chunk_size
         self.sort_by_length, self.length_fn = sort_by_length, length_fn
         self.skip_bad_rows, self.packed, self.max_tokens = skip_bad_rows, packed, max_tokens
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
         self.bad_rows = BadRows()
 
     def _prepare(self, texts: list[str], images: list, videos: list) -> dict[str, torch.Tensor]:
@@ -1061,19 +1139,31 @@ class ChunkCollator:
         return groups
 
     def _chunks(
-        self, texts: list[str], images: list, videos: list, size: int | None
+        self, texts: list[str], images: list, videos: list, size: int | None, segment: int | None = None
     ) -> tuple[list[int], list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
-        """(row order, prepared chunks) or the rows (batch indices) that prepare rejects."""
+        """(row order, prepared chunks) or the rows (batch indices) that prepare rejects. `segment`: rows
+        per group that chunks never cross (task-wise batching)."""
         try:
             lengths = self._lengths(texts, images, videos)
         except ValueError:  # a row cannot even be measured: find it row by row below
             lengths, size = None, 1
-        order = self._order(lengths) if lengths is not None else list(range(len(texts)))
-        groups = (
-            self._groups(order, lengths, size)
-            if lengths is not None or self.max_tokens is None
-            else [[r] for r in order]
-        )
+        segment = segment or max(1, len(texts))
+        order, groups = [], []
+        for start in range(0, len(texts), segment):
+            rows = list(range(start, min(start + segment, len(texts))))
+            if lengths is not None:
+                part = (
+                    [rows[i] for i in self._order([lengths[r] for r in rows])]
+                    if self.sort_by_length
+                    else rows
+                )
+                groups += self._groups(part, lengths, size)
+            else:
+                part = rows
+                groups += (
+                    [[r] for r in part] if self.max_tokens is not None else self._groups(part, None, size)
+                )
+            order += part
         chunks, failures = [], []
         for rows in groups:
             try:
@@ -1099,11 +1189,16 @@ class ChunkCollator:
         while True:
             if len(batch) == 0:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
+            q_seg = self.group_size if self.group_size and len(batch) % self.group_size == 0 else None
             q_order, q_chunks, q_fail = self._chunks(
-                batch.query_texts, batch.query_images, batch.videos("query"), self.query_chunk_size
+                batch.query_texts, batch.query_images, batch.videos("query"), self.query_chunk_size, q_seg
             )
             c_order, c_chunks, c_fail = self._chunks(
-                batch.cand_texts, batch.cand_images, batch.videos("cand"), self.cand_chunk_size
+                batch.cand_texts,
+                batch.cand_images,
+                batch.videos("cand"),
+                self.cand_chunk_size,
+                q_seg and q_seg * g,
             )
             if not q_fail and not c_fail:
                 break

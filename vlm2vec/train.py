@@ -227,11 +227,12 @@ def default_train_data(output_dir: str) -> str:
 
 def load_data(config: TrainConfig) -> Any:
     """Training rows, read and validated before any model is built (bad rows fail fast, naming the row)."""
-    from vlm2vec.data import load_train_data
+    from vlm2vec.data import load_train_mix
 
     source = config.dataset_name or default_train_data(config.output_dir)
-    return load_train_data(
-        source, subsets=config.subset_name, split=config.dataset_split, image_root=config.image_dir,
+    return load_train_mix(
+        source, weights=config.subset_weights, subsets=config.subset_name, split=config.dataset_split,
+        image_root=config.image_dir,
         num_sample_per_subset=config.num_sample_per_subset, num_negatives=config.num_hard_negatives,
         missing_negatives=config.missing_negatives, skip_bad_rows=config.skip_bad_rows,
     )  # fmt: skip
@@ -249,7 +250,8 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
     batches = TrainBatches(
         data,
         per_device * world,
-        weights=config.subset_weights,
+        weights=data.weights or config.subset_weights,
+        homogeneous_size=config.interleave_batch_size,
         seed=config.seed,
         num_steps=total,
         rank=rank,
@@ -270,6 +272,7 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
         sort_by_length=config.sort_by_length,
         skip_bad_rows=config.skip_bad_rows,
         max_tokens=budget,
+        group_size=config.interleave_batch_size,
     )
     return batches, collate, total
 
