@@ -165,3 +165,21 @@ def test_cli_scores_a_tiny_qwen2_vl_and_refuses_a_family_without_video(tiny_copy
     assert not (tmp_path / "out2").exists()  # refused before anything was embedded or written
     assert main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out3"), "--tasks",
                  "ViDoRe_arxivqa,ImageNet-1K", *args]) == 0  # fmt: skip
+
+
+def test_unreadable_video_names_row_and_file_and_keeps_the_cache_whole(tiny_copy, tmp_path) -> None:
+    from vlm2vec.media import MediaError
+
+    root, _ = tiny_copy
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / get_task("HMDB51").video_root / "v1.mp4").write_bytes(b"not a video" * 50)
+    with pytest.raises(
+        MediaError, match=r"task HMDB51, .*test.jsonl, row 1 .*query: cannot decode video .*v1.mp4"
+    ):
+        evaluate_v2(CountingEncoder(), str(copy), ["HMDB51"], out_dir=tmp_path / "out", show_progress=False,
+                    batch_size=1)  # fmt: skip
+    parts = sorted((tmp_path / "out" / "embeddings" / "HMDB51").glob("part-*"))
+    assert all(p.suffix == ".pt" for p in parts)  # only complete parts (temp file + rename)
+    for p in parts:
+        assert torch.load(p, weights_only=True)["emb"].shape[1] == 8

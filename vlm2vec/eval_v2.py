@@ -33,30 +33,33 @@ from vlm2vec.mmeb_v2 import V2Set, Visual, available_tasks, load_task
 from vlm2vec.scoring import label_metrics, v2_aggregate, v2_markdown_table
 
 
-def collect_v2_inputs(task_set: V2Set) -> tuple[Inputs, list[int], dict[str, int]]:
-    """Distinct inputs of a task, the input index of each query and of each pool candidate (by name)."""
+def collect_v2_inputs(task_set: V2Set) -> tuple[Inputs, list[int], dict[str, int], list[str]]:
+    """Distinct inputs of a task, the input index of each query and of each pool candidate (by name),
+    and where each input comes from (the first row or candidate naming it, for error messages)."""
     index: dict[tuple[str, str], int] = {}
     texts: list[str] = []
     visuals: list[Visual | None] = []
+    wheres: list[str] = []
 
-    def index_of(text: str, visual: Visual | None) -> int:
+    def index_of(text: str, visual: Visual | None, where: str) -> int:
         key = (text, visual.key() if visual else "")
         if key not in index:
             index[key] = len(texts)
             texts.append(text)
             visuals.append(visual)
+            wheres.append(where)
         return index[key]
 
-    queries = [index_of(r.query_text, r.query_visual) for r in task_set.rows]
-    pool = {name: index_of(text, visual) for name, (text, visual) in task_set.pool.items()}
-    return Inputs(texts, visuals, queries, []), queries, pool
+    queries = [index_of(r.query_text, r.query_visual, f"{r.where} query") for r in task_set.rows]
+    pool = {name: index_of(text, v, f"candidate {name!r}") for name, (text, v) in task_set.pool.items()}
+    return Inputs(texts, visuals, queries, []), queries, pool, wheres
 
 
-def load_visual(visual: Visual, i: int, where: str = "") -> Any:
+def load_visual(visual: Visual, where: str = "") -> Any:
     """A Visual as encoder input: a PIL image, a list of them, or Frames (sampled per the task)."""
     from vlm2vec.data import load_image
 
-    label = f"{where} input {i}"
+    label = where
     if visual.kind == "video":
         source = visual.paths[0] if len(visual.paths) == 1 else list(visual.paths)
         return Frames(load_video(source, visual.num_frames, where=label))
@@ -137,7 +140,7 @@ def evaluate_v2(
     results: dict[str, Any] = {}
     started = time.time()
     for name, task_set in sets.items():
-        inputs, queries, pool = collect_v2_inputs(task_set)
+        inputs, queries, pool, wheres = collect_v2_inputs(task_set)
         cache = None
         if use_cache and cache_dir is not None:
             cache = EmbeddingCache(Path(cache_dir) / name, fingerprint, inputs.digest(), len(inputs.texts))
@@ -145,8 +148,8 @@ def evaluate_v2(
                 cache.prepare()
             _barrier(world_size)
 
-        def load(visual: Visual, i: int, _name: str = name) -> Any:
-            return load_visual(visual, i, f"task {_name}")
+        def load(visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres) -> Any:
+            return load_visual(visual, f"task {_name}, {_wheres[i]}")
 
         done = embed_inputs(
             inputs, encode, load, cache=cache, batch_size=batch_size, rank=rank, world_size=world_size,
