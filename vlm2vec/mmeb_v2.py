@@ -26,6 +26,7 @@ Videos are frame folders where present, else the video file; either is sampled t
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -213,6 +214,16 @@ MMEB_V2_TASKS: tuple[V2Task, ...] = (
         )
     )
 )
+# published splits / configs that differ from split "test" and no config (the reference's hub paths)
+_SPLITS = {"YouCook2": ("val", None), "MVBench": ("train", None), "MSR-VTT": ("test", "test_1k"),
+           "NExTQA": ("test", "MC"), "EgoSchema": ("test", "Subset")}  # fmt: skip
+MMEB_V2_TASKS = tuple(
+    t if t.parser == "image" else dataclasses.replace(
+        t, split=_SPLITS.get(t.name, ("train" if t.group == "VisRAG" else "test", None))[0],
+        subset=_SPLITS.get(t.name, (None, None))[1],
+    )
+    for t in MMEB_V2_TASKS
+)  # fmt: skip
 TASKS: dict[str, V2Task] = {t.name: t for t in MMEB_V2_TASKS}
 
 
@@ -279,14 +290,19 @@ class _Pool:
 
 
 # ---------------------------------------------------------------------------------------- readers
-def _records(folder: Path, what: str, split: str | None = None) -> Iterator[tuple[str, dict]]:
+def _records(
+    folder: Path, what: str, split: str | None = None, subset: str | None = None
+) -> Iterator[tuple[str, dict]]:
     """(where, record) of every annotation file under `folder` (parquet/jsonl/arrow, sorted), only the
-    files of `split` when any file names it."""
+    files of config `subset` / of `split` when any file path names them (the hub's
+    <config>/<split>-00000-of-00001.parquet)."""
     if not folder.is_dir():
         raise DataError(f"{what}: annotation folder not found: {folder}")
     files = sorted(
         p for p in folder.rglob("*") if p.suffix in (".parquet", ".jsonl", ".arrow") and p.is_file()
     )
+    if subset is not None:
+        files = [p for p in files if subset in p.relative_to(folder).parts] or files
     if split is not None:
         named = [
             p
@@ -342,7 +358,7 @@ def _read_video_cls(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
         for label in labels_file.read_text(encoding="utf-8").splitlines():
             if label.strip():
                 pool.add(label.strip(), label.strip(), None, str(labels_file))
-    for where, rec in _records(root / task.data, task.name, task.split):
+    for where, rec in _records(root / task.data, task.name, task.split, task.subset):
         video_id, label = str(_get(rec, "video_id", where)), str(_get(rec, "pos_text", where))
         names = [label]
         if task.eval_type == "local":
@@ -366,7 +382,7 @@ def _read_video_cls(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
 def _read_video_ret(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
     id_col, video_col, text_col = task.column("id"), task.column("video"), task.column("text")
     rows = []
-    for where, rec in _records(root / task.data, task.name, task.split):
+    for where, rec in _records(root / task.data, task.name, task.split, task.subset):
         video_file = os.path.basename(str(_get(rec, video_col, where))) if video_col else None
         video_id = str(_get(rec, id_col, where)) if id_col else Path(video_file or "").stem
         caption = _get(rec, text_col, where)
@@ -385,7 +401,7 @@ def _read_moment(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
             f"{task.name}: its published layout (clips per query, image/video queries) has no reader yet"
         )
     rows = []
-    for where, rec in _records(root / task.data, task.name, task.split):
+    for where, rec in _records(root / task.data, task.name, task.split, task.subset):
         video = Path(str(_get(rec, "video_path", where))).stem
         folder = root / task.frame_root / video
         query_frames = folder / "query"
@@ -446,7 +462,7 @@ def _qa_fields(task: V2Task, rec: dict, where: str) -> tuple[str, str, list[str]
 
 def _read_video_qa(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
     rows = []
-    for where, rec in _records(root / task.data, task.name, task.split):
+    for where, rec in _records(root / task.data, task.name, task.split, task.subset):
         video_id, question, options, answer = _qa_fields(task, rec, where)
         if answer not in options:
             raise DataError(f"{where}: answer {answer!r} is not one of the options {options}")
