@@ -183,3 +183,34 @@ def test_unreadable_video_names_row_and_file_and_keeps_the_cache_whole(tiny_copy
     assert all(p.suffix == ".pt" for p in parts)  # only complete parts (temp file + rename)
     for p in parts:
         assert torch.load(p, weights_only=True)["emb"].shape[1] == 8
+
+
+@pytest.mark.slow
+def test_cli_two_gloo_processes_match_one_process(tiny_copy, tmp_path) -> None:
+    """torchrun with 2 gloo ranks (each embeds a shard of every task's distinct inputs, videos included)
+    scores exactly as one process."""
+    import os
+    import subprocess
+    import sys
+
+    from vlm2vec.backbones import tiny
+    from vlm2vec.eval import main
+
+    root, names = tiny_copy
+    tiny("qwen2_vl").save_pretrained(str(tmp_path / "model"))
+    common = ["--benchmark", "mmeb-v2", "--model", str(tmp_path / "model"), "--data", str(root), "--batch-size",
+              "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "vlm2vec.eval", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two = json.loads((tmp_path / "two" / "scores.json").read_text())
+    one = json.loads((tmp_path / "one" / "scores.json").read_text())
+    for name in names:
+        for key in ("score", "hit_at_1", "ndcg_at_5", "mrr", "n_distinct_inputs"):
+            assert two["tasks"][name][key] == pytest.approx(one["tasks"][name][key], abs=1e-6), (name, key)
+    parts = sorted(p.name for p in (tmp_path / "two" / "embeddings" / "QVHighlight").glob("part-*.pt"))
+    assert any(p.startswith("part-r0") for p in parts) and any(p.startswith("part-r1") for p in parts)
