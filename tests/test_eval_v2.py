@@ -198,8 +198,8 @@ def test_cli_two_gloo_processes_match_one_process(tiny_copy, tmp_path) -> None:
 
     root, names = tiny_copy
     tiny("qwen2_vl").save_pretrained(str(tmp_path / "model"))
-    common = ["--benchmark", "mmeb-v2", "--model", str(tmp_path / "model"), "--data", str(root), "--batch-size",
-              "2", "--no-progress"]  # fmt: skip
+    common = ["--benchmark", "mmeb-v2", "--model", str(tmp_path / "model"), "--data", str(root),
+              "--batch-size", "2", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "-m", "vlm2vec.eval", *common, "--out", str(tmp_path / "two")]  # fmt: skip
