@@ -1049,7 +1049,9 @@ class ChunkCollator:
       rows x its longest row when padded, the sum of row lengths when packed; a row's length is its
       prepared length (visual + text tokens, from `model.count_tokens` when the model has it), so a
       video row (~5,000 tokens) goes nearly alone while text rows (~20) share a chunk by the hundred.
-      A row longer than the budget gets a chunk of its own. Chunk sizes then only bound rows per chunk
+      A row longer than the budget gets a chunk of its own; when padded, a row less than half as long as
+      its chunk's longest starts a new chunk (videos, images and text rows do not pad each other).
+      Chunk sizes then only bound rows per chunk
       when given explicitly (`query_chunk_size` / `cand_chunk_size` act as caps; None: no cap).
     group_size: task-wise batching: every `group_size` consecutive queries (drawn from one subset by
       `StepSampler(homogeneous_size=...)`) and their candidates are sorted and chunked on their own, so
@@ -1129,7 +1131,11 @@ class ChunkCollator:
         for r in order:
             n = lengths[r]
             grown = (total + n) if self.packed else (len(current) + 1) * max(longest, n)
-            if current and (grown > self.max_tokens or (size is not None and len(current) == size)):
+            # padded: a row less than half as long as the chunk's longest would more than double its
+            # cost in padding, so it starts a chunk of shorter rows (rows come sorted by length)
+            mismatched = not self.packed and 2 * n < longest
+            full = grown > self.max_tokens or (size is not None and len(current) == size)
+            if current and (full or mismatched):
                 groups.append(current)
                 current, longest, total = [], 0, 0
             current.append(r)
