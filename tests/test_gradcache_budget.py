@@ -114,7 +114,19 @@ def test_budget_packs_text_rows_and_isolates_long_rows() -> None:
     collate = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=1)
     prepared = collate(batch)
     assert [c["input_ids"].shape[0] for c in prepared.query_chunks] == [1] * 6  # every row over budget: alone
-    roomy = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000)(batch)
-    assert len(roomy.query_chunks) == 1  # all rows fit one chunk
+    roomy = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000, packed=True)
+    assert len(roomy(batch).query_chunks) == 1  # packed: all rows fit one chunk
+    padded = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000)(batch)
+    lengths = [
+        model.count_tokens(t, i, v)
+        for t, i, v in zip(batch.query_texts, batch.query_images, batch.videos("query"))
+    ]
+    sizes = [c["input_ids"].shape[0] for c in padded.query_chunks]
+    start = 0
+    for size in sizes:  # padded: no row shorter than half its chunk's longest (no doubling by padding)
+        rows = [lengths[r] for r in padded.query_order[start : start + size].tolist()]
+        assert 2 * min(rows) >= max(rows)
+        start += size
+    assert len(sizes) < 6
     with pytest.raises(ValueError, match="query_chunk_size is required"):
         ChunkCollator(model, query_chunk_size=None)
