@@ -143,3 +143,16 @@ def test_weighted_sources_and_task_wise_chunks(tmp_path) -> None:
     )(batch)
     assert len(prepared.query_chunks) == 2  # one chunk per group even though one chunk would fit all
     assert sorted(prepared.query_order[:3].tolist()) == [0, 1, 2]
+
+
+def test_num_frames_of_training_videos(tmp_path) -> None:
+    from vlm2vec.config import ConfigError, load_config
+    from vlm2vec.data import TrainBatches, load_train_data
+    from vlm2vec.synthetic import write_synthetic_v2_train
+
+    train = write_synthetic_v2_train(tmp_path, rows=2, frames=5)
+    data = load_train_data(train, subsets=["VideoCaption"], num_frames=2)
+    batch = TrainBatches(data, 2, seed=0)[0]
+    assert [len(v) for v in batch.query_videos] == [2, 2]
+    with pytest.raises(ConfigError, match="--num_frames must be >= 1"):
+        load_config(["--num_frames", "0", "--dataset_name", str(train)])

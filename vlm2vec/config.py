@@ -141,6 +141,7 @@ class TrainConfig:
     num_sample_per_subset: int | None = _opt(None, "keep at most N rows per subset")
     image_dir: str | None = _opt(None, "root that image paths are relative to (default: the data folder)")
     subset_weights: str = _opt("size", "how subsets are mixed: size or uniform", choices=("size", "uniform"))
+    num_frames: int = _opt(8, "frames sampled per training video (uniformly by index, as MMEB-V2)")
     interleave_batch_size: int | None = _opt(
         None,
         "task-wise batching: rows drawn together from one subset; each such group gets its own GradCache "
@@ -237,6 +238,7 @@ class TrainConfig:
             "per_device_train_batch_size",
             "gc_q_chunk_size",
             "gc_p_chunk_size",
+            "num_frames",
             "lora_r",
             "lora_alpha",
             "logging_steps",

@@ -546,6 +546,7 @@ def load_train_data(
     missing_negatives: Literal["error", "sample"] = "error",
     skip_bad_rows: bool = False,
     check_images: bool = False,
+    num_frames: int | None = 8,
 ) -> TrainData:
     """Read MMEB-train rows from a local file/directory (layout in the module docstring) or, when
     `source` is not a local path, a hub dataset name (e.g. "TIGER-Lab/MMEB-train", split "original").
@@ -555,6 +556,7 @@ def load_train_data(
       is filled at batch time with positives of other rows of the same subset ("sample").
     image_root: where image paths are relative to (default: the source directory / file's folder).
     check_images: test at read time that every image file exists (otherwise found when loaded).
+    num_frames: frames sampled per video row (uniformly by index; None: every frame).
     """
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
@@ -607,7 +609,7 @@ def load_train_data(
         if not rows:
             raise DataError(f"subset {name!r} has no usable rows ({[s for s, _ in sources[name]]})")
         out[name] = rows
-    return TrainData(out, root, num_negatives, missing_negatives, bad)
+    return TrainData(out, root, num_negatives, missing_negatives, bad, num_frames=num_frames)
 
 
 def parse_sources(spec: str) -> list[tuple[str, float | None]]:
@@ -656,7 +658,10 @@ def load_train_mix(spec: str, *, weights: Literal["size", "uniform"] = "size", *
             share = sizes[subset] if weights == "size" else 1
             mix[f"{name}/{subset}"] = (1.0 if weight is None else weight) * share / total
     assert first is not None
-    out = TrainData(merged, first.image_root, first.num_negatives, first.missing_negatives, first.bad_rows)
+    out = TrainData(
+        merged, first.image_root, first.num_negatives, first.missing_negatives, first.bad_rows,
+        num_frames=first.num_frames,
+    )  # fmt: skip
     out.weights = mix
     return out
 

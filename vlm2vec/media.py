@@ -81,9 +81,31 @@ def _open_rgb(path: Path, where: str) -> Image.Image:
         raise MediaError(f"{where}: cannot read frame {path}: {err}") from err
 
 
+def _frame_count(path: Path) -> int:
+    """Frames of the first video stream as decoded (the container's count may be missing or wrong)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def _decode_at(path: Path, wanted: list[int]) -> dict[int, Image.Image]:
+    import av
+
+    keep, frames = set(wanted), {}
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in keep:
+                frames[i] = frame.to_image().convert("RGB")
+            if i >= wanted[-1]:
+                break
+    return frames
+
+
 def decode_video(path: str | os.PathLike, num_frames: int | None, where: str = "video") -> list[Image.Image]:
-    """Sampled frames of a video file as RGB PIL images (PyAV). Counts the frames by decoding when the
-    container does not say (webm), then keeps only the sampled ones in memory."""
+    """Sampled frames of a video file as RGB PIL images (PyAV), keeping only the sampled ones in memory.
+    The frame count comes from the container, or from decoding when it says nothing (webm) or
+    over-reports (then the sampling is redone over the frames that decode)."""
     import av
 
     path = Path(path)
@@ -93,30 +115,19 @@ def decode_video(path: str | os.PathLike, num_frames: int | None, where: str = "
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise MediaError(f"{where}: {path} has no video stream")
-            total = container.streams.video[0].frames
-        if not total:
-            with av.open(str(path)) as container:
-                total = sum(1 for _ in container.decode(video=0))
+            total = container.streams.video[0].frames or _frame_count(path)
         if not total:
             raise MediaError(f"{where}: video {path} has no frames")
         wanted = sample_indices(total, num_frames)
-        keep = set(wanted)
-        frames: dict[int, Image.Image] = {}
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in keep:
-                    frames[i] = frame.to_image().convert("RGB")
-                if i >= wanted[-1]:
-                    break
+        frames = _decode_at(path, wanted)
+        if len(frames) < len(wanted):  # the container over-reported its frames
+            total = _frame_count(path)
+            if not total:
+                raise MediaError(f"{where}: video {path} has no decodable frames")
+            wanted = sample_indices(total, num_frames)
+            frames = _decode_at(path, wanted)
     except av.FFmpegError as err:
         raise MediaError(f"{where}: cannot decode video {path}: {err}") from err
-    if not frames:
-        raise MediaError(f"{where}: video {path} has no decodable frames")
-    # a container that over-reports its frame count: sample again over what decoded
-    if len(frames) < len(wanted):
-        raise MediaError(
-            f"{where}: video {path} reports {total} frames but only {len(frames)} of the sampled ones decoded"
-        )
     return [frames[i] for i in wanted]
 
 

@@ -96,7 +96,8 @@ class VLM2Vec(nn.Module):
     """Universal multimodal embedding model on top of a vision-language backbone.
 
     forward(inputs) is the training path (pooled, normalised [N, D] fp32 embeddings with grad);
-    encode(texts, images) is the batched inference path.
+    encode(texts, images, videos) is the batched inference path (images per row: none, one or several;
+    videos: frames, a frame folder or a video file).
     """
 
     def __init__(

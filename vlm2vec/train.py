@@ -235,6 +235,7 @@ def load_data(config: TrainConfig) -> Any:
         image_root=config.image_dir,
         num_sample_per_subset=config.num_sample_per_subset, num_negatives=config.num_hard_negatives,
         missing_negatives=config.missing_negatives, skip_bad_rows=config.skip_bad_rows,
+        num_frames=config.num_frames,
     )  # fmt: skip
 
 
