@@ -214,3 +214,33 @@ def test_cli_two_gloo_processes_match_one_process(tiny_copy, tmp_path) -> None:
             assert two["tasks"][name][key] == pytest.approx(one["tasks"][name][key], abs=1e-6), (name, key)
     parts = sorted(p.name for p in (tmp_path / "two" / "embeddings" / "QVHighlight").glob("part-*.pt"))
     assert any(p.startswith("part-r0") for p in parts) and any(p.startswith("part-r1") for p in parts)
+
+
+def test_video_qa_readers_word_tasks_as_the_reference(tmp_path) -> None:
+    import random
+
+    from vlm2vec.media import write_frames, write_video
+    from vlm2vec.mmeb_v2 import MVBENCH_VIDEOS
+    from vlm2vec.synthetic import moving_shape, write_rows
+
+    clip = moving_shape("red", "circle", 4, 28, random.Random(0))
+    nextqa = get_task("NExTQA")
+    write_frames(tmp_path / nextqa.frame_root / "123", clip)
+    write_rows(tmp_path / nextqa.data / "MC" / "test.jsonl", [
+        dict(video="123", question="what is moving", answer=1, qid=0, type="CW",
+             a0="a cat", a1="a red ball", a2="a car", a3="a dog", a4="nothing"),
+    ])  # fmt: skip
+    mvbench = get_task("MVBench")
+    write_video(tmp_path / mvbench.video_root / MVBENCH_VIDEOS["moving_direction"] / "v7.mp4", clip)
+    write_rows(tmp_path / mvbench.data / "train.jsonl", [
+        dict(subset="moving_direction", question="Where does it move?", video="v7.mp4",
+             candidates=["left", "right"], answer="right"),
+    ])  # fmt: skip
+    row = load_task(tmp_path, "NExTQA").rows[0]
+    options = "(A) a cat\n(B) a red ball\n(C) a car\n(D) a dog\n(E) nothing"
+    assert row.query_text.endswith(f"Question:  what is moving\nOptions:\n{options}")
+    assert row.query_text.startswith("<|video_1|> Given a video")
+    assert row.cand_names == ["(A) a cat", "(B) a red ball", "(C) a car", "(D) a dog", "(E) nothing"]
+    assert row.labels == ["(B) a red ball"] and row.query_visual.paths[0].endswith("NExTQA/123")
+    mv = load_task(tmp_path, "MVBench").rows[0]
+    assert mv.labels == ["(B) right"] and mv.query_visual.paths[0].endswith("clevrer/video_validation/v7.mp4")

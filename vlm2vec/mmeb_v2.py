@@ -342,8 +342,8 @@ def video_visual(
     if videos is not None:
         names = [video_file] if video_file else [f"{video_id}{s}" for s in VIDEO_SUFFIXES]
         candidates = [videos / n for n in names]
-        for c in candidates:
-            if c.is_file():
+        for c in candidates:  # a video file, or a folder of frames where the source ships frames
+            if c.is_file() or (c.is_dir() and frame_files(c)):
                 return Visual("video", (str(c),), task.num_frames)
     raise DataError(
         f"{where}: video {video_id!r} not found: no frames in {frames} and no video file "
@@ -424,52 +424,71 @@ def _read_moment(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
 
 
 _LETTERS = "ABCDEFGHIJ"
+# MVBench: where each subset's videos are under the task's video root (the reference's subset table)
+MVBENCH_VIDEOS = {
+    "episodic_reasoning": "tvqa/frames_fps3_hq", "action_sequence": "star/Charades_v1_480",
+    "action_prediction": "star/Charades_v1_480", "action_antonym": "ssv2_video",
+    "fine_grained_action": "Moments_in_Time_Raw/videos", "unexpected_action": "FunQA_test/test",
+    "object_existence": "clevrer/video_validation", "object_interaction": "star/Charades_v1_480",
+    "object_shuffle": "perception/videos", "moving_direction": "clevrer/video_validation",
+    "action_localization": "sta/sta_video", "scene_transition": "scene_qa/video",
+    "action_count": "perception/videos", "moving_count": "clevrer/video_validation",
+    "moving_attribute": "clevrer/video_validation", "state_change": "perception/videos",
+    "fine_grained_pose": "nturgbd", "character_order": "perception/videos", "egocentric_navigation": "vlnqa",
+    "counterfactual_inference": "clevrer/video_validation",
+}  # fmt: skip
 
 
-def _qa_fields(task: V2Task, rec: dict, where: str) -> tuple[str, str, list[str], str]:
-    """(video id, question, option texts, answer text) of a video-QA record in its published columns."""
-    if task.name == "Video-MME":  # options "A. text"; answer a letter
+def _lettered(question: str, options: list[str], answer: str, where: str) -> tuple[str, list[str], str]:
+    """The reference's multiple-choice template: question + "Options:" + "(A) ..." lines; the
+    candidates are the lettered options."""
+    if answer not in options:
+        raise DataError(f"{where}: answer {answer!r} is not one of the options {options}")
+    lettered = [f"({_LETTERS[k]}) {o}" for k, o in enumerate(options)]
+    return f"{question}\nOptions:\n" + "\n".join(lettered), lettered, lettered[options.index(answer)]
+
+
+def _qa_fields(task: V2Task, rec: dict, where: str) -> tuple[str, str, list[str], str, str | None]:
+    """(video id, question text, candidate texts, answer text, video file or None) of a video-QA record
+    in its published columns, worded as the reference words each task."""
+    q = str(_get(rec, "question", where))
+    if task.name == "Video-MME":  # options "A. text"; answer a letter; candidates without the letter
         options = [str(o) for o in _get(rec, "options", where)]
         texts = [o[o.find(". ") :].strip(". ") if ". " in o else o for o in options]
-        return (
-            str(_get(rec, "videoID", where)),
-            str(_get(rec, "question", where)),
-            texts,
-            texts[_LETTERS.index(str(_get(rec, "answer", where)).strip())],
-        )
-    if task.name == "NExTQA":
-        texts = [str(_get(rec, f"a{k}", where)) for k in range(5)]
-        return (
-            str(_get(rec, "video", where)),
-            str(_get(rec, "question", where)),
-            texts,
-            texts[int(_get(rec, "answer", where))],
-        )
-    if task.name == "EgoSchema":
-        texts = [str(o) for o in _get(rec, "option", where)]
-        answer = _get(rec, "answer", where)
-        idx = _LETTERS.index(answer) if isinstance(answer, str) and answer in _LETTERS else int(answer)
-        return str(_get(rec, "video_idx", where)), str(_get(rec, "question", where)), texts, texts[idx]
+        answer = texts[_LETTERS.index(str(_get(rec, "answer", where)).strip())]
+        return str(_get(rec, "videoID", where)), q + "\n" + "\n".join(options), texts, answer, None
     if task.name == "ActivityNetQA":
-        return (
-            f"v_{_get(rec, 'video_name', where)}",
-            f"{_get(rec, 'question', where)}? (A) yes; (B) no.",
-            ["yes", "no"],
-            str(_get(rec, "answer", where)),
-        )
-    raise DataError(f"{task.name}: its published layout (per-subset video folders) has no reader yet")
+        video = f"v_{_get(rec, 'video_name', where)}"
+        return video, f"{q}? (A) yes; (B) no.", ["yes", "no"], str(_get(rec, "answer", where)), None
+    if task.name == "NExTQA":
+        options = [str(_get(rec, f"a{k}", where)) for k in range(5)]
+        video, answer = str(_get(rec, "video", where)), options[int(_get(rec, "answer", where))]
+        return (video, *_lettered(q, options, answer, where), None)
+    if task.name == "EgoSchema":
+        options = [str(o) for o in _get(rec, "option", where)]
+        a = _get(rec, "answer", where)
+        answer = options[_LETTERS.index(a) if isinstance(a, str) and a in _LETTERS else int(a)]
+        return (str(_get(rec, "video_idx", where)), *_lettered(q, options, answer, where), None)
+    if task.name == "MVBench":
+        subset, video = str(_get(rec, "subset", where)), str(_get(rec, "video", where))
+        if subset not in MVBENCH_VIDEOS:
+            raise DataError(f"{where}: unknown MVBench subset {subset!r}")
+        options = [str(o) for o in _get(rec, "candidates", where)]
+        lettered = _lettered(q, options, str(_get(rec, "answer", where)), where)
+        return (f"{subset}/{video}", *lettered, f"{MVBENCH_VIDEOS[subset]}/{video}")
+    raise DataError(f"{task.name}: no video-QA reader for this task")
 
 
 def _read_video_qa(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
     rows = []
     for where, rec in _records(root / task.data, task.name, task.split, task.subset):
-        video_id, question, options, answer = _qa_fields(task, rec, where)
-        if answer not in options:
-            raise DataError(f"{where}: answer {answer!r} is not one of the options {options}")
-        listed = "\n".join(f"({_LETTERS[k]}) {o}" for k, o in enumerate(options))
-        names = [pool.add(o, o, None, where) for o in options]
-        text = f"<|video_1|> {QA_PROMPT}{question}\n{listed}"
-        rows.append(V2Row(text, video_visual(root, task, video_id, where), names, [answer], where=where))
+        video_id, question, cands, answer, video_file = _qa_fields(task, rec, where)
+        if answer not in cands:
+            raise DataError(f"{where}: answer {answer!r} is not one of the candidates {cands}")
+        names = [pool.add(c, c, None, where) for c in cands]
+        text = f"<|video_1|> {QA_PROMPT} {question}"  # the reference's spacing (its prompt ends in a space)
+        visual = video_visual(root, task, video_id, where, video_file)
+        rows.append(V2Row(text, visual, names, [answer], where=where))
     return rows
 
 
