@@ -244,3 +244,41 @@ def test_video_qa_readers_word_tasks_as_the_reference(tmp_path) -> None:
     assert row.labels == ["(B) a red ball"] and row.query_visual.paths[0].endswith("NExTQA/123")
     mv = load_task(tmp_path, "MVBench").rows[0]
     assert mv.labels == ["(B) right"] and mv.query_visual.paths[0].endswith("clevrer/video_validation/v7.mp4")
+
+
+def test_momentseeker_reader_text_image_and_video_queries(tmp_path) -> None:
+    import random
+
+    from vlm2vec.media import write_frames
+    from vlm2vec.synthetic import moving_shape, write_rows
+
+    task = get_task("MomentSeeker")
+    rng = random.Random(1)
+    base = tmp_path / task.frame_root
+    for name in ("a_pos0", "a_neg0", "a_neg1", "b_q"):
+        write_frames(base / "video_frames" / name, moving_shape("blue", "square", 3, 28, rng))
+    moving_shape("red", "circle", 1, 28, rng)[0].save(base / "query_img1.jpg")
+    clips = dict(positive_frames=[{"output_path": "a/pos0.mp4"}],
+                 negative_frames=[{"output_path": "a/neg0.mp4"}, {"output_path": "a/neg1.mp4"}])  # fmt: skip
+    write_rows(tmp_path / task.data / "test.jsonl", [
+        dict(query="the square", input_frames="", **clips),
+        dict(query="this one", input_frames="img1.jpg", **clips),
+        dict(query="later", input_frames="b/q.mp4", **clips),
+    ])  # fmt: skip
+    s = load_task(tmp_path, "MomentSeeker")
+    assert [r.query_visual.input_kind if r.query_visual else None for r in s.rows] == [None, "image", "video"]
+    assert s.rows[0].query_text == "Find the clip that corresponds to the given text: the square"
+    assert len(s.pool) == 3 and all(r.labels == [r.cand_names[0]] for r in s.rows)
+    (tmp_path / task.data / "test.jsonl").write_text(
+        json.dumps(
+            dict(
+                query="x",
+                input_frames="",
+                positive_frames=[{"output_path": "c/missing.mp4"}],
+                negative_frames=[],
+            )
+        )
+        + "\n"  # fmt: skip
+    )
+    with pytest.raises(DataError, match=r"test.jsonl, row 0.*no frames for clip 'c/missing.mp4'"):
+        load_task(tmp_path, "MomentSeeker")

@@ -397,9 +397,7 @@ def _read_moment(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
     """QVHighlight / Charades-STA: `query`, `video_path`; frames/<video>/query/ is the query video, the
     other sub-folders its clips (`positive*` the relevant one)."""
     if task.name == "MomentSeeker":
-        raise DataError(
-            f"{task.name}: its published layout (clips per query, image/video queries) has no reader yet"
-        )
+        return _read_momentseeker(root, task, pool)
     rows = []
     for where, rec in _records(root / task.data, task.name, task.split, task.subset):
         video = Path(str(_get(rec, "video_path", where))).stem
@@ -420,6 +418,50 @@ def _read_moment(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
         text = f"<|video_1|> {task.instruction} {_get(rec, 'query', where)}"
         query = Visual("video", (str(query_frames),), task.num_frames)
         rows.append(V2Row(text, query, names, [str(p.relative_to(root)) for p in positives], where=where))
+    return rows
+
+
+def _read_momentseeker(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
+    """MomentSeeker: `query`, `input_frames` (a video .mp4, an image .jpg, or empty for a text query),
+    `positive_frames` / `negative_frames` (lists of {output_path}); clip frames at
+    <frame_root>/video_frames/<output_path with / as _, without .mp4>/, query images at
+    <frame_root>/query_<input_frames>."""
+    base = root / task.frame_root
+    target = "<|video_1|> Understand the content of the provided video clip."
+
+    def clip(path: str, where: str) -> str:
+        folder = base / "video_frames" / path.replace("/", "_").split(".mp4")[0]
+        if not folder.is_dir() or not frame_files(folder):
+            raise DataError(f"{where}: no frames for clip {path!r} in {folder}")
+        return pool.add(
+            str(folder.relative_to(root)), target, Visual("video", (str(folder),), task.num_frames), where
+        )
+
+    rows = []
+    for where, rec in _records(root / task.data, task.name, task.split, task.subset):
+        query, given = str(_get(rec, "query", where)), str(rec.get("input_frames") or "")
+        visual: Visual | None = None
+        if given.endswith(".mp4"):
+            text = (
+                f"<|video_1|> Find the clip that corresponds to the given sentence and video segment: {query}"
+            )
+            folder = base / "video_frames" / given.split(".mp4")[0].replace("/", "_")
+            if not folder.is_dir() or not frame_files(folder):
+                raise DataError(f"{where}: no frames for the query video {given!r} in {folder}")
+            visual = Visual("video", (str(folder),), task.num_frames)
+        elif given.endswith(".jpg"):
+            text = f"<|image_1|> Select the video clip that aligns with the given text and image: {query}"
+            image = base / f"query_{given}"
+            if not image.is_file():
+                raise DataError(f"{where}: query image not found: {image}")
+            visual = Visual("images", (str(image),))
+        else:
+            text = f"Find the clip that corresponds to the given text: {query}"
+        positives = [clip(e["output_path"], where) for e in _get(rec, "positive_frames", where)]
+        negatives = [clip(e["output_path"], where) for e in _get(rec, "negative_frames", where)]
+        if not positives:
+            raise DataError(f"{where}: no positive clip")
+        rows.append(V2Row(text, visual, positives + negatives, positives, where=where))
     return rows
 
 
