@@ -130,3 +130,22 @@ def test_budget_packs_text_rows_and_isolates_long_rows() -> None:
     assert len(sizes) < 6
     with pytest.raises(ValueError, match="query_chunk_size is required"):
         ChunkCollator(model, query_chunk_size=None)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("resolution", ["native", "low"])
+def test_count_tokens_without_pixels_equals_the_prepared_length(family: str, resolution: str) -> None:
+    from vlm2vec.backbones import ProcessorSettings
+
+    model = tiny(family, settings=ProcessorSettings(resolution))
+    assert model.family.count_tokens is not None  # the Qwen families count from image sizes alone
+    rows = [
+        ("<|video_1|> what happens", None, pics(5, 3, size=(60, 34))),
+        ("<|video_1|> one frame", None, pics(1, 4, size=(29, 83))),
+        ("two: <|image_1|> and <|image_2|>", pics(2, 5, size=(111, 47)), None),
+        ("<|image_1|> a tall one", pics(1, 6, size=(20, 200))[0], None),
+        ("just text, no pictures at all", None, None),
+    ]
+    for text, images, video in rows:
+        prepared = model.prepare([text], [images], videos=[video] if video is not None else None)
+        assert model.count_tokens(text, images, video) == prepared["input_ids"].shape[1], text

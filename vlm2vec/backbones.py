@@ -139,6 +139,8 @@ class BackboneFamily:
     modules_to_save: modules trained in full beside a LoRA adapter and saved with it (peft's
     modules_to_save), e.g. a freshly initialised projector.
     input_kinds: which of INPUT_KINDS `prepare` takes; `check_inputs` refuses the others up front.
+    count_tokens(processor, text, images, video, max_len, *, settings) -> int: optional, the length
+    `prepare` gives one row without processing pixels (token-budget chunking); else prepare is run.
     """
 
     name: str
@@ -157,6 +159,7 @@ class BackboneFamily:
     supports_packed: bool = False
     modules_to_save: tuple[str, ...] = ()
     input_kinds: frozenset[str] = frozenset({"image"})
+    count_tokens: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):

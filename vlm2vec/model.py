@@ -197,6 +197,11 @@ class VLM2Vec(nn.Module):
     def count_tokens(self, text: str, images: Any = None, video: Sequence[Image] | None = None) -> int:
         """Tokens the backbone sees for one row (visual + text), exactly as `prepare` builds it: what a
         chunk's memory scales with (GradCache chunks sized by a token budget)."""
+        if self.family.count_tokens is not None:  # from image sizes alone
+            self.family.check_inputs(row_kinds(images, video), "this row")
+            return self.family.count_tokens(
+                self.processor, text, images, video, self.max_len, settings=self.settings
+            )
         inputs = self.prepare([text], [images], videos=[video] if video is not None else None)
         return int(inputs["input_ids"].shape[-1])
 

@@ -173,8 +173,7 @@ def prepare(
             counts.append(int(out["image_grid_thw"].prod()) // ip.merge_size**2)
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
-        parts = text.split("<|image_pad|>")
-        text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
+        video_tokens = None
         if video is not None:
             if not video:
                 raise ValueError(f"row {i}: the video has no frames")
@@ -182,17 +181,8 @@ def prepare(
                                          settings.image_size)  # fmt: skip
             video_values.append(values)
             video_grids.append(grid)
-            t, per_slice = int(grid[0, 0]), int(grid[0, 1:].prod()) // ip.merge_size**2
-            if timestamps:
-                tp = ip.temporal_patch_size
-                groups = "".join(
-                    f"<{k * tp + (tp - 1) / 2:.1f} seconds><|vision_start|>" + "<|video_pad|>" * per_slice
-                    + "<|vision_end|>"
-                    for k in range(t)
-                )  # fmt: skip
-                text = text.replace(VIDEO_TOKEN, groups)
-            else:
-                text = text.replace("<|video_pad|>", "<|video_pad|>" * (t * per_slice))
+            video_tokens = (int(grid[0, 0]), int(grid[0, 1:].prod()) // ip.merge_size**2)
+        text = _expand_pads(text, counts, video_tokens, timestamps, ip.temporal_patch_size)
         ids = fit_length(tok(text, add_special_tokens=True)["input_ids"], max_len, protected, i)
         rows.append(ids)
         types.append([1 if t == image_pad else 2 if t == video_pad else 0 for t in ids])
@@ -209,13 +199,59 @@ def prepare(
     return inputs
 
 
-def visual_token_count(inputs: dict[str, torch.Tensor], merge_size: int = 2) -> int:
-    """Visual tokens of prepared inputs (images + videos): what the vision tower and the LLM carry."""
-    n = 0
-    for key in ("image_grid_thw", "video_grid_thw"):
-        if key in inputs:
-            n += int(inputs[key].prod(-1).sum()) // merge_size**2
-    return n
+def _expand_pads(
+    text: str, counts: list[int], video: tuple[int, int] | None, timestamps: bool, tp: int
+) -> str:
+    """Each image's `<|image_pad|>` repeated to its token count, the video's to t x per-slice tokens (or,
+    with timestamps, one `<t seconds>` group per temporal patch)."""
+    parts = text.split("<|image_pad|>")
+    text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
+    if video is None:
+        return text
+    t, per_slice = video
+    if not timestamps:
+        return text.replace("<|video_pad|>", "<|video_pad|>" * (t * per_slice))
+    groups = "".join(
+        f"<{k * tp + (tp - 1) / 2:.1f} seconds><|vision_start|>"
+        + "<|video_pad|>" * per_slice
+        + "<|vision_end|>"
+        for k in range(t)
+    )
+    return text.replace(VIDEO_TOKEN, groups)
+
+
+def count_tokens(
+    processor: ProcessorPair,
+    text: str,
+    images: Any,
+    video: list[Any] | None,
+    max_len: int,
+    *,
+    settings: ProcessorSettings,
+    timestamps: bool = False,
+) -> int:
+    """The length `prepare` gives this row, from image sizes alone (no pixel processing): the grids
+    follow the processor's dynamic resize (smart_resize within min/max pixels)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    tok, ip = processor.tokenizer, processor.image_processor
+    lo, hi = _pixel_bounds(ip, settings)
+
+    def tokens(image: Any) -> int:
+        h, w = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
+                            min_pixels=lo, max_pixels=hi)  # fmt: skip
+        return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
+
+    row_images = [resize_to_preset(im, settings.image_size) for im in images_of(images, 0)]
+    text = expand_placeholders(text, len(row_images), int(video is not None), 0, IMAGE_TOKEN, VIDEO_TOKEN)
+    video_tokens = None
+    if video:
+        tp = ip.temporal_patch_size
+        video_tokens = (-(-len(video) // tp), tokens(resize_to_preset(video[0], settings.image_size)))
+    text = _expand_pads(
+        text, [tokens(im) for im in row_images], video_tokens, timestamps, ip.temporal_patch_size
+    )
+    return min(len(tok(text, add_special_tokens=True)["input_ids"]), max_len)
 
 
 # ------------------------------------------------------------------------------------ hidden states
@@ -420,6 +456,7 @@ def _register(spec: _QwenSpec) -> BackboneFamily:
             load=_make_load(spec),
             tiny=_make_tiny(spec),
             prepare=functools.partial(prepare, timestamps=spec.name == "qwen3_vl"),
+            count_tokens=functools.partial(count_tokens, timestamps=spec.name == "qwen3_vl"),
             hidden_states=hidden_states,
             vision_tower=vision_tower,
             module=__name__,
