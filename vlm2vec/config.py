@@ -130,7 +130,8 @@ class TrainConfig:
     # --- data ------------------------------------------------------------------------------------
     dataset_name: str | None = _opt(
         None,
-        "MMEB-train: local directory/file or hub name (TIGER-Lab/MMEB-train); default: small synthetic data",
+        "MMEB-train: local directory/file or hub name (TIGER-Lab/MMEB-train); several sources mixed with "
+        "weights: SRC=W,SRC=W (subsets named <source>/<subset>); default: small synthetic data",
         aliases=("train_data",),
     )
     subset_name: list[str] | None = _opt(None, "subsets to train on (default: all found)")
@@ -140,6 +141,12 @@ class TrainConfig:
     num_sample_per_subset: int | None = _opt(None, "keep at most N rows per subset")
     image_dir: str | None = _opt(None, "root that image paths are relative to (default: the data folder)")
     subset_weights: str = _opt("size", "how subsets are mixed: size or uniform", choices=("size", "uniform"))
+    num_frames: int = _opt(8, "frames sampled per training video (uniformly by index, as MMEB-V2)")
+    interleave_batch_size: int | None = _opt(
+        None,
+        "task-wise batching: rows drawn together from one subset; each such group gets its own GradCache "
+        "chunks (must divide the per-device batch)",
+    )
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
     missing_negatives: str = _opt(
         "error",
@@ -167,6 +174,12 @@ class TrainConfig:
     grad_cache: bool = _opt(True, "GradCache: encode in chunks, recompute each chunk in backward")
     gc_q_chunk_size: int = _opt(2, "GradCache chunk size for queries")
     gc_p_chunk_size: int = _opt(2, "GradCache chunk size for targets (positives + hard negatives)")
+    gc_max_visual_tokens: int | None = _opt(
+        None,
+        "size GradCache chunks by tokens instead of rows: each chunk holds at most this many tokens "
+        "(visual + text, as padded); a video row costs thousands, a text row tens. "
+        "Explicit --gc_q_chunk_size/--gc_p_chunk_size then cap rows per chunk",
+    )
     reuse_vision_features: bool = _opt(
         True,
         "frozen vision tower: reuse the first pass's image features "
@@ -225,6 +238,7 @@ class TrainConfig:
             "per_device_train_batch_size",
             "gc_q_chunk_size",
             "gc_p_chunk_size",
+            "num_frames",
             "lora_r",
             "lora_alpha",
             "logging_steps",
@@ -234,7 +248,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops"):
+        for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops",
+                     "gc_max_visual_tokens", "interleave_batch_size"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
@@ -311,16 +326,14 @@ class TrainConfig:
                 )
 
     def _validate_paths(self) -> None:
-        if self.dataset_name is not None and not os.path.exists(self.dataset_name):
-            if _offline() or not HUB_NAME.match(self.dataset_name):
-                raise ConfigError(
-                    f"--dataset_name {self.dataset_name!r}: no such file or directory"
-                    + (
-                        " (and the hub is offline)"
-                        if _offline()
-                        else ", and not a hub name like 'TIGER-Lab/MMEB-train'"
-                    )
-                )
+        from vlm2vec.data import parse_sources
+
+        try:
+            sources = [src for src, _ in parse_sources(self.dataset_name)] if self.dataset_name else []
+        except ValueError as err:
+            raise ConfigError(f"--dataset_name: {err}") from None
+        for source in sources:
+            self._validate_source(source)
         for name in ("image_dir", "checkpoint_path"):
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
@@ -331,6 +344,18 @@ class TrainConfig:
             self.resume = os.path.join(self.output_dir, f"checkpoint-{int(self.resume)}")
         if self.resume is not None and self.resume != "auto" and not os.path.isdir(self.resume):
             raise ConfigError(f"--resume {self.resume!r}: no such checkpoint directory (or pass 'auto')")
+
+    def _validate_source(self, source: str) -> None:
+        if not os.path.exists(source):
+            if _offline() or not HUB_NAME.match(source):
+                raise ConfigError(
+                    f"--dataset_name {source!r}: no such file or directory"
+                    + (
+                        " (and the hub is offline)"
+                        if _offline()
+                        else ", and not a hub name like 'TIGER-Lab/MMEB-train'"
+                    )
+                )
 
     @property
     def family(self) -> str | None:

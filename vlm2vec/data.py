@@ -36,9 +36,11 @@ Eval directory: `<dataset>.jsonl`, `<dataset>.parquet`, `<dataset>.arrow` or a f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
+import re
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +54,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, IMAGE_PLACEHOLDER, MMEB_TRAIN_SUBSETS, EvalDatasetInfo
+
+VIDEO_PLACEHOLDER = "<|video_1|>"
 
 TRAIN_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path", "neg_text", "neg_image_path")
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
@@ -127,6 +131,21 @@ def _path_of(record: Mapping[str, Any], column: str) -> str | None:
     return _text_of(record, column) or None
 
 
+def _paths_of(record: Mapping[str, Any], column: str) -> str | tuple[str, ...] | None:
+    """An image column holding one path, or a list of paths (several images, document pages: MMEB-V2
+    rows); a one-item list is one path."""
+    value = record.get(column) if column in record else _text_of(record, column)
+    if isinstance(value, list | tuple | np.ndarray):
+        paths = tuple(str(p) for p in value if p)
+        return None if not paths else paths[0] if len(paths) == 1 else paths
+    return _path_of(record, column)
+
+
+def _video_of(record: Mapping[str, Any], column: str) -> str | None:
+    """An optional video column (frame folder or video file); absent or empty = no video."""
+    return _text_of(record, column) or None if column in record else None
+
+
 def _list_of(record: Mapping[str, Any], column: str) -> list[str]:
     """A text/path column that may hold one item or a list; None and "" mean no items."""
     if column not in record:
@@ -150,30 +169,74 @@ def _list_of(record: Mapping[str, Any], column: str) -> list[str]:
     return out
 
 
-def _check_side(label: str, text: str, image: str | None, image_token: str | None) -> None:
-    """A side (query/candidate) needs text or an image, and exactly one image token iff it has an image."""
-    if not text.strip() and image is None:
+_IMAGE_MARK = re.compile(r"<\|image_\d+\|>")
+
+
+def _check_side(
+    label: str,
+    text: str,
+    image: str | tuple[str, ...] | None,
+    image_token: str | None,
+    video: str | None = None,
+) -> None:
+    """A side (query/candidate) needs text or a visual input, one image placeholder per image
+    (`<|image_1|>`, `<|image_2|>`, ...) and `<|video_1|>` iff it has a video."""
+    if not text.strip() and image is None and video is None:
         raise _RowProblem("empty", f"{label} has empty text and no image")
-    n_tokens = text.count(IMAGE_PLACEHOLDER)
+    n_images = 0 if image is None else len(image) if isinstance(image, tuple) else 1
+    n_tokens = len(_IMAGE_MARK.findall(text))
     if image_token and image_token != IMAGE_PLACEHOLDER:
         n_tokens += text.count(image_token)
-    if image is not None and n_tokens != 1:
+    if n_images and n_tokens != n_images:
         raise _RowProblem(
             "placeholder",
-            f"{label} has an image but {n_tokens} {IMAGE_PLACEHOLDER!r} tokens in its text (need 1)",
+            f"{label} has {'an image' if n_images == 1 else f'{n_images} images'} but {n_tokens} "
+            f"{IMAGE_PLACEHOLDER!r} tokens in its text (need {n_images})",
         )
-    if image is None and n_tokens:
+    if not n_images and n_tokens:
         raise _RowProblem("placeholder", f"{label} text has {IMAGE_PLACEHOLDER!r} but no image path")
+    n_video = text.count(VIDEO_PLACEHOLDER)
+    if (video is not None) != (n_video == 1) or n_video > 1:
+        raise _RowProblem(
+            "placeholder",
+            f"{label} has {'a' if video else 'no'} video but {n_video} {VIDEO_PLACEHOLDER!r} in its text",
+        )
 
 
-def _check_image_exists(path: str | None, image_root: Path | None, label: str) -> None:
-    if path is not None and not _resolve(path, image_root).is_file():
-        raise _RowProblem("image", f"{label} image not found: {_resolve(path, image_root)}")
+def _check_image_exists(path: str | tuple[str, ...] | None, image_root: Path | None, label: str) -> None:
+    for p in path if isinstance(path, tuple) else (path,):
+        if p is not None and not _resolve(p, image_root).is_file():
+            raise _RowProblem("image", f"{label} image not found: {_resolve(p, image_root)}")
 
 
 def _resolve(path: str, image_root: Path | None) -> Path:
     p = Path(path)
     return p if p.is_absolute() or image_root is None else image_root / p
+
+
+def load_visual(
+    paths: str | tuple[str, ...] | None, image_root: str | os.PathLike | None, where: str
+) -> Image.Image | list[Image.Image] | None:
+    """A row's image column as encoder input: None, one image, or a list (several images / pages)."""
+    if paths is None:
+        return None
+    if isinstance(paths, tuple):
+        return [load_image(p, image_root, f"{where}[{k}]") for k, p in enumerate(paths)]
+    return load_image(paths, image_root, where)
+
+
+def load_frames(
+    source: str | None, image_root: str | os.PathLike | None, num_frames: int | None, where: str
+) -> list[Image.Image] | None:
+    """A row's video (frame folder or video file) as sampled frames; a DataError naming `where`."""
+    if source is None:
+        return None
+    from vlm2vec.media import MediaError, load_video
+
+    try:
+        return load_video(source, num_frames, root=image_root, where=where)
+    except MediaError as err:
+        raise DataError(str(err)) from err
 
 
 def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> Image.Image:
@@ -351,6 +414,8 @@ class TrainExample:
     neg_images: list[str | None] = field(default_factory=list)
     source: str = ""  # file (or hub split) the row came from
     row: int = -1  # row index in that file
+    query_video: str | None = None  # frame folder or video file (MMEB-V2 rows), relative to the root
+    pos_video: str | None = None
 
     @property
     def where(self) -> str:
@@ -361,8 +426,9 @@ def _parse_train_row(
     record: Mapping[str, Any], *, subset: str, source: str, row: int, image_token: str | None,
     num_negatives: int, missing_negatives: str, image_root: Path | None, check_images: bool,
 ) -> TrainExample:  # fmt: skip
-    query, query_image = _text_of(record, "qry"), _path_of(record, "qry_image_path")
-    pos, pos_image = _text_of(record, "pos_text"), _path_of(record, "pos_image_path")
+    query, query_image = _text_of(record, "qry"), _paths_of(record, "qry_image_path")
+    pos, pos_image = _text_of(record, "pos_text"), _paths_of(record, "pos_image_path")
+    query_video, pos_video = _video_of(record, "qry_video_path"), _video_of(record, "pos_video_path")
     neg_texts, neg_images = _list_of(record, "neg_text"), _list_of(record, "neg_image_path")
     if neg_texts and neg_images and len(neg_texts) != len(neg_images):
         raise _RowProblem(
@@ -371,8 +437,12 @@ def _parse_train_row(
     n_neg = max(len(neg_texts), len(neg_images))
     neg_texts = neg_texts or [""] * n_neg
     negs_img: list[str | None] = [p or None for p in neg_images] if neg_images else [None] * n_neg
-    _check_side("query", query, query_image, image_token)
-    _check_side("positive", pos, pos_image, image_token)
+    _check_side("query", query, query_image, image_token, query_video)
+    _check_side("positive", pos, pos_image, image_token, pos_video)
+    if check_images:
+        for label, v in (("query", query_video), ("positive", pos_video)):
+            if v is not None and not _resolve(v, image_root).exists():
+                raise _RowProblem("image", f"{label} video not found: {_resolve(v, image_root)}")
     for k, (t, p) in enumerate(zip(neg_texts, negs_img)):
         _check_side(f"negative {k}", t, p, image_token)
     if n_neg < num_negatives and missing_negatives == "error":
@@ -398,6 +468,8 @@ def _parse_train_row(
         neg_images=negs_img,
         source=source,
         row=row,
+        query_video=query_video,
+        pos_video=pos_video,
     )
 
 
@@ -410,6 +482,8 @@ class TrainData:
     num_negatives: int = 0
     missing_negatives: Literal["error", "sample"] = "error"
     bad_rows: BadRows = field(default_factory=BadRows)
+    num_frames: int | None = 8  # frames sampled per training video (media.DEFAULT_NUM_FRAMES)
+    weights: dict[str, float] | None = None  # per-subset sampling weights of a multi-source mix
     # (subset, index) of rows whose images failed to load under skip_bad_rows: counted once, then skipped
     known_bad: set[tuple[str, int]] = field(default_factory=set)
 
@@ -472,6 +546,7 @@ def load_train_data(
     missing_negatives: Literal["error", "sample"] = "error",
     skip_bad_rows: bool = False,
     check_images: bool = False,
+    num_frames: int | None = 8,
 ) -> TrainData:
     """Read MMEB-train rows from a local file/directory (layout in the module docstring) or, when
     `source` is not a local path, a hub dataset name (e.g. "TIGER-Lab/MMEB-train", split "original").
@@ -481,6 +556,7 @@ def load_train_data(
       is filled at batch time with positives of other rows of the same subset ("sample").
     image_root: where image paths are relative to (default: the source directory / file's folder).
     check_images: test at read time that every image file exists (otherwise found when loaded).
+    num_frames: frames sampled per video row (uniformly by index; None: every frame).
     """
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
@@ -533,7 +609,79 @@ def load_train_data(
         if not rows:
             raise DataError(f"subset {name!r} has no usable rows ({[s for s, _ in sources[name]]})")
         out[name] = rows
-    return TrainData(out, root, num_negatives, missing_negatives, bad)
+    return TrainData(out, root, num_negatives, missing_negatives, bad, num_frames=num_frames)
+
+
+def parse_sources(spec: str) -> list[tuple[str, float | None]]:
+    """`SRC[=WEIGHT][,SRC[=WEIGHT]...]` -> [(source, weight or None)]: several training sources (local
+    paths or hub names) mixed with weights, e.g. `mmeb_train=0.6,video_caption=0.2,visdoc=0.2`."""
+    out = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        source, _, weight = part.rpartition("=") if "=" in part else (part, "", "")
+        try:
+            w = float(weight) if weight else None
+        except ValueError:
+            raise ValueError(f"dataset source {part!r}: the weight after '=' must be a number") from None
+        if w is not None and (w < 0 or not np.isfinite(w)):
+            raise ValueError(f"dataset source {part!r}: the weight must be finite and >= 0")
+        out.append((source, w))
+    if not out:
+        raise ValueError(f"no dataset source in {spec!r}")
+    return out
+
+
+def load_train_mix(spec: str, *, weights: Literal["size", "uniform"] = "size", **kwargs: Any) -> TrainData:
+    """One or several training sources (`parse_sources`) as one TrainData. With several, subsets are named
+    `<source name>/<subset>` and `TrainData.weights` gives each source its weight (equal when not
+    written), split over its subsets by size or uniformly (`weights`); a single source keeps its
+    subset names and weights None (the sampler's `weights` apply)."""
+    sources = parse_sources(spec)
+    if len(sources) == 1 and sources[0][1] is None:
+        return load_train_data(sources[0][0], **kwargs)
+    merged: dict[str, list[TrainExample]] = {}
+    mix: dict[str, float] = {}
+    first = None
+    names = [Path(src).name or src for src, _ in sources]
+    if len(set(names)) != len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    for (src, weight), name in zip(sources, names):
+        data = load_train_data(src, **kwargs)
+        first = first or data
+        sizes = data.sizes()
+        total = sum(sizes.values()) if weights == "size" else len(sizes)
+        for subset, rows in data.subsets.items():
+            if data.image_root != first.image_root:  # rows keep paths relative to their own root
+                rows = [_rooted(ex, data.image_root) for ex in rows]
+            merged[f"{name}/{subset}"] = [dataclasses.replace(ex, subset=f"{name}/{subset}") for ex in rows]
+            share = sizes[subset] if weights == "size" else 1
+            mix[f"{name}/{subset}"] = (1.0 if weight is None else weight) * share / total
+    assert first is not None
+    out = TrainData(
+        merged, first.image_root, first.num_negatives, first.missing_negatives, first.bad_rows,
+        num_frames=first.num_frames,
+    )  # fmt: skip
+    out.weights = mix
+    return out
+
+
+def _rooted(ex: TrainExample, root: Path | None) -> TrainExample:
+    """The row with its relative image/video paths made absolute under `root`."""
+    if root is None:
+        return ex
+
+    def fix(p: Any) -> Any:
+        if p is None:
+            return None
+        if isinstance(p, tuple):
+            return tuple(fix(q) for q in p)
+        return p if Path(p).is_absolute() else str(root / p)
+
+    return dataclasses.replace(
+        ex, query_image=fix(ex.query_image), pos_image=fix(ex.pos_image), query_video=fix(ex.query_video),
+        pos_video=fix(ex.pos_video), neg_images=[fix(p) for p in ex.neg_images],
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -670,9 +818,18 @@ class ContrastiveBatch:
     num_negatives: int = 0
     sources: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    query_videos: list[list[Image.Image] | None] = field(default_factory=list)  # [] = no videos
+    cand_videos: list[list[Image.Image] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.query_texts)
+
+    def videos(self, side: str) -> list[list[Image.Image] | None]:
+        """Per-row sampled video frames of `side` ("query" / "cand"), None where a row has none."""
+        texts, videos = (
+            (self.query_texts, self.query_videos) if side == "query" else (self.cand_texts, self.cand_videos)
+        )
+        return list(videos) if videos else [None] * len(texts)
 
     def select(self, keep: Sequence[int]) -> ContrastiveBatch:
         """The batch restricted to the queries `keep` (with their candidate groups), targets rebuilt."""
@@ -688,6 +845,8 @@ class ContrastiveBatch:
             num_negatives=self.num_negatives,
             sources=[self.sources[i] for i in keep] if self.sources else [],
             skipped=list(self.skipped),
+            query_videos=[self.query_videos[i] for i in keep] if self.query_videos else [],
+            cand_videos=[self.cand_videos[c] for c in cands] if self.cand_videos else [],
         )
 
 
@@ -757,14 +916,18 @@ class TrainBatches(torch.utils.data.Dataset):
         batch = ContrastiveBatch([], [], [], [], torch.arange(local, dtype=torch.long) * (k + 1), [], k)
         for pos, (subset, idx) in enumerate(self.sampler.rows(step, self.rank, self.world_size)):
             global_pos = self.rank * local + pos
-            ex, q_img, cands = self._good_example(subset, idx, step, global_pos, batch.skipped)
+            ex, q_img, q_vid, cands = self._good_example(subset, idx, step, global_pos, batch.skipped)
             batch.query_texts.append(ex.query_text)
             batch.query_images.append(q_img)
+            batch.query_videos.append(q_vid)
             batch.subsets.append(subset)
             batch.sources.append(ex.where)
-            for text, img in cands:
+            for text, img, vid in cands:
                 batch.cand_texts.append(text)
                 batch.cand_images.append(img)
+                batch.cand_videos.append(vid)
+        if not any(v is not None for v in batch.query_videos + batch.cand_videos):
+            batch.query_videos, batch.cand_videos = [], []  # image-only batches stay as before
         return batch
 
     def _good_example(self, subset: str, idx: int, step: int, pos: int, skipped: list[str]) -> tuple:
@@ -786,11 +949,13 @@ class TrainBatches(torch.utils.data.Dataset):
 
     def _materialize(self, ex: TrainExample, idx: int, step: int, pos: int) -> tuple:
         root, k = self.data.image_root, self.data.num_negatives
-        q_img = load_image(ex.query_image, root, f"{ex.where} qry_image_path") if ex.query_image else None
-        p_img = load_image(ex.pos_image, root, f"{ex.where} pos_image_path") if ex.pos_image else None
-        cands = [(ex.pos_text, p_img)]
+        q_img = load_visual(ex.query_image, root, f"{ex.where} qry_image_path")
+        p_img = load_visual(ex.pos_image, root, f"{ex.where} pos_image_path")
+        frames = self.data.num_frames
+        q_vid = load_frames(ex.query_video, root, frames, f"{ex.where} qry_video_path")
+        cands = [(ex.pos_text, p_img, load_frames(ex.pos_video, root, frames, f"{ex.where} pos_video_path"))]
         if k == 0:
-            return q_img, cands
+            return q_img, q_vid, cands
         rng = np.random.default_rng([self.seed, 3, step, pos])
         negs = list(range(len(ex.neg_texts)))
         if len(negs) > k:
@@ -798,35 +963,37 @@ class TrainBatches(torch.utils.data.Dataset):
         for n in negs:
             img_path = ex.neg_images[n]
             img = load_image(img_path, root, f"{ex.where} neg_image_path[{n}]") if img_path else None
-            cands.append((ex.neg_texts[n], img))
+            cands.append((ex.neg_texts[n], img, None))
         if len(cands) < k + 1:  # missing_negatives == "sample" (read time rejected it otherwise)
             cands.extend(self._sampled_negatives(ex, idx, k + 1 - len(cands), rng))
-        return q_img, cands
+        return q_img, q_vid, cands
 
     def _sampled_negatives(self, ex: TrainExample, idx: int, need: int, rng: np.random.Generator) -> list:
         rows = self.data.subsets[ex.subset]
-        taken = {(ex.pos_text, ex.pos_image)}
+        taken = {(ex.pos_text, ex.pos_image, ex.pos_video)}
         out = []
         for _ in range(50 * need + 50):
             if len(out) == need:
                 return out
             j = int(rng.integers(len(rows)))
             other = rows[j]
-            if j == idx or (other.pos_text, other.pos_image) in taken or (ex.subset, j) in self._known_bad:
+            key = (other.pos_text, other.pos_image, other.pos_video)
+            if j == idx or key in taken or (ex.subset, j) in self._known_bad:
                 continue
             try:
-                img = (
-                    load_image(other.pos_image, self.data.image_root, f"{other.where} pos_image_path")
-                    if other.pos_image else None
-                )  # fmt: skip
+                root = self.data.image_root
+                img = load_visual(other.pos_image, root, f"{other.where} pos_image_path")
+                vid = load_frames(
+                    other.pos_video, root, self.data.num_frames, f"{other.where} pos_video_path"
+                )
             except DataError as err:
                 if not self.skip_bad_rows:
                     raise
                 self._known_bad.add((ex.subset, j))
                 self.bad_rows.add(str(err), "image")
                 continue
-            taken.add((other.pos_text, other.pos_image))
-            out.append((other.pos_text, img))
+            taken.add(key)
+            out.append((other.pos_text, img, vid))
         if len(out) == need:
             return out
         raise DataError(
@@ -882,59 +1049,149 @@ class ChunkCollator:
     sort_by_length: order queries and candidates (separately) by `length_fn` so similar lengths share a
       chunk; targets follow the new order.
     packed: ask prepare for padding-free packed sequences (`prepare(..., packed=True)`).
+    max_tokens: size chunks by tokens instead of rows: consecutive rows (in the sorted order) fill a
+      chunk while the chunk's tokens stay within the budget. A chunk's tokens are what the model sees:
+      rows x its longest row when padded, the sum of row lengths when packed; a row's length is its
+      prepared length (visual + text tokens, from `model.count_tokens` when the model has it), so a
+      video row (~5,000 tokens) goes nearly alone while text rows (~20) share a chunk by the hundred.
+      A row longer than the budget gets a chunk of its own; when padded, a row less than half as long as
+      its chunk's longest starts a new chunk (videos, images and text rows do not pad each other).
+      Chunk sizes then only bound rows per chunk
+      when given explicitly (`query_chunk_size` / `cand_chunk_size` act as caps; None: no cap).
+    group_size: task-wise batching: every `group_size` consecutive queries (drawn from one subset by
+      `StepSampler(homogeneous_size=...)`) and their candidates are sorted and chunked on their own, so
+      no GradCache chunk mixes two groups.
     """
 
     def __init__(
         self,
         model: Any,
         *,
-        query_chunk_size: int,
+        query_chunk_size: int | None,
         cand_chunk_size: int | None = None,
         sort_by_length: bool = False,
         length_fn: Callable[[str, Image.Image | None], int] = estimate_length,
         skip_bad_rows: bool = False,
         packed: bool = False,
+        max_tokens: int | None = None,
+        group_size: int | None = None,
     ):
         if not callable(getattr(model, "prepare", None)):
             raise TypeError(f"model must have a prepare(texts, images) method, got {type(model).__name__}")
-        cand_chunk_size = query_chunk_size if cand_chunk_size is None else cand_chunk_size
-        if query_chunk_size < 1 or cand_chunk_size < 1:
-            raise ValueError(f"chunk sizes must be >= 1, got {query_chunk_size} and {cand_chunk_size}")
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if query_chunk_size is None and max_tokens is None:
+            raise ValueError("query_chunk_size is required unless chunks are sized by max_tokens")
+        if cand_chunk_size is None and max_tokens is None:
+            cand_chunk_size = query_chunk_size
+        for size in (query_chunk_size, cand_chunk_size):
+            if size is not None and size < 1:
+                raise ValueError(f"chunk sizes must be >= 1, got {query_chunk_size} and {cand_chunk_size}")
         self.model, self.query_chunk_size, self.cand_chunk_size = model, query_chunk_size, cand_chunk_size
         self.sort_by_length, self.length_fn = sort_by_length, length_fn
-        self.skip_bad_rows, self.packed = skip_bad_rows, packed
+        self.skip_bad_rows, self.packed, self.max_tokens = skip_bad_rows, packed, max_tokens
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        self.group_size = group_size
         self.bad_rows = BadRows()
 
-    def _prepare(self, texts: list[str], images: list[Image.Image | None]) -> dict[str, torch.Tensor]:
+    def _prepare(self, texts: list[str], images: list, videos: list) -> dict[str, torch.Tensor]:
         imgs = images if any(i is not None for i in images) else None
-        if self.packed:
-            return self.model.prepare(texts, imgs, packed=True)
-        return self.model.prepare(texts, imgs)
+        kwargs: dict[str, Any] = {"packed": True} if self.packed else {}
+        if any(v is not None for v in videos):
+            kwargs["videos"] = videos
+        return self.model.prepare(texts, imgs, **kwargs)
 
-    def _order(self, texts: list[str], images: list[Image.Image | None]) -> list[int]:
-        if not self.sort_by_length:
-            return list(range(len(texts)))
-        lengths = [self.length_fn(t, i) for t, i in zip(texts, images)]
-        return sorted(range(len(texts)), key=lambda r: -lengths[r])  # stable: ties keep batch order
+    def _lengths(self, texts: list[str], images: list, videos: list) -> list[int] | None:
+        """Per-row lengths: exact prepared token counts under a token budget (`model.count_tokens`),
+        `length_fn` estimates for sorting otherwise (None when neither is needed)."""
+        count = getattr(self.model, "count_tokens", None)
+        if self.max_tokens is not None and callable(count):
+            return [int(count(t, i, v)) for t, i, v in zip(texts, images, videos)]
+        if self.max_tokens is None and not self.sort_by_length:
+            return None
+        out = []
+        for t, i, v in zip(texts, images, videos):
+            if v is None and not isinstance(i, list | tuple):  # one image or none: length_fn as given
+                out.append(self.length_fn(t, i))
+                continue
+            ims = list(i) if isinstance(i, list | tuple) else [i] if i is not None else []
+            out.append(self.length_fn(t, None) + sum(self.length_fn("", im) for im in ims + list(v or [])))
+        return out
+
+    def _order(self, lengths: list[int] | None) -> list[int]:
+        if not self.sort_by_length or lengths is None:
+            return list(range(len(lengths))) if lengths is not None else []
+        return sorted(range(len(lengths)), key=lambda r: -lengths[r])  # stable: ties keep batch order
+
+    def _groups(self, order: list[int], lengths: list[int] | None, size: int | None) -> list[list[int]]:
+        """Rows of each chunk: `size` rows at a time, or filled up to the token budget."""
+        if self.max_tokens is None:
+            assert size is not None
+            return [order[s : s + size] for s in range(0, len(order), size)]
+        assert lengths is not None
+        groups: list[list[int]] = []
+        current: list[int] = []
+        longest = total = 0
+        for r in order:
+            n = lengths[r]
+            grown = (total + n) if self.packed else (len(current) + 1) * max(longest, n)
+            # padded: a row less than half as long as the chunk's longest would more than double its
+            # cost in padding, so it starts a chunk of shorter rows (rows come sorted by length)
+            mismatched = not self.packed and 2 * n < longest
+            full = grown > self.max_tokens or (size is not None and len(current) == size)
+            if current and (full or mismatched):
+                groups.append(current)
+                current, longest, total = [], 0, 0
+            current.append(r)
+            longest, total = max(longest, n), total + n
+        if current:
+            groups.append(current)
+        return groups
 
     def _chunks(
-        self, texts: list[str], images: list, order: list[int], size: int
-    ) -> tuple[list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
-        """Prepared chunks, or the rows (batch indices) that prepare rejects when some chunk fails."""
+        self, texts: list[str], images: list, videos: list, size: int | None, segment: int | None = None
+    ) -> tuple[list[int], list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
+        """(row order, prepared chunks) or the rows (batch indices) that prepare rejects. `segment`: rows
+        per group that chunks never cross (task-wise batching)."""
+        try:
+            lengths = self._lengths(texts, images, videos)
+        except ValueError:  # a row cannot even be measured: find it row by row below
+            lengths, size = None, 1
+        segment = segment or max(1, len(texts))
+        order, groups = [], []
+        for start in range(0, len(texts), segment):
+            rows = list(range(start, min(start + segment, len(texts))))
+            if lengths is not None:
+                part = (
+                    [rows[i] for i in self._order([lengths[r] for r in rows])]
+                    if self.sort_by_length
+                    else rows
+                )
+                groups += self._groups(part, lengths, size)
+            else:
+                part = rows
+                groups += (
+                    [[r] for r in part] if self.max_tokens is not None else self._groups(part, None, size)
+                )
+            order += part
         chunks, failures = [], []
-        for start in range(0, len(order), size):
-            rows = order[start : start + size]
+        for rows in groups:
             try:
-                chunks.append(self._prepare([texts[r] for r in rows], [images[r] for r in rows]))
+                chunks.append(
+                    self._prepare(
+                        [texts[r] for r in rows], [images[r] for r in rows], [videos[r] for r in rows]
+                    )
+                )
             except ValueError as err:
                 bad = []
                 for r in rows:
                     try:
-                        self._prepare([texts[r]], [images[r]])
+                        self._prepare([texts[r]], [images[r]], [videos[r]])
                     except ValueError as row_err:
                         bad.append((r, row_err))
                 failures.extend(bad or [(r, err) for r in rows])
-        return chunks, failures
+        return order, chunks, failures
 
     def __call__(self, batch: ContrastiveBatch) -> PreparedBatch:
         g = batch.num_negatives + 1
@@ -943,13 +1200,16 @@ class ChunkCollator:
         while True:
             if len(batch) == 0:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
-            q_order = self._order(batch.query_texts, batch.query_images)
-            c_order = self._order(batch.cand_texts, batch.cand_images)
-            q_chunks, q_fail = self._chunks(
-                batch.query_texts, batch.query_images, q_order, self.query_chunk_size
+            q_seg = self.group_size if self.group_size and len(batch) % self.group_size == 0 else None
+            q_order, q_chunks, q_fail = self._chunks(
+                batch.query_texts, batch.query_images, batch.videos("query"), self.query_chunk_size, q_seg
             )
-            c_chunks, c_fail = self._chunks(
-                batch.cand_texts, batch.cand_images, c_order, self.cand_chunk_size
+            c_order, c_chunks, c_fail = self._chunks(
+                batch.cand_texts,
+                batch.cand_images,
+                batch.videos("cand"),
+                self.cand_chunk_size,
+                q_seg and q_seg * g,
             )
             if not q_fail and not c_fail:
                 break

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlm2vec.media import Frames
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, MMEB_EVAL_DATASETS
 from vlm2vec.scoring import (
     aggregate,
@@ -45,8 +46,9 @@ DATASET_META_FILE = "datasets.json"
 that are not in the MMEB table (e.g. the emoji demo); MMEB names need nothing."""
 CACHE_FORMAT = 1
 
-Encoder = Callable[[list[str], list[Any]], torch.Tensor]
-"""texts, images (PIL or None) -> [N, D] embeddings; VLM2Vec.encode fits (see `encoder_of`)."""
+Encoder = Callable[..., torch.Tensor]
+"""encode(texts, images) -> [N, D] embeddings (images: PIL, a list of PIL, or None per row), called as
+encode(texts, images, videos) when a batch has videos (lists of sampled frames); see `encoder_of`."""
 
 
 @dataclass
@@ -61,7 +63,8 @@ class Inputs:
     def digest(self) -> str:
         h = hashlib.sha256()
         for text, image in zip(self.texts, self.images):
-            h.update(text.encode("utf-8", "surrogatepass") + b"\0" + (image or "").encode("utf-8") + b"\1")
+            key = image.key() if hasattr(image, "key") else (image or "")
+            h.update(text.encode("utf-8", "surrogatepass") + b"\0" + key.encode("utf-8") + b"\1")
         return h.hexdigest()
 
 
@@ -265,8 +268,14 @@ def embed_inputs(
     try:
         for start in range(0, len(mine), batch_size):
             batch = mine[start : start + batch_size]
-            images = [load_image(inputs.images[i], i) if inputs.images[i] else None for i in batch]
-            emb = encode([inputs.texts[i] for i in batch], images).float().cpu()
+            loaded = [load_image(inputs.images[i], i) if inputs.images[i] else None for i in batch]
+            texts = [inputs.texts[i] for i in batch]
+            if any(isinstance(v, Frames) for v in loaded):  # videos go to the encoder's third argument
+                images = [None if isinstance(v, Frames) else v for v in loaded]
+                emb = encode(texts, images, [v if isinstance(v, Frames) else None for v in loaded])
+            else:
+                emb = encode(texts, loaded)
+            emb = emb.float().cpu()
             if emb.shape[0] != len(batch) or not torch.isfinite(emb).all():
                 raise RuntimeError(
                     f"{desc}: the encoder returned {tuple(emb.shape)} (non-finite or wrong count)"
@@ -480,8 +489,11 @@ def init_distributed() -> tuple[int, int, int]:
 def encoder_of(model: Any, batch_size: int) -> Encoder:
     """A VLM2Vec as an Encoder (its own inner progress bar off: evaluate shows one per dataset)."""
 
-    def encode(texts: list[str], images: list[Any]) -> torch.Tensor:
-        return model.encode(texts, images, batch_size=batch_size, show_progress=False)
+    def encode(texts: list[str], images: list[Any], videos: list[Any] | None = None) -> torch.Tensor:
+        # frames arrive sampled (per task): num_frames=None keeps them all
+        return model.encode(
+            texts, images, videos, batch_size=batch_size, show_progress=False, num_frames=None
+        )
 
     return encode
 
@@ -508,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(or folder) per dataset, columns qry_text, qry_img_path, tgt_text, tgt_img_path, image "
                    f"paths relative to it; or a hub name such as {HUB_EVAL_NAME} (online)")  # fmt: skip
     p.add_argument("--out", required=True, help="output directory (scores.json, table.md)")
+    p.add_argument("--benchmark", choices=("mmeb", "mmeb-v2"), default="mmeb", help="mmeb: the 36 image "
+                   "datasets (P@1); mmeb-v2: the 78 image/video/visual-document tasks of a local copy "
+                   "(Hit@1 / NDCG@5, group table), see vlm2vec/mmeb_v2.py for the layout")  # fmt: skip
+    p.add_argument("--tasks", default=None, help="--benchmark mmeb-v2: comma-separated task names "
+                   "(default: every task found under --data)")  # fmt: skip
     p.add_argument("--datasets", default=None, help="comma-separated dataset names (default: all in --data; "
                    "the 36 MMEB datasets for a hub name)")  # fmt: skip
     p.add_argument("--image-root", default=None, help="root of image paths (default: the --data directory)")
@@ -570,6 +587,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     model.eval()
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     try:
+        if args.benchmark == "mmeb-v2":
+            from vlm2vec.eval_v2 import evaluate_v2, render_v2_report
+
+            tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or datasets
+            scores = evaluate_v2(
+                encoder_of(model, args.batch_size), args.data, tasks, out_dir=args.out,
+                cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                fingerprint=model_fingerprint(args.model, options), batch_size=args.batch_size,
+                max_rows=args.max_rows, label=args.label or args.model, show_progress=not args.no_progress,
+                check_inputs=model.family.check_inputs,
+            )  # fmt: skip
+            if scores is not None:
+                print(render_v2_report(scores))
+            return 0
         scores = evaluate(
             encoder_of(model, args.batch_size),
             args.data,

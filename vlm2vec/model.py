@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlm2vec.backbones import BackboneFamily, ProcessorSettings, family_of, get_family
+from vlm2vec.media import DEFAULT_NUM_FRAMES, VideoSource, load_video
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -112,7 +113,8 @@ class VLM2Vec(nn.Module):
     """Universal multimodal embedding model on top of a vision-language backbone.
 
     forward(inputs) is the training path (pooled, normalised [N, D] fp32 embeddings with grad);
-    encode(texts, images) is the batched inference path.
+    encode(texts, images, videos) is the batched inference path (images per row: none, one or several;
+    videos: frames, a frame folder or a video file).
     """
 
     def __init__(
@@ -183,14 +185,22 @@ class VLM2Vec(nn.Module):
     def prepare(
         self,
         texts: Sequence[str],
-        images: Sequence[Image | None] | None = None,
+        images: Sequence[Image | Sequence[Image] | None] | None = None,
         *,
+        videos: Sequence[Sequence[Image] | None] | None = None,
         packed: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Tokenise + process one chunk; pads only to this chunk's longest row (or packs it)."""
-        texts, images = _check_batch(texts, images)
+        """Tokenise + process one chunk; pads only to this chunk's longest row (or packs it).
+
+        images[i]: None, a PIL image or a list of them; videos[i]: None or a list of PIL frames (already
+        sampled: `encode` samples paths and lists). A kind the family cannot take is refused here,
+        naming the row, before any processing."""
+        texts, images, videos = _check_batch(texts, images, videos)
         if packed and not self.family.supports_packed:
             raise ValueError(f"family {self.family.name!r} does not support packed=True")
+        for i, (image, video) in enumerate(zip(images, videos)):
+            self.family.check_inputs(row_kinds(image, video), f"row {i}")
+        kwargs: dict[str, Any] = {"videos": videos} if any(v is not None for v in videos) else {}
         return self.family.prepare(
             self.processor,
             texts,
@@ -199,7 +209,19 @@ class VLM2Vec(nn.Module):
             packed,
             padding_side=self.padding_side,
             settings=self.settings,
+            **kwargs,
         )
+
+    def count_tokens(self, text: str, images: Any = None, video: Sequence[Image] | None = None) -> int:
+        """Tokens the backbone sees for one row (visual + text), exactly as `prepare` builds it: what a
+        chunk's memory scales with (GradCache chunks sized by a token budget)."""
+        if self.family.count_tokens is not None:  # from image sizes alone
+            self.family.check_inputs(row_kinds(images, video), "this row")
+            return self.family.count_tokens(
+                self.processor, text, images, video, self.max_len, settings=self.settings
+            )
+        inputs = self.prepare([text], [images], videos=[video] if video is not None else None)
+        return int(inputs["input_ids"].shape[-1])
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Embeddings [N, D] (fp32, L2-normalised when `normalize`) of a prepared chunk.
@@ -219,25 +241,32 @@ class VLM2Vec(nn.Module):
     def encode(
         self,
         texts: Sequence[str],
-        images: Sequence[Image | None] | None = None,
+        images: Sequence[Image | Sequence[Image] | None] | None = None,
+        videos: Sequence[VideoSource | None] | None = None,
         batch_size: int = 8,
         show_progress: bool = True,
         packed: bool = False,
         sort_by_length: bool = True,
+        num_frames: int | None = DEFAULT_NUM_FRAMES,
     ) -> torch.Tensor:
-        """Embed texts (+ images) in batches, eval mode, no grad; returns fp32 [N, D] on the CPU, rows in
-        input order.
+        """Embed texts (+ images, + videos) in batches, eval mode, no grad; returns fp32 [N, D] on the CPU,
+        rows in input order.
 
-        A row gets the same vector whether it is encoded alone or in a mixed, padded batch, so rows are
-        batched by similar size (image rows together, then by text length) to pad less."""
+        images[i]: None, a PIL image or a list of them (`<|image_1|>`, `<|image_2|>`, ... in the text).
+        videos[i]: None, a list of frames (PIL or paths), a frame folder or a video file (`<|video_1|>`);
+        `num_frames` frames are sampled uniformly by index (None: every frame). A row gets the same vector
+        whether it is encoded alone or in a mixed, padded batch, so rows are batched by similar size
+        (videos, then images, then by text length) to pad less."""
         from tqdm.auto import tqdm
 
-        texts, images = _check_batch(texts, images)
+        texts, images, videos = _check_batch(texts, images, videos)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        kinds = set().union(*(row_kinds(i, v) for i, v in zip(images, videos))) if texts else set()
+        self.family.check_inputs(kinds, "this batch")
         order = list(range(len(texts)))
         if sort_by_length:
-            order.sort(key=lambda i: (images[i] is None, -len(texts[i])))
+            order.sort(key=lambda i: (videos[i] is None, -_n_images(images[i]), -len(texts[i])))
         was_training = self.training
         self.eval()
         chunks = []
@@ -245,7 +274,13 @@ class VLM2Vec(nn.Module):
             starts = range(0, len(order), batch_size)
             for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
                 rows = order[s : s + batch_size]
-                inputs = self.prepare([texts[i] for i in rows], [images[i] for i in rows], packed=packed)
+                frames = [
+                    None if videos[i] is None else load_video(videos[i], num_frames, where=f"videos[{i}]")
+                    for i in rows
+                ]
+                inputs = self.prepare(
+                    [texts[i] for i in rows], [images[i] for i in rows], videos=frames, packed=packed
+                )
                 chunks.append(self(inputs).cpu())
         finally:
             self.train(was_training)
@@ -553,20 +588,35 @@ def _adapter_base(adapter_dir: str) -> str:
     return base
 
 
+def _n_images(value: Any) -> int:
+    return 0 if value is None else len(value) if isinstance(value, list | tuple) else 1
+
+
+def row_kinds(image: Any, video: Any) -> set[str]:
+    """The input kinds of one row: "image" / "multi_image" by its image count, "video" if it has one."""
+    n = _n_images(image)
+    kinds = {"image"} if n == 1 else {"multi_image"} if n > 1 else set()
+    return kinds | ({"video"} if video is not None else set())
+
+
 def _check_batch(
-    texts: Sequence[str], images: Sequence[Image | None] | None
-) -> tuple[list[str], list[Image | None]]:
+    texts: Sequence[str], images: Sequence[Any] | None, videos: Sequence[Any] | None = None
+) -> tuple[list[str], list[Any], list[Any]]:
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"texts[{i}] must be a str, got {type(text).__name__}")
-    if images is None:
-        return texts, [None] * len(texts)
-    images = list(images)
-    if len(images) != len(texts):
-        raise ValueError(
-            f"images has {len(images)} entries but texts has {len(texts)}; pass None for text-only rows"
-        )
-    return texts, images
+    out = []
+    for name, values in (("images", images), ("videos", videos)):
+        if values is None:
+            out.append([None] * len(texts))
+            continue
+        values = list(values)
+        if len(values) != len(texts):
+            raise ValueError(
+                f"{name} has {len(values)} entries but texts has {len(texts)}; pass None for rows without"
+            )
+        out.append(values)
+    return texts, out[0], out[1]

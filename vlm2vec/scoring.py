@@ -12,6 +12,7 @@ ties at the top). hit@5 and MRR use the strict rank too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -215,4 +216,88 @@ def per_dataset_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             f"{100 * r['p_at_1']:.1f} | {100 * r['p_at_1_ties_as_hits']:.1f} | {100 * r['hit_at_5']:.1f} | "
             f"{100 * r['mrr']:.1f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- MMEB-V2
+def dcg(gains: Sequence[float]) -> float:
+    """Discounted cumulative gain with linear gain (the reference's default): sum rel_i / log2(i + 2)."""
+    return sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+
+
+def label_metrics(
+    scores: torch.Tensor,
+    relevance: torch.Tensor,
+    *,
+    k: int = 5,
+) -> dict[str, float | int]:
+    """Hit@1, NDCG@k (linear gain) and MRR of queries ranked over candidates with graded relevance.
+
+    scores [N, C] (use -inf where a candidate is not in a query's list), relevance [N, C] >= 0 (0: not
+    relevant; MMEB-V2 binary labels are 1, BEIR qrels their score). Ties count against the relevant
+    candidates, as in `ground_truth_ranks`: among equal scores the less relevant ones rank first, so a
+    query only scores a hit when a relevant candidate is strictly best. The ideal DCG uses every
+    relevant candidate of the query (not only those in the top k)."""
+    if scores.shape != relevance.shape or scores.dim() != 2:
+        raise ValueError(
+            f"scores and relevance must both be [N, C], got {tuple(scores.shape)}, {tuple(relevance.shape)}"
+        )
+    if torch.isnan(scores).any():
+        raise ValueError("scores contain NaN: the embeddings are broken")
+    if (relevance.max(1).values <= 0).any():
+        bad = int((relevance.max(1).values <= 0).nonzero()[0])
+        raise ValueError(f"query {bad} has no relevant candidate")
+    n = scores.shape[0]
+    hits, ndcgs, rrs = [], [], []
+    for i in range(n):
+        s, rel = scores[i].double(), relevance[i].double()
+        # sort by score (desc), ties: less relevant first (pessimistic)
+        order = sorted(range(len(s)), key=lambda j: (-float(s[j]), float(rel[j])))
+        ranked = [float(rel[j]) for j in order if float(s[j]) != float("-inf")]
+        hits.append(1.0 if ranked and ranked[0] > 0 else 0.0)
+        ideal = sorted((float(r) for r in rel if r > 0), reverse=True)[:k]
+        ndcgs.append(dcg(ranked[:k]) / dcg(ideal))
+        first = next((p for p, r in enumerate(ranked) if r > 0), None)
+        rrs.append(0.0 if first is None else 1.0 / (first + 1))
+    return {
+        "n_queries": n,
+        "hit_at_1": sum(hits) / n,
+        f"ndcg_at_{k}": sum(ndcgs) / n,
+        "mrr": sum(rrs) / n,
+    }
+
+
+V2_COLUMNS = {
+    "image": ("Classification", "VQA", "Retrieval", "Grounding"),
+    "video": ("Video-CLS", "Video-QA", "Video-RET", "Video-MRET"),
+    "visdoc": ("ViDoRe-V1", "ViDoRe-V2", "VisRAG", "VisDoc-OOD"),
+}
+
+
+def v2_aggregate(
+    per_task: Mapping[str, float], modality: Mapping[str, str], group: Mapping[str, str]
+) -> dict:
+    """Means of per-task scores by sub-group, by modality (image / video / visdoc: mean over its tasks)
+    and Overall (mean over all tasks, as the MMEB-V2 leaderboard). Each entry: {"mean", "n"}."""
+    buckets: dict[str, list[float]] = {}
+    for name, value in per_task.items():
+        for key in (f"{modality[name]}/{group[name]}", modality[name], "Overall"):
+            buckets.setdefault(key, []).append(value)
+    return {key: {"mean": sum(v) / len(v), "n": len(v)} for key, v in buckets.items()}
+
+
+def v2_markdown_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """The group table: per modality its sub-groups and mean, then Overall (scores in %). `rows`: label ->
+    v2_aggregate output."""
+    header = ["Model"]
+    keys = []
+    for modality, groups in V2_COLUMNS.items():
+        header += [*groups, f"{modality} (all)"]
+        keys += [f"{modality}/{g}" for g in groups] + [modality]
+    header.append("Overall")
+    keys.append("Overall")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for label, agg in rows.items():
+        cells = [_cell(100 * agg[k]["mean"]) if k in agg else "-" for k in keys]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -246,3 +246,155 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------------ MMEB-V2
+def moving_shape(color: str, shape: str, n_frames: int, size: int, rng: random.Random) -> list[Image.Image]:
+    """Frames of a `color` `shape` crossing the picture left to right (a tiny, decodable "video")."""
+    bg = tuple(rng.randint(225, 255) for _ in range(3))
+    r = size * 0.2
+    frames = []
+    for k in range(n_frames):
+        cx = r + 1 + (size - 2 * r - 2) * k / max(1, n_frames - 1)
+        img = Image.new("RGB", (size, size), bg)
+        draw = ImageDraw.Draw(img)
+        box = [cx - r, size / 2 - r, cx + r, size / 2 + r]
+        draw.ellipse(box, fill=COLORS[color]) if shape == "circle" else draw.rectangle(
+            box, fill=COLORS[color]
+        )
+        frames.append(img)
+    return frames
+
+
+def write_tiny_mmeb_v2(
+    root: str | Path, *, rows: int = 3, frames: int = 6, size: int = 32, seed: int = 0
+) -> list[str]:
+    """A tiny local MMEB-V2 copy in the published layout (vlm2vec/mmeb_v2.py), one task per kind:
+    ImageNet-1K (image, local), HMDB51 (video classification, global; half the videos only as mp4),
+    MSR-VTT (video retrieval, global), QVHighlight (moment retrieval, local), Video-MME (video QA,
+    local), ViDoRe_arxivqa (BEIR document retrieval with graded qrels, NDCG@5). Returns the task names."""
+    from vlm2vec.media import write_frames, write_video
+    from vlm2vec.mmeb_v2 import get_task
+
+    root = Path(root)
+    rng = random.Random(f"{seed}/mmeb-v2")
+    shapes = ("circle", "square")
+    classes = [(c, s) for c in list(COLORS)[:4] for s in shapes]
+
+    def video(task_name: str, video_id: str, color: str, shape: str, as_file: bool = False) -> None:
+        task = get_task(task_name)
+        clip = moving_shape(color, shape, frames, size, rng)
+        if as_file:
+            write_video(root / task.video_root / f"{video_id}.mp4", clip)
+        else:
+            write_frames(root / task.frame_root / video_id, clip)
+
+    # image: MMEB-eval rows, ground truth first
+    image_rows = _eval_rows("ShapeClassification", rows, 4, root / "image-tasks", size, seed)
+    write_rows(root / "image-tasks" / "ImageNet-1K.jsonl", image_rows)
+    # video classification (global over the label set)
+    labels = [_label(c, s) for c, s in classes]
+    cls_rows = []
+    for k in range(rows):
+        c, s = classes[k % len(classes)]
+        video("HMDB51", f"v{k}", c, s, as_file=k % 2 == 1)
+        cls_rows.append({"video_id": f"v{k}", "pos_text": _label(c, s)})
+    write_rows(root / "video-tasks/HMDB51/test.jsonl", cls_rows)
+    (root / "video-tasks/HMDB51/labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+    # video retrieval (global over the videos)
+    ret_rows = []
+    for k in range(rows):
+        c, s = classes[(k + 1) % len(classes)]
+        video("MSR-VTT", f"video{k}", c, s)
+        ret_rows.append(
+            {"video_id": f"video{k}", "video": f"video{k}.mp4", "caption": f"a {c} {s} moves right"}
+        )
+    write_rows(root / "video-tasks/MSR-VTT/test.jsonl", ret_rows)
+    # moment retrieval: per video a query video and its clips (positive + negatives)
+    mret_rows = []
+    for k in range(rows):
+        base = get_task("QVHighlight").frame_root
+        (c, s), *others = rng.sample(classes, 4)
+        write_frames(root / base / f"vid{k}" / "query", moving_shape(c, s, frames, size, rng))
+        write_frames(root / base / f"vid{k}" / "positive_0", moving_shape(c, s, frames // 2, size, rng))
+        for j, (oc, os_) in enumerate(others):
+            write_frames(
+                root / base / f"vid{k}" / f"negative_{j}", moving_shape(oc, os_, frames // 2, size, rng)
+            )
+        mret_rows.append({"query": f"the {c} {s}", "video_path": f"videos/vid{k}.mp4"})
+    write_rows(root / "video-tasks/QVHighlight/test.jsonl", mret_rows)
+    # video QA: multiple choice over the options
+    qa_rows = []
+    for k in range(rows):
+        c, s = classes[k % len(classes)]
+        video("Video-MME", f"qa{k}", c, s)
+        options = rng.sample([x for x in COLORS if x != c], 3) + [c]
+        rng.shuffle(options)
+        qa_rows.append({"videoID": f"qa{k}", "question": "What color is the moving shape?",
+                        "options": [f"{'ABCD'[j]}. {o}" for j, o in enumerate(options)],
+                        "answer": "ABCD"[options.index(c)]})  # fmt: skip
+    write_rows(root / "video-tasks/Video-MME/test.jsonl", qa_rows)
+    # document retrieval, BEIR layout with graded relevance; pages as PNG bytes (the hub's Image feature)
+    import io
+
+    doc = root / get_task("ViDoRe_arxivqa").data
+    corpus, queries, qrels = [], [], []
+    for j in range(rows + 2):
+        c, s = classes[j % len(classes)]
+        buf = io.BytesIO()
+        draw_shape(c, s if s != "square" else "triangle", size * 2, rng).save(buf, "PNG")
+        corpus.append({"corpus-id": f"page{j}", "image": {"bytes": buf.getvalue(), "path": None}})
+    for k in range(rows):
+        queries.append({"query-id": f"q{k}", "query": f"which page shows the {labels[k % len(labels)]}?"})
+        qrels += [{"query-id": f"q{k}", "corpus-id": f"page{k}", "score": 2},
+                  {"query-id": f"q{k}", "corpus-id": f"page{k + 1}", "score": 1}]  # fmt: skip
+    write_rows(doc / "corpus" / "test.parquet", corpus)
+    write_rows(doc / "queries" / "test.jsonl", queries)
+    write_rows(doc / "qrels" / "test.jsonl", qrels)
+    return ["ImageNet-1K", "HMDB51", "MSR-VTT", "QVHighlight", "Video-MME", "ViDoRe_arxivqa"]
+
+
+def write_synthetic_v2_train(out_dir: str | Path, *, rows: int = 8, frames: int = 4, size: int = 32,
+                             seed: int = 0) -> Path:  # fmt: skip
+    """MMEB-V2-style training rows in the MMEB-train layout plus video and multi-page columns: subsets
+    ShapeRetrieval_i2t (one image), VideoCaption (query video -> caption; frame folders, every other one
+    an mp4) and DocRetrieval (query -> document page image, every other document two pages). Returns
+    the train directory (paths relative to it)."""
+    from vlm2vec.media import write_frames, write_video
+
+    train = Path(out_dir) / "train"
+    rng = random.Random(f"{seed}/v2-train")
+    write_rows(train / "ShapeRetrieval_i2t.jsonl", _train_rows("ShapeRetrieval_i2t", rows, train, size, seed))
+    video_rows, doc_rows = [], []
+    for k in range(rows):
+        color, shape = rng.choice(list(COLORS)), rng.choice(("circle", "square"))
+        clip = moving_shape(color, shape, frames, size, rng)
+        if k % 2:
+            rel = f"videos/clip{k}.mp4"
+            write_video(train / rel, clip)
+        else:
+            rel = f"videos/clip{k}"
+            write_frames(train / rel, clip)
+        video_rows.append(dict(qry="<|video_1|> Describe the video.", qry_image_path="", qry_video_path=rel,
+                               pos_text=f"a {color} {shape} moving right", pos_image_path="",
+                               neg_text="", neg_image_path=""))  # fmt: skip
+        pages = []
+        for p in range(1 + k % 2):
+            rel_page = f"pages/doc{k}_p{p}.png"
+            (train / "pages").mkdir(parents=True, exist_ok=True)
+            draw_shape(color, rng.choice(SHAPES), size * 2, rng).save(train / rel_page)
+            pages.append(rel_page)
+        marks = "".join(f"<|image_{p + 1}|>" for p in range(len(pages)))
+        doc_rows.append(
+            dict(
+                qry=f"Find a document image that matches the given query: the {color} page",
+                qry_image_path="",
+                pos_text=f"{marks} Understand the content of the provided document image.",
+                pos_image_path=pages,
+                neg_text="",
+                neg_image_path="",
+            )
+        )
+    write_rows(train / "VideoCaption.jsonl", video_rows)
+    write_rows(train / "DocRetrieval.jsonl", doc_rows)
+    return train

@@ -296,13 +296,15 @@ def default_train_data(output_dir: str) -> str:
 
 def load_data(config: TrainConfig) -> Any:
     """Training rows, read and validated before any model is built (bad rows fail fast, naming the row)."""
-    from vlm2vec.data import load_train_data
+    from vlm2vec.data import load_train_mix
 
     source = config.dataset_name or default_train_data(config.output_dir)
-    return load_train_data(
-        source, subsets=config.subset_name, split=config.dataset_split, image_root=config.image_dir,
+    return load_train_mix(
+        source, weights=config.subset_weights, subsets=config.subset_name, split=config.dataset_split,
+        image_root=config.image_dir,
         num_sample_per_subset=config.num_sample_per_subset, num_negatives=config.num_hard_negatives,
         missing_negatives=config.missing_negatives, skip_bad_rows=config.skip_bad_rows,
+        num_frames=config.num_frames,
     )  # fmt: skip
 
 
@@ -318,7 +320,8 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
     batches = TrainBatches(
         data,
         per_device * world,
-        weights=config.subset_weights,
+        weights=data.weights or config.subset_weights,
+        homogeneous_size=config.interleave_batch_size,
         seed=config.seed,
         num_steps=total,
         rank=rank,
@@ -328,12 +331,18 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
     group = config.num_hard_negatives + 1
     q_chunk = config.gc_q_chunk_size if config.grad_cache else per_device
     c_chunk = config.gc_p_chunk_size if config.grad_cache else per_device * group
+    budget = config.gc_max_visual_tokens if config.grad_cache else None
+    if budget is not None:  # chunks by tokens; row sizes only where given explicitly
+        q_chunk = q_chunk if "gc_q_chunk_size" in config.explicit else None
+        c_chunk = c_chunk if "gc_p_chunk_size" in config.explicit else None
     collate = ChunkCollator(
         model,
         query_chunk_size=q_chunk,
         cand_chunk_size=c_chunk,
         sort_by_length=config.sort_by_length,
         skip_bad_rows=config.skip_bad_rows,
+        max_tokens=budget,
+        group_size=config.interleave_batch_size,
     )
     return batches, collate, total
 

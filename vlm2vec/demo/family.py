@@ -37,6 +37,7 @@ FAMILY_NAME = "effnet_minilm"
 MODEL_TYPE = "vlm2vec_effnet_minilm"
 BASE_ID = "pypi:efficientnet-lite0+all-MiniLM-L6-v2"
 IMAGE_TOKEN = "[unused0]"  # an unused WordPiece entry of MiniLM's vocabulary; expanded per image
+VIDEO_TOKEN = "[unused1]"  # marks where a video's frame slots go (they are image slots, one per frame)
 PROCESSOR_FILE = "image_featurizer.json"
 LORA_TARGETS = ["query", "key", "value", "dense"]
 TRAINABLE_MODULES = ["projector"]  # trained in full beside the LoRA adapter (peft modules_to_save)
@@ -300,29 +301,37 @@ def tiny() -> tuple[nn.Module, DemoProcessor]:
 
 
 def prepare(processor: DemoProcessor, texts: list[str], images: list[Any], max_len: int, packed: bool = False,
-            *, padding_side: str, settings: ProcessorSettings) -> dict[str, torch.Tensor]:  # fmt: skip
-    from vlm2vec.families._common import expand_placeholder, fit_length, pad_rows
+            *, padding_side: str, settings: ProcessorSettings,
+            videos: list[Any] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Image slots per image (`n_tokens` each); a video is one slot per frame holding that frame's global
+    feature (the demo has no temporal encoder: a video is its frames' global tokens in order)."""
+    from vlm2vec.families._common import expand_placeholders, fit_length, images_of, pad_rows
 
     if packed:
         raise ValueError(f"family {FAMILY_NAME!r} does not support packed=True")
     tok, feat = processor.tokenizer, processor.featurizer
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    rows, with_images = [], []
-    for i, (text, image) in enumerate(zip(texts, images)):
+    videos = videos or [None] * len(texts)
+    rows, features = [], []
+    for i, (text, image, video) in enumerate(zip(texts, images, videos)):
+        row_images = images_of(image, i)
         # WordPiece would split "[unused0]": tokenise around it and insert the image slots as ids
-        parts = expand_placeholder(text, IMAGE_TOKEN, image is not None, i).split(IMAGE_TOKEN)
+        text = expand_placeholders(text, len(row_images), int(video is not None), i, IMAGE_TOKEN, VIDEO_TOKEN)
+        slots = [feat.n_tokens] * len(row_images) + ([len(video)] if video is not None else [])
         ids = [tok.cls_token_id]
-        for k, part in enumerate(parts):
+        for k, part in enumerate(text.replace(VIDEO_TOKEN, IMAGE_TOKEN).split(IMAGE_TOKEN)):
             if k:
-                ids.extend([image_id] * feat.n_tokens)
+                ids.extend([image_id] * slots[k - 1])
             ids.extend(tok(part, add_special_tokens=False)["input_ids"] if part.strip() else [])
         ids.append(tok.sep_token_id)
         rows.append(fit_length(ids, max_len, {image_id}, i))
-        if image is not None:
-            with_images.append(image)
+        if row_images:
+            features.append(feat(row_images).reshape(-1, FEATURE_DIM))
+        if video is not None:
+            features.append(feat(list(video))[:, 0])  # the global token of each frame
     inputs = pad_rows(rows, tok.pad_token_id, padding_side)
-    if with_images:
-        inputs["image_features"] = feat(with_images)
+    if features:
+        inputs["image_features"] = torch.cat(features)
     return inputs
 
 
@@ -344,6 +353,7 @@ DEMO_FAMILY = register_family(
         save=save,
         module=__name__,
         modules_to_save=tuple(TRAINABLE_MODULES),
+        input_kinds=frozenset({"image", "multi_image", "video"}),
     ),
     overwrite=True,
 )

@@ -4,6 +4,7 @@ padding and packing of token rows."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -61,21 +62,74 @@ def build_tiny_tokenizer(
     )
 
 
-def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -> str:
-    """Replace the stored `<|image_1|>` by the family token; an image row without it gets it prepended.
+PLACEHOLDER = re.compile(r"<\|(image|video)_(\d+)\|>")
+"""Backbone-agnostic placeholders in stored texts: `<|image_1|>`, `<|image_2|>`, ... and `<|video_1|>`."""
 
-    Exactly one image per row is supported (MMEB); a placeholder without an image is an error."""
-    count = text.count(STORED_IMAGE_PLACEHOLDER) + (
-        text.count(image_token) if image_token != STORED_IMAGE_PLACEHOLDER else 0
-    )
-    if has_image:
-        if count > 1:
-            raise ValueError(f"row {row}: the text has {count} image placeholders but one image")
-        if count == 0:
-            text = f"{STORED_IMAGE_PLACEHOLDER} {text}" if text else STORED_IMAGE_PLACEHOLDER
-    elif count:
-        raise ValueError(f"row {row}: the text has an image placeholder but no image was given")
-    return text.replace(STORED_IMAGE_PLACEHOLDER, image_token)
+
+def expand_placeholders(
+    text: str, n_images: int, n_videos: int, row: int, image_token: str, video_token: str | None = None
+) -> str:
+    """Replace `<|image_k|>` / `<|video_k|>` by the family's tokens, checking them against the inputs.
+
+    The placeholders of a row must be `<|image_1|>..<|image_n|>` for its n images, in that order (the
+    model consumes image features in text order), and `<|video_1|>` for its video; a row with visual
+    inputs and no placeholder at all gets them prepended (images first). The family's own image token
+    written in the text counts as the next image (texts prepared for one backbone keep working).
+    Errors (ValueError) name the row."""
+    native = re.escape(image_token) if image_token != STORED_IMAGE_PLACEHOLDER else None
+    pattern = PLACEHOLDER if native is None else re.compile(f"{PLACEHOLDER.pattern}|({native})")
+    found = list(pattern.finditer(text))
+    if not found and (n_images or n_videos):
+        marks = [f"<|image_{k}|>" for k in range(1, n_images + 1)] + ["<|video_1|>"] * n_videos
+        text = " ".join(marks) + (f" {text}" if text else "")
+        found = list(PLACEHOLDER.finditer(text))
+    next_image, out, last = 1, [], 0
+    n_video_marks = 0
+    for m in found:
+        if m.group(1) == "video":
+            if n_videos == 0:
+                raise ValueError(f"row {row}: the text has {m.group(0)} but no video was given")
+            if int(m.group(2)) != 1 or n_video_marks:
+                raise ValueError(
+                    f"row {row}: a row holds one video, written <|video_1|> once; got {m.group(0)}"
+                )
+            if video_token is None:
+                raise ValueError(f"row {row}: this family takes no video input")
+            n_video_marks += 1
+            token = video_token
+        else:
+            k = next_image if m.group(1) is None else int(m.group(2))
+            if k != next_image:
+                raise ValueError(
+                    f"row {row}: image placeholders must be <|image_1|>..<|image_n|> in order; found "
+                    f"{m.group(0)} where <|image_{next_image}|> was expected"
+                )
+            if k > n_images:
+                what = "no image was given" if n_images == 0 else f"only {n_images} image(s) were given"
+                raise ValueError(f"row {row}: the text has an image placeholder but {what} ({m.group(0)})")
+            next_image += 1
+            token = image_token
+        out.append(text[last : m.start()] + token)
+        last = m.end()
+    out.append(text[last:])
+    if next_image - 1 != n_images:
+        raise ValueError(f"row {row}: the text has {next_image - 1} image placeholders but {n_images} images")
+    if n_video_marks != n_videos:
+        raise ValueError(f"row {row}: a video was given but the text has no <|video_1|> placeholder")
+    return "".join(out)
+
+
+def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -> str:
+    """One image (or none) per row: `expand_placeholders` with n_images = has_image."""
+    return expand_placeholders(text, int(has_image), 0, row, image_token)
+
+
+def images_of(value: Any, row: int) -> list[Any]:
+    """A row's images as a list of RGB PIL images: None -> [], one image -> [it], a list -> its items."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, list | tuple) else [value]
+    return [rgb(im, row) for im in items]
 
 
 def rgb(image: Any, row: int) -> Any:
@@ -83,7 +137,9 @@ def rgb(image: Any, row: int) -> Any:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        raise TypeError(f"images[{row}] must be a PIL.Image or None, got {type(image).__name__}")
+        raise TypeError(
+            f"images[{row}] must be a PIL.Image, a list of them or None, got {type(image).__name__}"
+        )
     return image.convert("RGB") if image.mode != "RGB" else image
 
 

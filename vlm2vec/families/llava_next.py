@@ -15,14 +15,14 @@ from torch import nn
 from vlm2vec.backbones import BackboneFamily, ProcessorSettings, register_family
 from vlm2vec.families._common import (
     build_tiny_tokenizer,
-    expand_placeholder,
+    expand_placeholders,
     fit_length,
     image_sizes_hidden_states,
+    images_of,
     model_kwargs,
     pack_rows,
     pad_rows,
     resize_to_preset,
-    rgb,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -39,16 +39,20 @@ def prepare(
     *,
     padding_side: str,
     settings: ProcessorSettings,
+    videos: list[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Several images per row are LLaVA-NeXT's own multi-image input: one anyres `<image>` run per
+    image, features consumed in text order. No video path (`input_kinds`)."""
     tok, ip = processor.tokenizer, processor.image_processor
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     rows, pixel_values, image_sizes = [], [], []
     for i, (text, image) in enumerate(zip(texts, images)):
-        text = expand_placeholder(text, IMAGE_TOKEN, image is not None, i)
-        if image is not None:
-            image = resize_to_preset(rgb(image, i), settings.image_size)
-            out = ip(images=[image], return_tensors="pt")
-            text = text.replace(IMAGE_TOKEN, processor.replace_image_token(out, 0))
+        row_images = images_of(image, i)
+        parts = expand_placeholders(text, len(row_images), 0, i, IMAGE_TOKEN).split(IMAGE_TOKEN)
+        text = parts[0]
+        for im, part in zip(row_images, parts[1:]):
+            out = ip(images=[resize_to_preset(im, settings.image_size)], return_tensors="pt")
+            text += processor.replace_image_token(out, 0) + part
             pixel_values.append(out["pixel_values"][0])
             image_sizes.append(out["image_sizes"])
         rows.append(fit_length(tok(text, add_special_tokens=True)["input_ids"], max_len, {image_id}, i))
@@ -161,5 +165,6 @@ LLAVA_NEXT = register_family(
         vision_tower=vision_tower,
         module=__name__,
         supports_packed=True,
+        input_kinds=frozenset({"image", "multi_image"}),
     )
 )

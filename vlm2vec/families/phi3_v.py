@@ -15,13 +15,13 @@ from vlm2vec.backbones import STORED_IMAGE_PLACEHOLDER, BackboneFamily, Processo
 from vlm2vec.families._common import (
     ProcessorPair,
     build_tiny_tokenizer,
-    expand_placeholder,
+    expand_placeholders,
     fit_length,
     image_sizes_hidden_states,
+    images_of,
     model_kwargs,
     pack_rows,
     pad_rows,
-    rgb,
 )
 
 IMAGE_TOKEN = STORED_IMAGE_PLACEHOLDER
@@ -30,12 +30,13 @@ QLORA_DENSE_MODULES = ["model.vision_embed_tokens", "lm_head"]
 PAPER_NUM_CROPS = 4
 
 
-def _tokenize(tok: Any, text: str, image_id: int, n_image_tokens: int) -> list[int]:
-    """Tokenise around the placeholder (as the released processor does: chunks separately, BOS once)."""
+def _tokenize(tok: Any, text: str, image_id: int, n_image_tokens: list[int]) -> list[int]:
+    """Tokenise around the placeholders (as the released processor does: chunks separately, BOS once);
+    placeholder k becomes n_image_tokens[k] image ids."""
     chunks = text.split(IMAGE_TOKEN)
     ids = tok(chunks[0], add_special_tokens=True)["input_ids"]
-    for chunk in chunks[1:]:
-        ids += [image_id] * n_image_tokens
+    for n, chunk in zip(n_image_tokens, chunks[1:]):
+        ids += [image_id] * n
         if chunk:
             ids += tok(chunk, add_special_tokens=False)["input_ids"]
     return ids
@@ -50,16 +51,20 @@ def prepare(
     *,
     padding_side: str,
     settings: ProcessorSettings,
+    videos: list[Any] | None = None,
 ) -> dict[str, torch.Tensor]:
+    """Several images per row are Phi-3.5-V's `<|image_1|>`, `<|image_2|>`, ... input (HD crops per
+    image, features consumed in text order). No video path (`input_kinds`)."""
     tok, ip = processor.tokenizer, processor.image_processor
     image_id = processor.image_token_id
     rows, pixel_values, image_sizes = [], [], []
     for i, (text, image) in enumerate(zip(texts, images)):
-        text = expand_placeholder(text, IMAGE_TOKEN, image is not None, i)
-        n_tokens = 0
-        if image is not None:
-            out = ip([rgb(image, i)], num_crops=settings.num_crops)
-            n_tokens = out["num_img_tokens"][0]
+        row_images = images_of(image, i)
+        text = expand_placeholders(text, len(row_images), 0, i, IMAGE_TOKEN)
+        n_tokens = []
+        for im in row_images:
+            out = ip([im], num_crops=settings.num_crops)
+            n_tokens.append(out["num_img_tokens"][0])
             pixel_values.append(out["pixel_values"][0])
             image_sizes.append(out["image_sizes"])
         rows.append(fit_length(_tokenize(tok, text, image_id, n_tokens), max_len, {image_id}, i))
@@ -181,5 +186,6 @@ PHI3_V = register_family(
         module=__name__,
         default_settings=ProcessorSettings("native", num_crops=PAPER_NUM_CROPS),
         supports_packed=True,
+        input_kinds=frozenset({"image", "multi_image"}),
     )
 )

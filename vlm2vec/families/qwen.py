@@ -8,6 +8,7 @@ chunk has images, mask-aware 1-D positions otherwise, so left padding never shif
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,9 @@ from vlm2vec.backbones import BackboneFamily, LoadFn, ProcessorSettings, registe
 from vlm2vec.families._common import (
     ProcessorPair,
     build_tiny_tokenizer,
-    expand_placeholder,
+    expand_placeholders,
     fit_length,
+    images_of,
     model_kwargs,
     pack_rows,
     pad_rows,
@@ -30,6 +32,7 @@ from vlm2vec.families._common import (
 )
 
 IMAGE_TOKEN = "<|vision_start|><|image_pad|><|vision_end|>"
+VIDEO_TOKEN = "<|vision_start|><|video_pad|><|vision_end|>"
 SPECIAL_TOKENS = [
     "<|im_start|>",
     "<|im_end|>",
@@ -89,6 +92,45 @@ def _image_processor_class() -> Any:
 
 
 # ------------------------------------------------------------------------------------------ prepare
+def _pixel_bounds(ip: Any, settings: ProcessorSettings) -> tuple[int, int]:
+    size = dict(ip.size)
+    lo = settings.min_pixels if settings.min_pixels is not None else size["shortest_edge"]
+    hi = settings.max_pixels if settings.max_pixels is not None else size["longest_edge"]
+    return lo, hi
+
+
+def video_patches(
+    frames: list[Any], ip: Any, min_pixels: int, max_pixels: int, size: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values_videos [grid_t*h*w, C*tp*p*p], video_grid_thw [1, 3]) of one video's frames, the
+    layout of transformers' Qwen2-VL video processor, computed here because that processor needs
+    torchvision. Every frame is resized to the first frame's dynamic-resolution size (bounded by
+    min/max pixels per frame, as the reference), normalised, and the frame count padded to a multiple
+    of the temporal patch by repeating the last frame; so a 1-frame video has the pixels of the image."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    p, merge, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    first = resize_to_preset(frames[0], size)
+    height, width = smart_resize(first.height, first.width, factor=p * merge, min_pixels=min_pixels,
+                                 max_pixels=max_pixels)  # fmt: skip
+    mean = np.asarray(ip.image_mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(ip.image_std, dtype=np.float32)[:, None, None]
+    arrays = []
+    for frame in frames:
+        frame = frame.resize((width, height), Image.Resampling.BICUBIC)
+        x = np.asarray(frame, dtype=np.float32).transpose(2, 0, 1) * np.float32(ip.rescale_factor)
+        arrays.append((x - mean) / std)
+    arrays += [arrays[-1]] * (-len(arrays) % tp)
+    video = torch.from_numpy(np.stack(arrays))  # [T, C, H, W]
+    t, c = video.shape[0] // tp, video.shape[1]
+    gh, gw = height // p, width // p
+    patches = video.view(t, tp, c, gh // merge, merge, p, gw // merge, merge, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(t * gh * gw, c * tp * p * p)
+    return patches, torch.tensor([[t, gh, gw]], dtype=torch.long)
+
+
 def prepare(
     processor: ProcessorPair,
     texts: list[str],
@@ -98,11 +140,18 @@ def prepare(
     *,
     padding_side: str,
     settings: ProcessorSettings,
+    videos: list[list[Any] | None] | None = None,
+    timestamps: bool = False,
 ) -> dict[str, torch.Tensor]:
+    """Qwen inputs; `timestamps` (Qwen3-VL): each temporal patch of a video is its own
+    `<t seconds><|vision_start|>pads<|vision_end|>` group, as Qwen3-VL's processor writes it. Frames
+    here carry no capture time, so t counts sampled frames at 1 frame per second."""
     tok, ip = processor.tokenizer, processor.image_processor
-    pad_id = tok.convert_tokens_to_ids("<|image_pad|>")
+    image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+    video_pad = tok.convert_tokens_to_ids("<|video_pad|>")
     protected = {
-        pad_id,
+        image_pad,
+        video_pad,
         tok.convert_tokens_to_ids("<|vision_start|>"),
         tok.convert_tokens_to_ids("<|vision_end|>"),
     }
@@ -113,19 +162,30 @@ def prepare(
             size["shortest_edge"] = settings.min_pixels
         if settings.max_pixels is not None:
             size["longest_edge"] = settings.max_pixels
-    rows, types, pixel_values, grids = [], [], [], []
-    for i, (text, image) in enumerate(zip(texts, images)):
-        text = expand_placeholder(text, IMAGE_TOKEN, image is not None, i)
-        if image is not None:
-            image = resize_to_preset(rgb(image, i), settings.image_size)
-            out = ip(images=[image], return_tensors="pt", **({"size": size} if size else {}))
-            n_tokens = int(out["image_grid_thw"].prod()) // ip.merge_size**2
-            text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
+    videos = videos or [None] * len(texts)
+    rows, types, pixel_values, grids, video_values, video_grids = [], [], [], [], [], []
+    for i, (text, image, video) in enumerate(zip(texts, images, videos)):
+        row_images = [resize_to_preset(im, settings.image_size) for im in images_of(image, i)]
+        text = expand_placeholders(text, len(row_images), int(video is not None), i, IMAGE_TOKEN, VIDEO_TOKEN)
+        counts = []
+        for im in row_images:  # images in text order; the model consumes features in that order
+            out = ip(images=[im], return_tensors="pt", **({"size": size} if size else {}))
+            counts.append(int(out["image_grid_thw"].prod()) // ip.merge_size**2)
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])
+        video_tokens = None
+        if video is not None:
+            if not video:
+                raise ValueError(f"row {i}: the video has no frames")
+            values, grid = video_patches([rgb(f, i) for f in video], ip, *_pixel_bounds(ip, settings),
+                                         settings.image_size)  # fmt: skip
+            video_values.append(values)
+            video_grids.append(grid)
+            video_tokens = (int(grid[0, 0]), int(grid[0, 1:].prod()) // ip.merge_size**2)
+        text = _expand_pads(text, counts, video_tokens, timestamps, ip.temporal_patch_size)
         ids = fit_length(tok(text, add_special_tokens=True)["input_ids"], max_len, protected, i)
         rows.append(ids)
-        types.append([1 if t == pad_id else 0 for t in ids])
+        types.append([1 if t == image_pad else 2 if t == video_pad else 0 for t in ids])
     if packed:
         inputs = pack_rows(rows, {"mm_token_type_ids": types})
     else:
@@ -133,27 +193,93 @@ def prepare(
     if pixel_values:
         inputs["pixel_values"] = torch.cat(pixel_values)
         inputs["image_grid_thw"] = torch.cat(grids)
+    if video_values:
+        inputs["pixel_values_videos"] = torch.cat(video_values)
+        inputs["video_grid_thw"] = torch.cat(video_grids)
     return inputs
 
 
+def _expand_pads(
+    text: str, counts: list[int], video: tuple[int, int] | None, timestamps: bool, tp: int
+) -> str:
+    """Each image's `<|image_pad|>` repeated to its token count, the video's to t x per-slice tokens (or,
+    with timestamps, one `<t seconds>` group per temporal patch)."""
+    parts = text.split("<|image_pad|>")
+    text = parts[0] + "".join("<|image_pad|>" * n + part for n, part in zip(counts, parts[1:]))
+    if video is None:
+        return text
+    t, per_slice = video
+    if not timestamps:
+        return text.replace("<|video_pad|>", "<|video_pad|>" * (t * per_slice))
+    groups = "".join(
+        f"<{k * tp + (tp - 1) / 2:.1f} seconds><|vision_start|>"
+        + "<|video_pad|>" * per_slice
+        + "<|vision_end|>"
+        for k in range(t)
+    )
+    return text.replace(VIDEO_TOKEN, groups)
+
+
+def count_tokens(
+    processor: ProcessorPair,
+    text: str,
+    images: Any,
+    video: list[Any] | None,
+    max_len: int,
+    *,
+    settings: ProcessorSettings,
+    timestamps: bool = False,
+) -> int:
+    """The length `prepare` gives this row, from image sizes alone (no pixel processing): the grids
+    follow the processor's dynamic resize (smart_resize within min/max pixels)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    tok, ip = processor.tokenizer, processor.image_processor
+    lo, hi = _pixel_bounds(ip, settings)
+
+    def tokens(image: Any) -> int:
+        h, w = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
+                            min_pixels=lo, max_pixels=hi)  # fmt: skip
+        return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
+
+    row_images = [resize_to_preset(im, settings.image_size) for im in images_of(images, 0)]
+    text = expand_placeholders(text, len(row_images), int(video is not None), 0, IMAGE_TOKEN, VIDEO_TOKEN)
+    video_tokens = None
+    if video:
+        tp = ip.temporal_patch_size
+        video_tokens = (-(-len(video) // tp), tokens(resize_to_preset(video[0], settings.image_size)))
+    text = _expand_pads(
+        text, [tokens(im) for im in row_images], video_tokens, timestamps, ip.temporal_patch_size
+    )
+    return min(len(tok(text, add_special_tokens=True)["input_ids"]), max_len)
+
+
 # ------------------------------------------------------------------------------------ hidden states
+def _runs(types: torch.Tensor, kind: int) -> int:
+    """Number of runs of token type `kind` (one run = one image or one video)."""
+    is_kind = types == kind
+    return int((is_kind & ~torch.nn.functional.pad(is_kind, (1, 0))[:-1]).sum())
+
+
 def _packed_positions(inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """[4, 1, T]: per-row text positions (row 0, drives the block-diagonal mask / varlen) + M-RoPE."""
     ids, types = inputs["input_ids"][0], inputs["mm_token_type_ids"][0]
-    grid = inputs.get("image_grid_thw")
+    grid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
     cu = inputs["cu_seqlens"].tolist()
-    parts, next_image = [], 0
+    parts, next_image, next_video = [], 0, 0
     for start, end in zip(cu[:-1], cu[1:]):
         seg_types = types[start:end]
-        n_images = int(((seg_types == 1) & (torch.nn.functional.pad(seg_types, (1, 0))[:-1] != 1)).sum())
+        n_images, n_videos = _runs(seg_types, 1), _runs(seg_types, 2)
         text_pos = torch.arange(end - start, device=ids.device)
-        if n_images:
+        if n_images or n_videos:
             rope, _ = inner.get_rope_index(
                 ids[None, start:end],
                 mm_token_type_ids=seg_types[None],
-                image_grid_thw=grid[next_image : next_image + n_images],
+                image_grid_thw=grid[next_image : next_image + n_images] if n_images else None,
+                video_grid_thw=vgrid[next_video : next_video + n_videos] if n_videos else None,
             )
             next_image += n_images
+            next_video += n_videos
         else:
             rope = text_pos.view(1, 1, -1).expand(3, 1, -1)
         parts.append(torch.cat([text_pos.view(1, 1, -1), rope.to(ids.device)], 0))
@@ -163,16 +289,18 @@ def _packed_positions(inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
 def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     inner = hf_model.model
     ids = inputs["input_ids"]
-    grid = inputs.get("image_grid_thw")
+    grid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    visual = grid is not None or vgrid is not None
     if "cu_seqlens" in inputs:
         attention_mask, positions = None, _packed_positions(inner, inputs)
     else:
         attention_mask = inputs["attention_mask"]
-        if grid is not None:
+        if visual:
             positions, _ = inner.get_rope_index(
                 ids,
                 mm_token_type_ids=inputs["mm_token_type_ids"],
                 image_grid_thw=grid,
+                video_grid_thw=vgrid,
                 attention_mask=attention_mask,
             )
         else:
@@ -183,7 +311,9 @@ def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch
         position_ids=positions,
         pixel_values=inputs.get("pixel_values"),
         image_grid_thw=grid,
-        mm_token_type_ids=inputs.get("mm_token_type_ids") if grid is not None else None,
+        pixel_values_videos=inputs.get("pixel_values_videos"),
+        video_grid_thw=vgrid,
+        mm_token_type_ids=inputs.get("mm_token_type_ids") if visual else None,
         use_cache=False,
     )
     return out.last_hidden_state
@@ -325,12 +455,14 @@ def _register(spec: _QwenSpec) -> BackboneFamily:
             lora_targets=list(LORA_TARGETS),
             load=_make_load(spec),
             tiny=_make_tiny(spec),
-            prepare=prepare,
+            prepare=functools.partial(prepare, timestamps=spec.name == "qwen3_vl"),
+            count_tokens=functools.partial(count_tokens, timestamps=spec.name == "qwen3_vl"),
             hidden_states=hidden_states,
             vision_tower=vision_tower,
             module=__name__,
             default_settings=ProcessorSettings("native", min_pixels, max_pixels),
             supports_packed=True,
+            input_kinds=frozenset({"image", "multi_image", "video"}),
         )
     )
 
