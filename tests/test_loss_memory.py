@@ -137,8 +137,8 @@ def test_torch_path_peak_is_a_small_fraction_of_eager():
     eager = {"peak_delta_mib": summary["eager"]["steady"]}
     ours = {"peak_delta_mib": summary["torch"]["steady"]}
     grads_mib = 2 * RATIO_B * RATIO_D * 4 / 2**20
-    step = torch_ref._chunk_rows(RATIO_B, RATIO_B)
-    spare_mib = torch_ref._spare_rows(RATIO_B, RATIO_B, RATIO_D, step) * (RATIO_B + RATIO_D) * 4 / 2**20
+    step = torch_engine._chunk_rows(RATIO_B, RATIO_B)
+    spare_mib = torch_engine._spare_rows(RATIO_B, RATIO_B, RATIO_D, step) * (RATIO_B + RATIO_D) * 4 / 2**20
     ratio = ours["peak_delta_mib"] / eager["peak_delta_mib"]
     print(
         f"B={RATIO_B} D={RATIO_D} fwd+bwd peak: torch path +{ours['peak_delta_mib']:.1f} MiB "

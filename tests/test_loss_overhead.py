@@ -59,7 +59,7 @@ def counter(monkeypatch):
     on a GPU."""
     counter = OpCounter()
     for name in ENGINE_OPS:
-        original = getattr(torch_ref, name)
+        original = getattr(torch_engine, name)
 
         def booked(*args, _original=original, **kwargs):
             outer, counter.section = counter.section, "engine"
@@ -68,8 +68,8 @@ def counter(monkeypatch):
             finally:
                 counter.section = outer
 
-        monkeypatch.setattr(torch_ref, name, booked)
-    monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", contrastive.DEVICE_ROW_BLOCK_ELEMENTS)
+        monkeypatch.setattr(torch_engine, name, booked)
+    monkeypatch.setattr(recompute, "ROW_BLOCK_ELEMENTS", contrastive.DEVICE_ROW_BLOCK_ELEMENTS)
     return counter
 
 

@@ -18,8 +18,8 @@ import secrets
 import pytest
 import torch
 import vlm2vec_kernels
-from vlm2vec_kernels import contrastive, torch_ref
-from vlm2vec_kernels.torch_ref import reference_contrastive_loss
+from vlm2vec_kernels import recompute, torch_engine
+from vlm2vec_kernels.reference import reference_contrastive_loss
 
 
 def _triton_engine():
@@ -32,7 +32,7 @@ def _triton_engine():
 
 TRITON = _triton_engine()
 BACKENDS = ["torch"] + (["triton"] if TRITON is not None else [])
-ENGINES = [torch_ref] + ([TRITON] if TRITON is not None else [])
+ENGINES = [torch_engine] + ([TRITON] if TRITON is not None else [])
 
 _GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 TRITON_DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")
@@ -62,10 +62,10 @@ def gen():
 def tiny_chunks(monkeypatch):
     """Force many row blocks at test sizes (a block of 7 rows for 111 candidates; the gradient pass
     runs its first chunks in the query gradient's free rows and the last ones in a 2-row spare)."""
-    monkeypatch.setattr(torch_ref, "MAX_CHUNK_ELEMENTS", 7 * 111)
-    monkeypatch.setattr(torch_ref, "SPARE_BUDGET", 0.0)  # gradient chunks: query-gradient tail, then
-    monkeypatch.setattr(torch_ref, "MIN_SPARE_ROWS", 2)  # spare chunks of 2 rows for the last rows
-    monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", 5 * 40)
+    monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 7 * 111)
+    monkeypatch.setattr(torch_engine, "SPARE_BUDGET", 0.0)  # gradient chunks: query-gradient tail, then
+    monkeypatch.setattr(torch_engine, "MIN_SPARE_ROWS", 2)  # spare chunks of 2 rows for the last rows
+    monkeypatch.setattr(recompute, "ROW_BLOCK_ELEMENTS", 5 * 40)
 
 
 def make_batch(gen, n_q, k, d, dtype, explicit_targets=False):
@@ -227,13 +227,13 @@ def test_gradient_chunks_use_the_free_query_gradient_rows(m, n, d):
     one spare buffer), and the spare buffer stays within SPARE_BUDGET of the gradient buffers (or its
     row floor)."""
     gq = torch.empty(m, d)
-    step = torch_ref._chunk_rows(m, n)
-    spare = torch_ref._spare_rows(m, n, d, step)
+    step = torch_engine._chunk_rows(m, n)
+    spare = torch_engine._spare_rows(m, n, d, step)
     base, end = gq.data_ptr(), gq.data_ptr() + gq.numel() * gq.element_size()
     start, in_tail = 0, 0
-    for rows, scratch in torch_ref._gradient_chunks(gq, n, step):
+    for rows, scratch in torch_engine._gradient_chunks(gq, n, step):
         count = rows.stop - rows.start
-        assert rows.start == start and 0 < count <= torch_ref.TAIL_CHUNK_FACTOR * step
+        assert rows.start == start and 0 < count <= torch_engine.TAIL_CHUNK_FACTOR * step
         assert scratch.numel() == count * (n + d)
         if base <= scratch.data_ptr() < end:  # in gq: after the rows written so far, inside gq
             assert scratch.data_ptr() >= base + rows.stop * d * gq.element_size()
@@ -244,8 +244,8 @@ def test_gradient_chunks_use_the_free_query_gradient_rows(m, n, d):
         start = rows.stop
     assert start == m
     spare_elements = spare * (n + d)
-    budget = torch_ref.SPARE_BUDGET * (m + n) * d
-    assert spare_elements <= max(budget, torch_ref.MIN_SPARE_ROWS * (n + d)), (spare, budget)
+    budget = torch_engine.SPARE_BUDGET * (m + n) * d
+    assert spare_elements <= max(budget, torch_engine.MIN_SPARE_ROWS * (n + d)), (spare, budget)
     if (m, n, d) == (8192, 8192, 1536):  # the CPU target: spare ~10% of the gradients, ~80% of rows in gq
         assert spare_elements <= 0.11 * (m + n) * d and in_tail >= 0.75 * m, (spare, in_tail)
 
@@ -312,8 +312,8 @@ GRADCHECK_LAYOUTS = {"K1": (4, 1, False), "targets": (4, 2, True)}
 @pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS.keys())
 def test_gradcheck_torch_path(gen, monkeypatch, layout, normalize, symmetric, reduction):
-    monkeypatch.setattr(torch_ref, "MAX_CHUNK_ELEMENTS", 3 * 12)  # blocks of 3 rows: 4 = 3 + 1
-    monkeypatch.setattr(contrastive, "ROW_BLOCK_ELEMENTS", 3 * 5)
+    monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 3 * 12)  # blocks of 3 rows: 4 = 3 + 1
+    monkeypatch.setattr(recompute, "ROW_BLOCK_ELEMENTS", 3 * 5)
     n_q, k, explicit = GRADCHECK_LAYOUTS[layout]
     q, c, targets = make_batch(gen, n_q, k, 5, torch.float64, explicit)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)

@@ -1,25 +1,24 @@
-"""Pure-torch pieces of the contrastive loss: the float64 reference and the chunked engine.
+"""The torch engine of the contrastive loss: the CPU product (and a fallback on any device).
 
-`reference_contrastive_loss` is written straight from the formula with the whole Bq x Bc logit matrix
-in float64; tests compare every backend against it and `backend="reference"` calls it.
+Implements the interface of `engine.py`. Both paths walk the query rows in chunks so that at most
+`chunk * N` logits exist at once (never M x N):
 
-The engine (`row_lse`, `softmax_grad`, `row_lse_and_grad`) computes the one piece that needs a custom
-autograd rule, the row log-sum-exp over all candidates,
+- `xent` (gradients in the forward, 6 B^2 D FLOPs): per chunk one GEMM for the logits, an in-place
+  fused softmax turned into P - Y, and two GEMMs into the fp32 gradient buffers (`_gradient_chunks`
+  keeps most chunks in the query-gradient rows not yet written, so the pass allocates little).
+- `row_lse` / `softmax_grad` (the recompute path, 8 B^2 D FLOPs) for what `xent` cannot do exactly.
 
-    lse_i = log sum_j exp(s_ij),   s_ij = row_scale_i * col_scale_j * <q_i, c_j>,
-
-walking over blocks of rows so that at most `chunk * N` logits exist at once (never M x N). The passes
-that produce gradients (`softmax_grad`, `row_lse_and_grad`) need little chunk memory of their own:
-most of their chunks live in the query-gradient rows not yet written (`_gradient_chunks`). It has the
-same interface as `triton_contrastive.py`; `contrastive.py` picks one. Accumulation happens in the
-dtype of `row_scale` (float32, or float64 for gradcheck); q and c may be any float dtype.
+Accumulation happens in fp32 (fp64 for fp64 inputs); q and c may be any float dtype.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from .engine import NORM_EPS, Targets, accumulation_dtype, inverse
 
 # Largest number of logits one chunk may hold: 2**22 fp32 = 16 MiB. Tests lower it to force many chunks.
 MAX_CHUNK_ELEMENTS = 2**22
@@ -35,42 +34,6 @@ MAX_CHUNK_ELEMENTS = 2**22
 TAIL_CHUNK_FACTOR = 2
 SPARE_BUDGET = 1 / 10
 MIN_SPARE_ROWS = 256
-
-
-def reference_contrastive_loss(
-    query: Tensor,
-    candidates: Tensor,
-    temperature: float | Tensor,
-    *,
-    normalize: bool,
-    targets: Tensor,
-    symmetric: bool,
-    reduction: str,
-) -> Tensor:
-    """InfoNCE in float64 from the formula, materialising the full logit matrix (tests only).
-
-    `targets` [Bq] holds the index of each query's positive in `candidates`. The symmetric direction
-    scores each positive `candidates[targets[i]]` against all queries, with query i as its target.
-    Returns a float64 scalar (mean/sum) or [Bq] vector (none); gradients flow to the inputs.
-    """
-    q = query.double()
-    c = candidates.double()
-    tau = temperature.double() if isinstance(temperature, Tensor) else float(temperature)
-    if normalize:
-        q = F.normalize(q, dim=1)
-        c = F.normalize(c, dim=1)
-    rows = torch.arange(q.shape[0], device=q.device)
-    logits = q @ c.T / tau
-    losses = torch.logsumexp(logits, dim=1) - logits[rows, targets]
-    if symmetric:
-        reverse = c[targets] @ q.T / tau
-        reverse_losses = torch.logsumexp(reverse, dim=1) - reverse[rows, rows]
-        losses = 0.5 * (losses + reverse_losses)
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
 
 
 def _chunk_rows(n_rows: int, n_cols: int) -> int:
@@ -226,16 +189,6 @@ def softmax_grad(
     return _lse_and_grads(q, c, row_scale, col_scale, row_weight, with_lse=False)[1:]
 
 
-def row_lse_and_grad(
-    q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`row_lse` and `softmax_grad` in one pass (each chunk holds every column, so its softmax is final
-    before the gradient needs it). Used when the loss is a scalar whose per-row weights are known in
-    the forward: saves recomputing the logits (6 instead of 8 B^2 D FLOP). row_weight None means all
-    ones (no multiply at all)."""
-    return _lse_and_grads(q, c, row_scale, col_scale, row_weight, with_lse=True)
-
-
 def _lse_and_grads(
     q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor | None, with_lse: bool
 ) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -264,3 +217,172 @@ def _lse_and_grads(
             probs, _part(row_weight, rows), scaled_rows, c, col_scale, gq[rows], gc, rows.start == 0
         )
     return lse, gq, gc
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradients in the forward (engine.py's interface)
+
+
+def inverse_norms(q: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """1 / max(|x_i|, eps) per row of q and of c, in the accumulation dtype."""
+    return _inverse_norm(q), _inverse_norm(c)
+
+
+def _inverse_norm(x: Tensor) -> Tensor:
+    norms = torch.linalg.vector_norm(x, dim=1, dtype=accumulation_dtype(x.dtype))
+    return norms.clamp_min_(NORM_EPS).reciprocal_()
+
+
+def _inverse_temperature(tau: float | Tensor, acc: torch.dtype) -> float | Tensor:
+    """1 / tau: a number, or a 0-dim tensor that is NaN where tau <= 0, Inf or NaN (no host read):
+    log(tau) is then NaN or +-Inf, and lerp(r, l, 0) = r + 0 * (l - r) turns that into NaN while
+    returning r exactly otherwise."""
+    if not isinstance(tau, Tensor):
+        return inverse(tau, acc)
+    tau = tau.to(acc)
+    return torch.lerp(tau.reciprocal(), tau.log(), 0.0)
+
+
+def xent(
+    q: Tensor,
+    c: Tensor,
+    rq: Tensor | None,
+    rc: Tensor | None,
+    tau: float | Tensor,
+    targets: Targets,
+    weight: float,
+    want_dq: bool,
+    want_dc: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """weight * sum_i (lse_i - s_i,t(i)) and its gradients at fixed scales (engine.py), chunk by chunk.
+
+    Per chunk of R rows: the rows scaled by a = rq / tau [R, D], S = (a q) c^T [R, N] (one GEMM), the
+    column scale, then softmax in place; lse_i = max_j s_ij - log max_j P_ij (the largest probability
+    is exactly 1 / sum_j exp(s_ij - max_j s_ij)). P - Y in place, dc (+)= (P - Y)^T (a q) before
+    and dq_R = ((P - Y) diag(rc)) c after the column scale. A row with NaN/Inf gives a NaN loss.
+    """
+    acc = accumulation_dtype(q.dtype)
+    (n_rows, dim), n_cols = q.shape, c.shape[0]
+    inv_tau = _inverse_temperature(tau, acc)
+    if rq is not None:
+        a = rq * inv_tau
+    elif isinstance(inv_tau, Tensor):
+        a = inv_tau.repeat(n_rows)
+    else:
+        a = torch.full((n_rows,), inv_tau, dtype=acc, device=q.device)
+    cols = targets.columns(n_rows, q.device)
+    if not targets.checked:  # out-of-range rows: clamped to a valid column, their scale NaN
+        bad = (cols < 0) | (cols >= n_cols)
+        cols = cols.clamp(0, n_cols - 1)
+        a.masked_fill_(bad, math.nan)
+    c = c.to(acc)
+    want = want_dq or want_dc
+    gq = torch.empty(n_rows, dim, dtype=acc, device=q.device) if want_dq else None
+    gc = torch.empty(n_cols, dim, dtype=acc, device=q.device) if want_dc else None
+    step = _chunk_rows(n_rows, n_cols)
+    if gq is not None and step < n_rows:
+        chunks = _gradient_chunks(gq, n_cols, step)
+    else:
+        chunks = _scratch_chunks(n_rows, n_cols, dim, step, acc, q.device)
+    loss = None
+    for rows, scratch in chunks:
+        count = rows.stop - rows.start
+        logits = scratch[: count * n_cols].view(count, n_cols)
+        a_rows = a[rows, None]
+        scaled = torch.mul(q[rows], a_rows, out=scratch[count * n_cols :].view(count, dim))
+        s = torch.mm(scaled, c.T, out=logits)
+        if rc is not None:
+            s.mul_(rc)
+        target = cols[rows, None]
+        chunk_loss = s.amax(1, keepdim=True).sub_(s.gather(1, target))  # max_j s_ij - s_i,t(i)
+        torch.softmax(s, 1, out=s)
+        chunk_loss.sub_(s.amax(1, keepdim=True).log_())
+        chunk_sum = chunk_loss.sum()
+        loss = chunk_sum if loss is None else loss.add_(chunk_sum)
+        if not want:
+            continue
+        s.scatter_add_(1, target, torch.full_like(chunk_loss, -1.0))  # P - Y
+        if gc is not None:  # torch.addmm(out=) rather than addmm_: FlopCounterMode counts it
+            torch.addmm(gc, s.T, scaled, beta=0 if rows.start == 0 else 1, out=gc)
+        if gq is not None:
+            if rc is not None:
+                s.mul_(rc)
+            torch.mm(s, c, out=gq[rows]).mul_(a_rows * weight)
+    if rc is None:
+        # without normalisation an Inf candidate can give s = -Inf for every query, which the softmax
+        # rightly ignores; the loss must not look finite (normalised rows carry NaN in their scales)
+        loss.add_(c.sum().mul_(0))
+    if gc is not None:
+        gc.mul_(rc[:, None] * weight if rc is not None else weight)
+    return loss.mul_(weight), gq, gc
+
+
+def _scratch_chunks(n_rows: int, n_cols: int, dim: int, step: int, acc: torch.dtype, device):
+    """(rows, scratch of rows * (n_cols + dim) elements) per chunk, from one buffer."""
+    step = min(step, n_rows)
+    buffer = torch.empty(step * (n_cols + dim), dtype=acc, device=device)
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        yield slice(start, stop), buffer[: (stop - start) * (n_cols + dim)]
+
+
+def finish(
+    dq: Tensor | None,
+    q: Tensor,
+    rq: Tensor | None,
+    dc: Tensor | None,
+    c: Tensor,
+    rc: Tensor | None,
+    tau: float | Tensor,
+    want_dtau: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The normalisation's Jacobian in place (g_i -= <g_i, x_i> rx_i^2 x_i; nothing for rows with
+    |x_i| <= eps, as F.normalize) and dtau = -1/tau sum_i <dq_i, q_i>."""
+    dtau = None
+    if dq is not None:
+        dots = _row_dots(dq, q)
+        if want_dtau:
+            dtau = dots.sum().mul_(-_inverse_temperature(tau, dq.dtype))
+        if rq is not None:
+            _project_(dq, q, dots, rq)
+    if dc is not None and rc is not None:
+        _project_(dc, c, _row_dots(dc, c), rc)
+    return dq, dc, dtau
+
+
+def _project_(g: Tensor, x: Tensor, dots: Tensor, r: Tensor) -> None:
+    # r = 1/max(|x|, eps): r^2 = 1/|x|^2 unless clamped (then the normalisation is constant: no term)
+    coef = r.square().masked_fill_(r > 0.5 / NORM_EPS, 0.0).mul_(dots)
+    g.addcmul_(x, coef[:, None], value=-1)
+
+
+# Row dot products over blocks of this many elements when x must be promoted (16-bit rows): the
+# [rows, D] fp32 temporary stays small; rows already in g's dtype use one batched product instead.
+ROW_BLOCK_ELEMENTS = 2**16
+
+
+def _row_dots(g: Tensor, x: Tensor) -> Tensor:
+    """<g_i, x_i> [rows] in g's dtype."""
+    if x.dtype == g.dtype and x.stride(1) == 1 and g.stride(1) == 1:
+        return torch.bmm(g.unsqueeze(1), x.unsqueeze(2)).view(-1)
+    out = torch.empty(g.shape[0], dtype=g.dtype, device=g.device)
+    step = max(1, ROW_BLOCK_ELEMENTS // g.shape[1])
+    for start in range(0, g.shape[0], step):
+        block = slice(start, start + step)
+        torch.sum(g[block] * x[block], 1, out=out[block])
+    return out
+
+
+def scale_grads(
+    grads: list[Tensor | None], grad_out: Tensor, dtypes: list[torch.dtype]
+) -> list[Tensor | None]:
+    """grad * grad_out, rounded once to each dtype (in place when the dtype is the buffer's)."""
+    out = []
+    for g, dtype in zip(grads, dtypes):
+        if g is None:
+            out.append(None)
+        elif g.dtype == dtype:
+            out.append(g.mul_(grad_out))
+        else:
+            out.append(torch.mul(g, grad_out, out=torch.empty(g.shape, dtype=dtype, device=g.device)))
+    return out
