@@ -107,9 +107,7 @@ def _checked_temperature(temperature: float | Tensor, device: torch.device) -> f
     raise TypeError(f"temperature must be a float or a 0-dim tensor, got {type(temperature).__name__}")
 
 
-def _checked_targets(
-    targets: Tensor | None, query: Tensor, candidates: Tensor
-) -> tuple[Tensor | None, bool]:
+def _checked_targets(targets: Tensor | None, query: Tensor, candidates: Tensor) -> tuple[Tensor | None, bool]:
     """(int64 targets or None for the default layout, whether their range was checked).
 
     Out-of-range values raise a ValueError where the targets can be read for free (CPU); on a GPU the
@@ -276,9 +274,11 @@ def contrastive_loss(
             targets_checked=targets_checked, tau_checked=tau_checked, symmetric=symmetric,
             reduction=reduction, group=group, layout=layout,
         )  # fmt: skip
-    tau_input = tau.to(query.device, torch.promote_types(query.dtype, torch.float32)) if isinstance(
-        tau, Tensor
-    ) else None
+    tau_input = (
+        tau.to(query.device, torch.promote_types(query.dtype, torch.float32))
+        if isinstance(tau, Tensor)
+        else None
+    )
     grad = torch.is_grad_enabled()
     needs = tuple(grad and x is not None and x.requires_grad for x in (query, candidates, tau_input))
     stride = candidates.shape[0] // query.shape[0] if targets is None else 0

@@ -1,6 +1,11 @@
-"""Triton kernels of the contrastive loss engine (launchers live in triton_contrastive.py).
+"""Triton kernels of the contrastive loss engine (launchers live in triton_engine.py).
 
-All kernels recompute score tiles S = q_rows @ c_cols^T over the full feature dimension in fp32 and
+Gradients in the forward (the GEMMs run through torch; these kernels do the O(B*D) and O(R*N) work
+around them): `inverse_norms_kernel`, `xent_rows_kernel` (row lse, loss and P - Y of one logit chunk),
+`finish_kernel` (the normalisation's Jacobian, dL/dtau terms) and `scale_kernel` (the backward).
+
+The recompute kernels (`row_lse_partial_kernel`, `lse_merge_kernel`, `softmax_probs_kernel`) recompute
+score tiles S = q_rows @ c_cols^T over the full feature dimension in fp32 and
 fold the scales in afterwards: s_ij = row_scale_i * col_scale_j * <q_i, c_j>. Row/column indices
 are wrapped (`offs % M`) so every load is in bounds and unmasked; wrapped lanes are masked out of
 every reduction and store. `UPCAST` converts tiles to fp32 right after the load: the interpreter's
@@ -212,102 +217,6 @@ def _prob_tile(
 
 
 @triton.jit
-def softmax_grad_atomic_kernel(
-    q_ptr,
-    c_ptr,
-    row_scale_ptr,
-    col_scale_ptr,
-    lse_ptr,
-    weight_ptr,
-    gq_ptr,
-    gc_ptr,
-    M,
-    N,
-    D,
-    stride_q,
-    stride_c,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    GRAD_BF16: tl.constexpr,
-):
-    """One P tile, then gq[rows] += (P*cs) @ c[cols] and gc[cols] += (P*rs)^T @ q[rows].
-
-    1-D grouped grid over P tiles; gq/gc are zeroed fp32 [*, D] buffers updated with relaxed
-    atomics: cheap while they stay in L2 (small batches), see the launcher's path choice.
-    """
-    pid_m, pid_n = _grouped_tile(GROUP_M, M, N, BLOCK_M, BLOCK_N)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p, row_scale, col_scale, rows, cols = _prob_tile(
-        q_ptr,
-        c_ptr,
-        row_scale_ptr,
-        col_scale_ptr,
-        lse_ptr,
-        weight_ptr,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        D,
-        stride_q,
-        stride_c,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-        UPCAST,
-        DOT_PRECISION,
-    )
-    # P goes to the tensor cores as bf16 for 16-bit inputs (fp16 would flush small P to zero),
-    # as fp32 otherwise (3xTF32 on the GPU, exact under the interpreter)
-    if GRAD_BF16:
-        p_q = (p * col_scale[None, :]).to(tl.bfloat16)
-        p_c = tl.trans((p * row_scale[:, None]).to(tl.bfloat16))
-    else:
-        p_q = p * col_scale[None, :]
-        p_c = tl.trans(p * row_scale[:, None])
-    offs_k = tl.arange(0, BLOCK_K)
-    q_ptrs = q_ptr + rows.to(tl.int64)[:, None] * stride_q + offs_k[None, :]
-    c_ptrs = c_ptr + cols.to(tl.int64)[:, None] * stride_c + offs_k[None, :]
-    gq_ptrs = gq_ptr + offs_m.to(tl.int64)[:, None] * D + offs_k[None, :]
-    gc_ptrs = gc_ptr + offs_n.to(tl.int64)[:, None] * D + offs_k[None, :]
-    row_ok = (offs_m < M)[:, None]
-    col_ok = (offs_n < N)[:, None]
-    for k in range(0, D, BLOCK_K):
-        if EVEN_K:
-            q_blk = tl.load(q_ptrs)
-            c_blk = tl.load(c_ptrs)
-            gq_mask = row_ok
-            gc_mask = col_ok
-        else:
-            k_ok = ((k + offs_k) < D)[None, :]
-            q_blk = tl.load(q_ptrs, mask=k_ok, other=0.0)
-            c_blk = tl.load(c_ptrs, mask=k_ok, other=0.0)
-            gq_mask = row_ok & k_ok
-            gc_mask = col_ok & k_ok
-        if GRAD_BF16:
-            q_blk = q_blk.to(tl.bfloat16)
-            c_blk = c_blk.to(tl.bfloat16)
-        else:
-            q_blk = q_blk.to(tl.float32)
-            c_blk = c_blk.to(tl.float32)
-        gq_part = tl.dot(p_q, c_blk, input_precision=DOT_PRECISION)
-        gc_part = tl.dot(p_c, q_blk, input_precision=DOT_PRECISION)
-        tl.atomic_add(gq_ptrs, gq_part, mask=gq_mask, sem="relaxed")
-        tl.atomic_add(gc_ptrs, gc_part, mask=gc_mask, sem="relaxed")
-        q_ptrs += BLOCK_K
-        c_ptrs += BLOCK_K
-        gq_ptrs += BLOCK_K
-        gc_ptrs += BLOCK_K
-
-
-@triton.jit
 def softmax_probs_kernel(
     q_ptr,
     c_ptr,
@@ -361,3 +270,186 @@ def softmax_probs_kernel(
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(pq_ptr + offsets, (p * col_scale[None, :]).to(pq_ptr.dtype.element_ty), mask=mask)
     tl.store(pc_ptr + offsets, (p * row_scale[:, None]).to(pc_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradients in the forward
+
+
+@triton.jit
+def _inverse_norm_rows(x_ptr, r_ptr, block, n, D, stride, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """r_i = 1 / max(|x_i|, eps) for one block of rows (NaN rows stay NaN)."""
+    offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.minimum(offs_r, n - 1).to(tl.int64)
+    ss = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + rows[:, None] * stride + cols[None, :], mask=(cols < D)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    norm = tl.maximum(tl.sqrt(ss), eps, propagate_nan=tl.PropagateNan.ALL)
+    tl.store(r_ptr + offs_r, 1.0 / norm, mask=offs_r < n)
+
+
+@triton.jit
+def inverse_norms_kernel(
+    q_ptr, c_ptr, rq_ptr, rc_ptr, M, N, D, stride_q, stride_c, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Inverse row norms of q (the first cdiv(M, BLOCK_R) programs) and of c (the rest): one launch."""
+    pid = tl.program_id(0)
+    q_blocks = tl.cdiv(M, BLOCK_R)
+    if pid < q_blocks:
+        _inverse_norm_rows(q_ptr, rq_ptr, pid, M, D, stride_q, eps, BLOCK_R, BLOCK_D)
+    else:
+        _inverse_norm_rows(c_ptr, rc_ptr, pid - q_blocks, N, D, stride_c, eps, BLOCK_R, BLOCK_D)
+
+
+@triton.jit
+def _inverse_temperature(tau_ptr, inv_tau, TAU_TENSOR: tl.constexpr):
+    """1 / tau from a 0-dim tensor (NaN unless 0 < tau < Inf: no host check) or the given number."""
+    if TAU_TENSOR:
+        tau = tl.load(tau_ptr).to(tl.float32)
+        return tl.where((tau > 0) & (tau < float("inf")), 1.0 / tau, float("nan"))
+    else:
+        return inv_tau
+
+
+@triton.jit
+def xent_rows_kernel(
+    s_ptr, e_ptr, rq_ptr, rc_ptr, tau_ptr, inv_tau, t_ptr, loss_ptr,
+    row0, R, N, stride_s, stride_e, t_offset, t_stride, weight,
+    NORMALIZE: tl.constexpr, TAU_TENSOR: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One block of rows of a logit chunk S = q_R c^T (raw dot products, fp32, R x N):
+
+        s_ij = a_i rc_j S_ij,  a_i = rq_i / tau,  lse_i = log sum_j exp(s_ij),
+        loss[row0 + i] = weight * (lse_i - s_i,t(i)),
+        E_ij = weight * (P_ij - Y_ij) a_i rc_j      (WANT_GRAD; E may be S itself)
+
+    so that E c and E^T q are the gradients at fixed scales. Two passes over the row: online max /
+    sum-exp (base 2), then P. A target outside [0, N) or a -Inf logit (only from non-finite input,
+    which a plain log-sum-exp would drop) makes the row NaN.
+    """
+    pid = tl.program_id(0)
+    offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < R
+    local = tl.minimum(offs_r, R - 1)
+    rows = row0 + local  # global query rows, in bounds
+    a = tl.zeros((BLOCK_R,), dtype=tl.float32) + _inverse_temperature(tau_ptr, inv_tau, TAU_TENSOR)
+    if NORMALIZE:
+        a = a * tl.load(rq_ptr + rows)
+    if HAS_TARGETS:
+        t = tl.load(t_ptr + rows) + t_offset
+    else:
+        t = t_offset + rows.to(tl.int64) * t_stride
+    a = tl.where((t >= 0) & (t < N), a, float("nan"))
+    a2 = a * LOG2E  # base-2 logits: the epilogue is one multiply and exp2
+    s_rows = s_ptr + local.to(tl.int64)[:, None] * stride_s
+    m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        s = tl.load(s_rows + cols[None, :], mask=col_ok[None, :], other=0.0) * a2[:, None]
+        if NORMALIZE:
+            s = s * tl.load(rc_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        s = tl.where(s == float("-inf"), float("nan"), s)
+        pos += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), axis=1)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    lse2 = m + tl.log2(l)
+    tl.store(loss_ptr + rows, (lse2 - pos) * (LN2 * weight), mask=row_ok)
+    if WANT_GRAD:
+        wa = weight * a
+        e_rows = e_ptr + local.to(tl.int64)[:, None] * stride_e
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            s = tl.load(s_rows + cols[None, :], mask=col_ok[None, :], other=0.0) * a2[:, None]
+            e = wa[:, None]
+            if NORMALIZE:
+                rc = tl.load(rc_ptr + cols, mask=col_ok, other=0.0)[None, :]
+                s = s * rc
+                e = e * rc
+            s = tl.where(s == float("-inf"), float("nan"), s)
+            p = tl.exp2(s - lse2[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+            mask = row_ok[:, None] & col_ok[None, :]
+            tl.store(e_rows + cols[None, :], (p * e).to(e_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _finish_rows(
+    g_ptr, x_ptr, r_ptr, dots_ptr, block, n, D, stride_x, neg_inv_tau,
+    NORMALIZE: tl.constexpr, WANT_DOTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """g_i -= <g_i, x_i> r_i^2 x_i in place (none where r_i was clamped at 1/eps); dots: -<g_i, x_i>/tau."""
+    offs_r = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n
+    rows = tl.minimum(offs_r, n - 1).to(tl.int64)
+    dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mask = (cols < D)[None, :]
+        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * x, axis=1)
+    if WANT_DOTS:
+        tl.store(dots_ptr + offs_r, dot * neg_inv_tau, mask=row_ok)
+    if NORMALIZE:
+        r = tl.load(r_ptr + rows)
+        coef = tl.where(r > 0.5e12, 0.0, r * r) * dot
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols < D)[None, :]
+            ptrs = g_ptr + rows[:, None] * D + cols[None, :]
+            g = tl.load(ptrs, mask=mask, other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptrs, g - coef[:, None] * x, mask=mask)
+
+
+@triton.jit
+def finish_kernel(
+    gq_ptr, q_ptr, rq_ptr, gc_ptr, c_ptr, rc_ptr, dots_ptr, tau_ptr, inv_tau,
+    M, N, D, stride_q, stride_c,
+    HAS_Q: tl.constexpr, HAS_C: tl.constexpr, NORMALIZE: tl.constexpr, WANT_DOTS: tl.constexpr,
+    TAU_TENSOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """The normalisation's Jacobian on the query rows (first programs) and candidate rows (the rest),
+    in place in the fp32 gradients gq [M, D], gc [N, D], and the rows' dL/dtau terms: one launch."""
+    pid = tl.program_id(0)
+    q_blocks = 0
+    if HAS_Q:
+        q_blocks = tl.cdiv(M, BLOCK_R)
+    neg_inv_tau = -_inverse_temperature(tau_ptr, inv_tau, TAU_TENSOR)
+    if pid < q_blocks:
+        _finish_rows(
+            gq_ptr, q_ptr, rq_ptr, dots_ptr, pid, M, D, stride_q, neg_inv_tau,
+            NORMALIZE, WANT_DOTS, BLOCK_R, BLOCK_D,
+        )  # fmt: skip
+    elif HAS_C:
+        _finish_rows(
+            gc_ptr, c_ptr, rc_ptr, dots_ptr, pid - q_blocks, N, D, stride_c, neg_inv_tau,
+            NORMALIZE, False, BLOCK_R, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def scale_kernel(a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, g_ptr, BLOCK: tl.constexpr):
+    """a_out = a * g and b_out = b * g (g: the upstream scalar), each rounded once to its output's
+    dtype; the outputs may be the inputs. One launch for both gradients."""
+    pid = tl.program_id(0)
+    a_blocks = tl.cdiv(n_a, BLOCK)
+    g = tl.load(g_ptr).to(tl.float32)
+    if pid < a_blocks:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(a_ptr + offs, mask=offs < n_a, other=0.0)
+        tl.store(a_out_ptr + offs, (x * g).to(a_out_ptr.dtype.element_ty), mask=offs < n_a)
+    else:
+        offs = (pid - a_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(b_ptr + offs, mask=offs < n_b, other=0.0)
+        tl.store(b_out_ptr + offs, (x * g).to(b_out_ptr.dtype.element_ty), mask=offs < n_b)
