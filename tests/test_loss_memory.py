@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vlm2vec_kernels import torch_ref
+from vlm2vec_kernels import torch_engine
 
 B, D = 8192, 256
 MATRIX_MIB = B * B * 4 / 2**20  # 256 MiB
@@ -125,7 +125,7 @@ def measure_steady() -> dict:
 
 def test_torch_path_peak_is_a_small_fraction_of_eager():
     """Measured, both sides: the torch path's peak is the returned gradients (2 * B * D fp32) plus the
-    gradient pass's one spare chunk (its size from torch_ref's budget; no other temporary of note),
+    gradient pass's one spare chunk (its size from torch_engine's budget; no other temporary of note),
     eager's is several B x B matrices on top. At this B/D the gradients alone are ~11% of eager's
     peak (as at B=8192, D=1536, where the spare chunk is 10% of the gradients and the peak ~12%)."""
     try:

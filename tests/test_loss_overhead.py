@@ -3,7 +3,7 @@
 A small batch is launch-bound on a GPU (B=1024, D=1536 on an H100: ~0.15 ms of Triton kernels), so
 every op the orchestration dispatches costs about as much as real work, and a device->host read
 stalls the whole queue. A TorchDispatchMode counts the ops of one call with the torch backend on the
-CPU, split into the engine's (torch_ref; Triton launches on a GPU) and the rest, which a GPU runs as
+CPU, split into the engine's (torch_engine; Triton launches on a GPU) and the rest, which a GPU runs as
 well (value checks aside: see the device-check tests below). The CPU's small row blocks are raised to
 the GPU's bound so the count is the GPU's sequence. The bounds sit a little above the counts
 measured when they were set (B=1024, D=64, K=1; orchestration ops per fwd+bwd, engine excluded):
@@ -27,7 +27,7 @@ import math
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from vlm2vec_kernels import contrastive, contrastive_loss, torch_ref
+from vlm2vec_kernels import contrastive, contrastive_loss, torch_engine
 
 B, D = 1024, 64
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item"}

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from vlm2vec_kernels.triton_contrastive import GPU_CONFIGS
+from vlm2vec_kernels.triton_engine import GPU_CONFIGS
 
 SHARED_LIMIT = 228 * 1024
 

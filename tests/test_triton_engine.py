@@ -13,8 +13,8 @@ import random
 
 import pytest
 import torch
-from vlm2vec_kernels import triton_contrastive as engine
-from vlm2vec_kernels.triton_contrastive import TileConfig
+from vlm2vec_kernels import triton_engine as engine
+from vlm2vec_kernels.triton_engine import TileConfig
 
 _GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")

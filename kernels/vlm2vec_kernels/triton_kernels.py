@@ -441,7 +441,8 @@ def finish_kernel(
 @triton.jit
 def scale_kernel(a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, g_ptr, BLOCK: tl.constexpr):
     """a_out = a * g and b_out = b * g (g: the upstream scalar), each rounded once to its output's
-    dtype; the outputs may be the inputs. One launch for both gradients."""
+    dtype (round to nearest even on the GPU; the interpreter truncates); the outputs may be the
+    inputs. One launch for both gradients."""
     pid = tl.program_id(0)
     a_blocks = tl.cdiv(n_a, BLOCK)
     g = tl.load(g_ptr).to(tl.float32)
