@@ -151,9 +151,7 @@ def test_bad_input_raises_a_named_error(case):
 
 
 def test_unknown_backend():
-    with pytest.raises(
-        ValueError, match="backend must be one of 'auto', 'triton', 'torch', got 'cuda'"
-    ):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch', got 'cuda'"):
         contrastive_loss(Q, C, backend="cuda")
 
 

@@ -348,14 +348,18 @@ def test_fused_engine_ops_match_formula(gen, tiny_chunks, engine, dtype, normali
         _close("rq", rq, rq_ref, 1e-6, 0, gen.seed_value)
         _close("rc", rc, rc_ref, 1e-6, 0, gen.seed_value)
     loss, dq, dc = engine.xent(q, c, rq, rc, temperature, targets, weight, True, True)
-    assert loss.shape == () and abs(loss.item() - loss_ref.item()) <= lse_tol * m + 1e-5 * abs(loss_ref.item())
+    assert loss.shape == () and abs(loss.item() - loss_ref.item()) <= lse_tol * m + 1e-5 * abs(
+        loss_ref.item()
+    )
     dq, dc, dtau = engine.finish(dq, q, rq, dc, c, rc, temperature, True)
     _close("dq", dq, dq_ref, rtol, atol, gen.seed_value)
     _close("dc", dc, dc_ref, rtol, atol, gen.seed_value)
     _close("dtau", dtau, dtau_ref, rtol, atol, gen.seed_value)
     # the backward: scaled by grad_output and rounded once to the input dtype
     grad_out = torch.tensor(-2.5, device=q.device)
-    sq, sc, st = engine.scale_grads([dq.clone(), dc.clone(), dtau.clone()], grad_out, [dtype, dtype, torch.float32])
+    sq, sc, st = engine.scale_grads(
+        [dq.clone(), dc.clone(), dtau.clone()], grad_out, [dtype, dtype, torch.float32]
+    )
     assert sq.dtype == sc.dtype == dtype
     # one rounding: exact, or one bf16 step where the interpreter truncates instead of rounding
     ulp = 2**-7 if engine is TRITON and not TRITON_ON_GPU and dtype == torch.bfloat16 else 0

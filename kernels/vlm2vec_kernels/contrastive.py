@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import torch_engine
 from .distributed import gather_sizes, world_and_rank
-from .engine import Targets
+from .engine import Targets, accumulation_dtype
 from .fused import FusedCall, FusedInfoNCE
 from .recompute import recompute_loss
 
@@ -274,11 +274,9 @@ def contrastive_loss(
             targets_checked=targets_checked, tau_checked=tau_checked, symmetric=symmetric,
             reduction=reduction, group=group, layout=layout,
         )  # fmt: skip
-    tau_input = (
-        tau.to(query.device, torch.promote_types(query.dtype, torch.float32))
-        if isinstance(tau, Tensor)
-        else None
-    )
+    tau_input = None
+    if isinstance(tau, Tensor):
+        tau_input = tau.to(query.device, accumulation_dtype(query.dtype))
     grad = torch.is_grad_enabled()
     needs = tuple(grad and x is not None and x.requires_grad for x in (query, candidates, tau_input))
     stride = candidates.shape[0] // query.shape[0] if targets is None else 0

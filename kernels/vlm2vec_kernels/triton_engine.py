@@ -575,21 +575,23 @@ def finish(
     return dq, dc, None if dots is None else dots.sum()
 
 
+def _output(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return g if g.dtype == dtype else torch.empty_like(g, dtype=dtype)
+
+
 def scale_grads(
     grads: list[torch.Tensor | None], grad_out: torch.Tensor, dtypes: list[torch.dtype]
 ) -> list[torch.Tensor | None]:
-    """dq, dc times grad_out, rounded once to their dtypes (in place for fp32): one launch."""
-    pairs = []
-    for g, dtype in zip(grads[:2], dtypes[:2]):
-        if g is not None:
-            pairs.append((g, g if g.dtype == dtype else torch.empty(g.shape, dtype=dtype, device=g.device)))
-    out = [None, None, None if grads[2] is None else grads[2] * grad_out]
-    if pairs:
-        (a, a_out), (b, b_out) = pairs[0], pairs[-1]
-        n_b = b.numel() if len(pairs) == 2 else 0
-        block = SCALE_BLOCK if _on_gpu(a) else INTERPRETER_SCALE_BLOCK
-        grid = (triton.cdiv(a.numel(), block) + triton.cdiv(n_b, block),)
-        scale_kernel[grid](a, a_out, a.numel(), b, b_out, n_b, grad_out.reshape(()), BLOCK=block)
-        outs = iter(o for _, o in pairs)
-        out[:2] = [None if g is None else next(outs) for g in grads[:2]]
-    return out
+    """dq, dc, dtau times grad_out, each rounded once to its dtype (in place where it is the
+    buffer's): one launch."""
+    present = [(g, _output(g, dtype)) for g, dtype in zip(grads, dtypes) if g is not None]
+    if not present:
+        return [None, None, None]
+    block = SCALE_BLOCK if _on_gpu(present[0][0]) else INTERPRETER_SCALE_BLOCK
+    counts = [g.numel() for g, _ in present] + [0] * (3 - len(present))
+    padded = present + [present[-1]] * (3 - len(present))  # unused segments: 0 elements
+    args = [x for (g, out), n in zip(padded, counts) for x in (g, out, n)]
+    blocks = sum(triton.cdiv(n, block) for n in counts)
+    scale_kernel[(blocks,)](*args, grad_out.reshape(()), BLOCK=block)
+    outs = iter(out for _, out in present)
+    return [None if g is None else next(outs) for g in grads]

@@ -439,18 +439,26 @@ def finish_kernel(
 
 
 @triton.jit
-def scale_kernel(a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, g_ptr, BLOCK: tl.constexpr):
-    """a_out = a * g and b_out = b * g (g: the upstream scalar), each rounded once to its output's
-    dtype (round to nearest even on the GPU; the interpreter truncates); the outputs may be the
-    inputs. One launch for both gradients."""
+def _scale_block(x_ptr, out_ptr, block, n, g, BLOCK: tl.constexpr):
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr + offs, (x * g).to(out_ptr.dtype.element_ty), mask=offs < n)
+
+
+@triton.jit
+def scale_kernel(
+    a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, t_ptr, t_out_ptr, n_t, g_ptr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """x_out = x * g for the three buffers a, b, t (dq, dc, dtau; g: the upstream scalar), each rounded
+    once to its output's dtype (to nearest even on the GPU; the interpreter truncates); the outputs
+    may be the inputs. One launch for the whole backward."""
     pid = tl.program_id(0)
     a_blocks = tl.cdiv(n_a, BLOCK)
+    b_blocks = tl.cdiv(n_b, BLOCK)
     g = tl.load(g_ptr).to(tl.float32)
     if pid < a_blocks:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(a_ptr + offs, mask=offs < n_a, other=0.0)
-        tl.store(a_out_ptr + offs, (x * g).to(a_out_ptr.dtype.element_ty), mask=offs < n_a)
+        _scale_block(a_ptr, a_out_ptr, pid, n_a, g, BLOCK)
+    elif pid < a_blocks + b_blocks:
+        _scale_block(b_ptr, b_out_ptr, pid - a_blocks, n_b, g, BLOCK)
     else:
-        offs = (pid - a_blocks).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(b_ptr + offs, mask=offs < n_b, other=0.0)
-        tl.store(b_out_ptr + offs, (x * g).to(b_out_ptr.dtype.element_ty), mask=offs < n_b)
+        _scale_block(t_ptr, t_out_ptr, pid - a_blocks - b_blocks, n_t, g, BLOCK)
