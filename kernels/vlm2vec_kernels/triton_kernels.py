@@ -441,8 +441,14 @@ def finish_kernel(
 @triton.jit
 def _scale_block(x_ptr, out_ptr, block, n, g, BLOCK: tl.constexpr):
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(out_ptr + offs, (x * g).to(out_ptr.dtype.element_ty), mask=offs < n)
+    y = tl.load(x_ptr + offs, mask=offs < n, other=0.0) * g
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # round to nearest even in the bits (the interpreter's conversion truncates); the result is
+        # an exact bf16 value, which every conversion keeps. Inf and NaN stay what they are.
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = bits.to(tl.float32, bitcast=True)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit
@@ -450,7 +456,7 @@ def scale_kernel(
     a_ptr, a_out_ptr, n_a, b_ptr, b_out_ptr, n_b, t_ptr, t_out_ptr, n_t, g_ptr, BLOCK: tl.constexpr
 ):  # fmt: skip
     """x_out = x * g for the three buffers a, b, t (dq, dc, dtau; g: the upstream scalar), each rounded
-    once to its output's dtype (to nearest even on the GPU; the interpreter truncates); the outputs
+    once to its output's dtype (to nearest even); the outputs
     may be the inputs. One launch for the whole backward."""
     pid = tl.program_id(0)
     a_blocks = tl.cdiv(n_a, BLOCK)
