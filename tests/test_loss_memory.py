@@ -114,7 +114,7 @@ def measure_steady() -> dict:
     """Medians of one round of bench/loss_peak_cpu.py (each provider in a fresh process)."""
     result = subprocess.run(
         [sys.executable, str(PEAK_BENCH), "--B", str(RATIO_B), "--D", str(RATIO_D), "--rounds", "1",
-         "--reps", "2", "--json"],
+         "--reps", "2", "--providers", "torch,eager", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
