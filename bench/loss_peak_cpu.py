@@ -104,6 +104,61 @@ print(json.dumps({"fresh_mib": fresh, "steady_mib": steady, "times_s": times}))
 """
 
 
+TIMES = r"""
+import json, sys, time
+import torch
+import torch.nn.functional as F
+import vlm2vec_kernels
+
+B, D, rounds, names, tau = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(","), 0.02
+gen = torch.Generator().manual_seed(0)
+q = torch.randn(B, D, generator=gen).requires_grad_()
+c = torch.randn(B, D, generator=gen).requires_grad_()
+
+
+def torch_engine():
+    vlm2vec_kernels.contrastive_loss(q, c, temperature=tau, backend="torch").backward()
+
+
+def eager():
+    logits = F.normalize(q, dim=-1) @ F.normalize(c, dim=-1).T / tau
+    F.cross_entropy(logits, torch.arange(B)).backward()
+
+
+def gemms():
+    with torch.no_grad():
+        s = q @ c.T
+        s @ c
+        s.T @ q
+
+
+calls = {"torch": torch_engine, "eager": eager, "gemms": gemms}
+times = {name: [] for name in names}
+for r in range(rounds + 1):  # round 0 warms up
+    order = names[r % len(names):] + names[: r % len(names)]  # rotate who goes first
+    for name in order:
+        q.grad = c.grad = None
+        start = time.perf_counter()
+        calls[name]()
+        if r:
+            times[name].append(time.perf_counter() - start)
+print(json.dumps(times))
+"""
+
+
+def run_times(B: int, D: int, rounds: int, names: list[str]) -> dict:
+    """Per-call times of the providers in one process, calls interleaved round by round."""
+    result = subprocess.run(
+        [sys.executable, "-c", TIMES, str(B), str(D), str(rounds), ",".join(names)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    if result.returncode:
+        raise SystemExit(f"timing probe failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_probe(provider: str, B: int, D: int, reps: int) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     result = subprocess.run(
@@ -127,6 +182,13 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--reps", type=int, default=3, help="timed calls per process, >= 2 (default 3)")
     parser.add_argument("--json", action="store_true", help="end with the medians as one JSON line")
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="also time the providers call by call in one process, interleaved, this many rounds; "
+        "the time verdict then uses the median of the per-round ratios (robust to a loaded box)",
+    )
     parser.add_argument(
         "--providers",
         type=lambda text: text.split(","),
@@ -165,6 +227,20 @@ def main(argv=None) -> int:
                 f"time: {provider} {mine:.2f} s vs bare GEMMs {floor:.2f} s = {mine / floor:.3f}x the floor "
                 f"(per round: {', '.join(f'{r:.3f}x' for r in ratios)})"
             )
+    interleaved = None
+    if args.pairs and "gemms" in providers:
+        names = [p for p in providers if p in ("torch", "eager", "gemms")]
+        times = run_times(args.B, args.D, args.pairs, names)
+        print(f"\ninterleaved in one process, {args.pairs} rounds (s/call):")
+        for name in names:
+            print(f"  {name:<5} {' '.join(f'{t:.2f}' for t in times[name])}")
+        for name in names:
+            if name != "gemms":
+                ratios = [t / g for t, g in zip(times[name], times["gemms"])]
+                print(f"  {name} / gemms per round: {' '.join(f'{r:.3f}' for r in ratios)}; "
+                      f"median {statistics.median(ratios):.3f}x")  # fmt: skip
+                if name == "torch":
+                    interleaved = statistics.median(ratios)
     if "torch" in rows and "eager" in rows:
         ours, eager = summary["torch"], summary["eager"]
         beyond_ours, beyond_eager = ours["steady"] - grads, eager["steady"] - grads
@@ -175,11 +251,14 @@ def main(argv=None) -> int:
         )
         print(f"peak, fresh:  torch +{ours['fresh']:.1f} MiB vs eager +{eager['fresh']:.1f} MiB")
         if "gemms" in rows:
-            time_ok = ours["time"] <= 1.1 * summary["gemms"]["time"]
+            ratio = interleaved if interleaved is not None else ours["time"] / summary["gemms"]["time"]
+            time_ok = ratio <= 1.1
             memory_ok = beyond_ours <= 0.05 * eager["steady"]
             print(
                 f"target (torch <= 1.1x bare GEMMs; peak beyond gradients <= 5% of eager's): time "
-                f"{'met' if time_ok else 'MISSED'}, memory {'met' if memory_ok else 'MISSED'}"
+                f"{'met' if time_ok else 'MISSED'} ({ratio:.3f}x, "
+                f"{'interleaved median' if interleaved is not None else 'medians of the processes'}), "
+                f"memory {'met' if memory_ok else 'MISSED'} ({beyond_ours / eager['steady']:.1%})"
             )
     if args.json:
         print(json.dumps(summary))
