@@ -1,5 +1,8 @@
 """Cross-rank negatives: 2 real processes over gloo on the CPU against one process on the whole batch.
 
+Scalar one-directional cases run the gradients-in-the-forward path (candidates gathered, their
+gradients reduce-scattered once in the forward), symmetric and per-row cases the recompute path.
+
 Every case splits a global batch (queries and candidates, each rank keeping its own hard negatives)
 between the ranks; each rank calls contrastive_loss(group=WORLD) on its rows and backpropagates. The
 documented convention must then hold exactly:
@@ -53,6 +56,8 @@ def make_cases(seed: int) -> list[dict]:
         ("uneven-K2-symmetric-mean-raw", (5, 3), (2, 2), False, True, "mean", False, torch.float32),
         ("uneven-mixedK-targets-sum", (3, 6), (2, 0), True, True, "sum", True, torch.float32),
         ("bf16-K1-symmetric-mean", (4, 4), (1, 1), False, True, "mean", True, torch.bfloat16),
+        ("bf16-uneven-K1-targets-mean", (4, 3), (1, 1), True, False, "mean", True, torch.bfloat16),
+        ("uneven-mixedK-targets-sum-raw", (3, 6), (2, 0), True, False, "sum", False, torch.float32),
         ("fp64-uneven-K1-symmetric-none", (2, 5), (1, 1), False, True, "none", True, torch.float64),
     ]
     cases = []
@@ -89,9 +94,11 @@ def make_cases(seed: int) -> list[dict]:
                 backend="torch",
             )
         )
-    if _triton_importable():  # the Triton engine under the interpreter, small
-        triton_case = dict(cases[2], name="triton-K2-symmetric-mean", backend="triton")
-        cases.append(triton_case)
+    if _triton_importable():  # the Triton engine under the interpreter, small: both paths
+        cases.append(dict(cases[2], name="triton-K2-symmetric-mean", backend="triton"))
+        cases.append(dict(cases[1], name="triton-K2-mean", backend="triton"))
+        cases.append(dict(cases[8], name="triton-uneven-mixedK-targets-sum-onedir", symmetric=False,
+                          backend="triton"))  # fmt: skip
     return cases
 
 
