@@ -81,11 +81,11 @@ class TileConfig:
         return cls(*map(int, numbers), flatten=bool(flat))
 
 
-# Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
-# for sm_90 by vlm2vec_kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit wide
-# tiles are the fastest of bench/loss_kernel.py --sweep on an H100 (triton 3.6, B=65,536, D=1536,
-# bf16): row_lse 128x256 23.7 ms vs 128x128 29.8 ms; softmax_grad (gemm) with 256x128 P tiles
-# 66.3 ms vs 128x128 74.6 ms. "_narrow" tiles serve batches whose wide tiles cannot fill the GPU.
+# Recompute-path tile configurations, keyed by (kernel role, operand class). Every entry is compiled
+# for sm_90 by vlm2vec_kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit
+# wide tiles were the fastest of `bench/loss_kernel.py --sweep` on an H100
+# (bench/results/h100/engine_sweep.csv); "_narrow" tiles serve batches whose wide tiles cannot fill
+# the GPU.
 GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
     ("lse", "16bit"): TileConfig(128, 256, 64, 8, 3),
     ("lse_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
@@ -97,10 +97,7 @@ GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
     ("probs_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
 }
 # Alternatives timed by `bench/loss_kernel.py --sweep` on a GPU (not used unless chosen through
-# VLM2VEC_TRITON_CONFIG or `config=`).
-# Measured on the H100 at B=65,536 (ms): lse 128x128x64w8s3 29.8, 128x128x64w8s4 29.0,
-# 128x256x64w8s3f 32.0, 128x128x64w8s4f 54.2 (flattening the tile loop loses); probs
-# 128x256x64w8s3 66.6, 128x128x64w8s3 74.6, 128x128x64w8s4 74.3.
+# VLM2VEC_TRITON_CONFIG or `config=`; results in bench/results/h100/).
 SWEEP_CANDIDATES: dict[str, list[str]] = {
     "lse": ["128x128x64w8s3", "128x256x64w8s4", "256x128x64w8s3"],
     "probs": ["128x256x64w8s3", "128x128x64w8s3", "256x128x64w8s4"],
@@ -124,7 +121,7 @@ def _apply_env_overrides(configs: dict, spec: str) -> None:
 
 _apply_env_overrides(GPU_CONFIGS, os.environ.get("VLM2VEC_TRITON_CONFIG", ""))
 
-# The interpreter runs every program in Python (~5-10 ms per tile iteration): small tiles, few of them.
+# The interpreter runs every program in Python: small tiles, few of them.
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)
 
 KERNELS = {
