@@ -341,6 +341,8 @@ def test_fused_engine_ops_match_formula(gen, tiny_chunks, engine, dtype, normali
 
     lse_tol, rtol, atol = _engine_tolerances(engine, dtype)
     q, c = _engine_inputs(engine, q, c)
+    if targets.index is not None:
+        targets = Targets(targets.index.to(q.device), offset, 0, checked=True)
     temperature = torch.tensor(tau, device=q.device) if tensor_tau else tau
     rq = rc = None
     if normalize:
