@@ -355,6 +355,38 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
     return cases
 
 
+def _fused_sweep_cases(eng, q, c) -> dict:
+    """Gradients-in-the-forward variants, each timed as the whole fwd+bwd of the public function:
+    chunk bounds (CHUNK_ELEMENTS, MIN_CHUNK_ROWS) and the row kernel's launch shape."""
+    from vlm2vec_kernels import contrastive_loss
+
+    qg, cg = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+
+    def case(chunk=None, min_rows=None, xent=None):
+        def run():
+            saved = eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"]
+            eng.CHUNK_ELEMENTS = chunk or saved[0]
+            eng.MIN_CHUNK_ROWS = min_rows or saved[1]
+            eng.ROW_CONFIGS["xent"] = xent or saved[2]
+            try:
+                qg.grad = cg.grad = None
+                contrastive_loss(qg, cg, temperature=TAU, backend="triton").backward()
+            finally:
+                eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"] = saved
+
+        return run
+
+    cases = {"fused default": case()}
+    for chunk in (2**24, 2**28):
+        cases[f"fused chunk={chunk}"] = case(chunk=chunk, min_rows=1)
+    for rows in (1024, 16384):
+        cases[f"fused min_rows={rows}"] = case(min_rows=rows)
+    for block_r, max_block, warps in ((1, 1024, 4), (2, 512, 4), (8, 1024, 8), (4, 512, 4)):
+        shape = eng.RowConfig(block_r, max_block, warps)
+        cases[f"fused xent={block_r}x{max_block}w{warps}"] = case(xent=shape)
+    return cases
+
+
 def best_configs(sweep_rows: list[dict]) -> str:
     """VLM2VEC_TRITON_CONFIG value naming the fastest lse and probs tiles at the largest swept B
     (the defaults count as candidates)."""
@@ -399,8 +431,10 @@ def run_sweep(
             cs = 1.0 / c.float().norm(dim=1)
             w = torch.full((B,), 1.0 / B, device=device)
             lse = eng.row_lse(q, c, rs, cs)
-            for name, fn in _sweep_cases(eng, q, c, rs, cs, lse, w).items():
-                flop = (2 if name.startswith("row_lse") else 6) * B * B * D  # 6: recompute + 2 GEMMs
+            cases = _sweep_cases(eng, q, c, rs, cs, lse, w) | _fused_sweep_cases(eng, q, c)
+            for name, fn in cases.items():
+                # row_lse: one GEMM's work; softmax_grad: recompute + 2 GEMMs; fused: the whole fwd+bwd
+                flop = (2 if name.startswith("row_lse") else 6) * B * B * D
                 row = {"case": name, "B": B, "D": D, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": ""}
                 try:
                     fn()
