@@ -141,10 +141,8 @@ def _accumulate_grads_(
     weighted_rows = scaled_rows if row_weight is None else scaled_rows.mul_(row_weight[:, None])
     if gc is None:
         gc = torch.mm(probs.T, weighted_rows)
-    elif first:
-        torch.mm(probs.T, weighted_rows, out=gc)
-    else:
-        gc.addmm_(probs.T, weighted_rows)
+    else:  # torch.addmm(out=) rather than addmm_: FlopCounterMode counts it
+        torch.addmm(gc, probs.T, weighted_rows, beta=0 if first else 1, out=gc)
     probs.mul_(col_scale)
     gq_rows = torch.mm(probs, c) if gq_rows is None else torch.mm(probs, c, out=gq_rows)
     if row_weight is not None:
@@ -185,37 +183,27 @@ def softmax_grad(
     softmax), which gives the same probabilities without the rounding of a stored lse.
     """
     del lse  # the fused softmax recomputes the row normaliser exactly
-    return _lse_and_grads(q, c, row_scale, col_scale, row_weight, with_lse=False)[1:]
-
-
-def _lse_and_grads(
-    q: Tensor, c: Tensor, row_scale: Tensor, col_scale: Tensor, row_weight: Tensor | None, with_lse: bool
-) -> tuple[Tensor | None, Tensor, Tensor]:
     acc = row_scale.dtype
     c = c.to(acc)
     c_t = c.T
     (n_rows, dim), n_cols = q.shape, c.shape[0]
     step = _chunk_rows(n_rows, n_cols)
     if step >= n_rows:  # one chunk: the matmuls allocate what they need
-        probs, scaled_rows, lse = _softmax_chunk_(q, c_t, row_scale, col_scale, None, None, with_lse)
-        gq, gc = _accumulate_grads_(probs, row_weight, scaled_rows, c, col_scale, None, None, True)
-        return lse, gq, gc
+        probs, scaled_rows, _ = _softmax_chunk_(q, c_t, row_scale, col_scale, None, None, False)
+        return _accumulate_grads_(probs, row_weight, scaled_rows, c, col_scale, None, None, True)
     gq = torch.empty(n_rows, dim, dtype=acc, device=q.device)
     gc = torch.empty(n_cols, dim, dtype=acc, device=q.device)
-    lse = torch.empty(n_rows, dtype=acc, device=q.device) if with_lse else None
     for rows, scratch in _gradient_chunks(gq, n_cols, step):
         count = rows.stop - rows.start
         logits = scratch[: count * n_cols].view(count, n_cols)
         rows_out = scratch[count * n_cols :].view(count, dim)
-        probs, scaled_rows, chunk_lse = _softmax_chunk_(
-            q[rows], c_t, row_scale[rows], col_scale, logits, rows_out, with_lse
+        probs, scaled_rows, _ = _softmax_chunk_(
+            q[rows], c_t, row_scale[rows], col_scale, logits, rows_out, False
         )
-        if with_lse:
-            lse[rows] = chunk_lse
         _accumulate_grads_(
             probs, _part(row_weight, rows), scaled_rows, c, col_scale, gq[rows], gc, rows.start == 0
         )
-    return lse, gq, gc
+    return gq, gc
 
 
 # ----------------------------------------------------------------------------------------------------
