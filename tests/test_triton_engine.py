@@ -273,3 +273,36 @@ def test_fused_kernels_match_float64(rng, monkeypatch, M, N, D, dtype):
     assert_close_rel(dq, want_dq, tol, f"seed {rng.initial_seed()} dq")
     assert_close_rel(dc, want_dc, tol, f"seed {rng.initial_seed()} dc")
     assert abs(dtau.item() - want_dtau.item()) <= tol * (g.abs() * s.abs()).sum().item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_fused_fwd_bwd_is_captured_by_a_cuda_graph(rng):
+    """B=1024 (one chunk): the whole fwd+bwd has no host sync, so torch.cuda.graphs captures it, and a
+    replay on new inputs gives what a plain call gives."""
+    from vlm2vec_kernels import contrastive_loss
+
+    q = torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    c = torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compilation) outside the capture
+        for _ in range(2):
+            q.grad = c.grad = None
+            contrastive_loss(q, c, 0.02, backend="triton").backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    q.grad = c.grad = None
+    with torch.cuda.graph(graph):
+        loss = contrastive_loss(q, c, 0.02, backend="triton")
+        loss.backward()
+    with torch.no_grad():
+        q.copy_(torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16))
+        c.copy_(torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    q2, c2 = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+    want = contrastive_loss(q2, c2, 0.02, backend="triton")
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.grad, q2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(c.grad, c2.grad, rtol=0, atol=0)
