@@ -245,8 +245,9 @@ def xent(
 
     Per chunk of R rows: the rows scaled by a = rq / tau [R, D], S = (a q) c^T [R, N] (one GEMM), the
     column scale, then softmax in place; lse_i = max_j s_ij - log max_j P_ij (the largest probability
-    is exactly 1 / sum_j exp(s_ij - max_j s_ij)). P - Y in place, dc (+)= (P - Y)^T (a q) before
-    and dq_R = ((P - Y) diag(rc)) c after the column scale. A row with NaN/Inf gives a NaN loss.
+    is exactly 1 / sum_j exp(s_ij - max_j s_ij), read at the argmax found with the max: no second pass
+    over the chunk). P - Y in place, dc (+)= (P - Y)^T (a q) before and dq_R = ((P - Y) diag(rc)) c
+    after the column scale. A row with NaN/Inf gives a NaN loss.
     """
     acc = accumulation_dtype(q.dtype)
     (n_rows, dim), n_cols = q.shape, c.shape[0]
@@ -281,9 +282,10 @@ def xent(
         if rc is not None:
             s.mul_(rc)
         target = cols[rows, None]
-        chunk_loss = s.amax(1, keepdim=True).sub_(s.gather(1, target))  # max_j s_ij - s_i,t(i)
+        row_max, at_max = s.max(1, keepdim=True)
+        chunk_loss = row_max.sub_(s.gather(1, target))  # max_j s_ij - s_i,t(i)
         torch.softmax(s, 1, out=s)
-        chunk_loss.sub_(s.amax(1, keepdim=True).log_())
+        chunk_loss.sub_(s.gather(1, at_max).log_())  # - log max_j P_ij: read where s was largest
         chunk_sum = chunk_loss.sum()
         loss = chunk_sum if loss is None else loss.add_(chunk_sum)
         if not want:
