@@ -457,26 +457,30 @@ def test_auto_backend_on_cpu_is_the_torch_engine(gen):
     assert torch.equal(auto, torch_path)
 
 
-def test_module_with_learnable_temperature(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("symmetric", [False, True], ids=["fused", "recompute"])
+def test_module_with_learnable_temperature(gen, backend, symmetric):
     q, c, _ = make_batch(gen, 37, 2, 40, torch.float32)
     module = vlm2vec_kernels.ContrastiveLoss(
-        0.05, learnable_temperature=True, symmetric=True, backend="torch"
-    )
+        0.05, learnable_temperature=True, symmetric=symmetric, backend=backend
+    ).to(device_for(backend))
     assert [name for name, _ in module.named_parameters()] == ["log_temperature"]
-    loss = module(q, c)
+    loss = module(q.to(device_for(backend)), c.to(device_for(backend)))
     loss.backward()
     tau = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     targets = torch.arange(37) * 3
     ref = reference_contrastive_loss(
-        q, c, tau, normalize=True, targets=targets, symmetric=True, reduction="mean"
+        q, c, tau, normalize=True, targets=targets, symmetric=symmetric, reduction="mean"
     )
     ref.backward()
-    torch.testing.assert_close(loss.double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(loss.cpu().double(), ref.detach(), rtol=2e-5, atol=2e-5)
     # d/dlog(tau) = tau * d/dtau
-    torch.testing.assert_close(module.log_temperature.grad.double(), 0.05 * tau.grad, rtol=1e-4, atol=1e-6)
-    fixed = vlm2vec_kernels.ContrastiveLoss(0.05, symmetric=True, backend="torch")
+    dlog = module.log_temperature.grad.cpu().double()
+    torch.testing.assert_close(dlog, 0.05 * tau.grad, rtol=1e-4, atol=1e-6)
+    fixed = vlm2vec_kernels.ContrastiveLoss(0.05, symmetric=symmetric, backend=backend)
     assert list(fixed.parameters()) == []
-    torch.testing.assert_close(fixed(q, c), loss.detach())
+    got = fixed(q.to(device_for(backend)), c.to(device_for(backend)))
+    torch.testing.assert_close(got, loss.detach(), rtol=1e-6, atol=1e-6)
 
 
 BAD_VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
