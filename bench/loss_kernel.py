@@ -1,4 +1,4 @@
-"""Benchmark of the contrastive loss: fused Triton vs chunked torch vs eager vs torch.compile vs inf-cl.
+"""Benchmark of the contrastive loss: Triton v2 / v1, the torch engine, eager, torch.compile, inf-cl.
 
     python bench/loss_kernel.py                 # default sizes for the device found (GPU: bf16, CPU: fp32)
     python bench/loss_kernel.py --quick         # CPU smoke run, < 2 minutes on 2 cores
@@ -7,9 +7,13 @@
     python bench/loss_kernel.py --sweep         # GPU: engine kernels alone, tile/split/path variants
 
 Every cell is one (provider, mode, B, D): B queries against their B positives (in-batch negatives),
-temperature 0.02, L2 normalisation included in every provider. Modes: `fwd` (no autograd, the loss
-value only) and `fwd+bwd` (loss.backward() into both inputs). TFLOP/s counts 2*B^2*D for fwd and
-8*B^2*D for fwd+bwd (the fused kernels' work with one recompute). Time: median and p20/p80 of
+temperature 0.02, L2 normalisation included in every provider. Providers: `fused` = the public
+function on the Triton backend (v2: gradients in the forward), `fused-v1` = the same loss through the
+recompute path (reduction="none" then .mean(): 8 B^2 D), `torch` = the torch engine (v2), `eager`,
+`compile` (torch.compile of eager), `inf-cl`. Modes: `fwd` (no autograd, the loss value only) and
+`fwd+bwd` (loss.backward() into both inputs). TFLOP/s counts the useful work, what eager does: 2*B^2*D
+for fwd and 6*B^2*D for fwd+bwd. Launches per call: CUDA kernels (torch.profiler) on a GPU, aten
+compute ops (views, copies and allocations excluded) on the CPU. Time: median and p20/p80 of
 triton.testing.do_bench on a GPU, of a wall-clock loop on the CPU. Peak memory: on a GPU
 torch.cuda.max_memory_allocated above the inputs; on the CPU the peak RSS growth during one call
 (sampled every 0.5 ms with glibc's mmap threshold lowered so freed blocks leave RSS at once).
@@ -37,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TAU = 0.02
-PROVIDERS = ("fused", "torch", "eager", "compile", "inf-cl")
+PROVIDERS = ("fused", "fused-v1", "torch", "eager", "compile", "inf-cl")
 MODES = ("fwd", "fwd+bwd")
 CSV_FIELDS = [
     "provider",
@@ -50,6 +54,7 @@ CSV_FIELDS = [
     "p80_ms",
     "tflops",
     "peak_mb",
+    "launches",
     "status",
     "loss_rel_diff",
     "device",
@@ -80,6 +85,10 @@ def make_provider(name: str) -> Callable:
 
         backend = "triton" if name == "fused" else "torch"
         return lambda q, c: contrastive_loss(q, c, temperature=TAU, backend=backend)
+    if name == "fused-v1":
+        from vlm2vec_kernels import contrastive_loss
+
+        return lambda q, c: contrastive_loss(q, c, temperature=TAU, reduction="none", backend="triton").mean()
     if name == "eager":
         return _eager_loss
     if name == "compile":
@@ -155,6 +164,36 @@ def peak_rss_growth_mb(fn: Callable) -> float:
     return max(0, peak[0] - base) / 2**20
 
 
+def count_launches(fn: Callable, device: str) -> int:
+    """Kernel launches of one call: CUDA kernels seen by torch.profiler on a GPU; on the CPU the aten
+    compute ops (views, copies and allocations excluded)."""
+    import torch
+
+    if device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    skip = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.copy_", "aten._to_copy"}
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and str(func.overloadpacket) not in skip:
+                Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.count
+
+
 def peak_cuda_mb(fn: Callable) -> float:
     import torch
 
@@ -182,6 +221,7 @@ def _new_row(provider: str, mode: str, B: int, D: int, dtype) -> dict:
         "p80_ms": "",
         "tflops": "",
         "peak_mb": "",
+        "launches": "",
         "status": "ok",
         "loss_rel_diff": "",
     }
@@ -219,7 +259,9 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     else:
         p20, p50, p80 = time_cpu(step, args.cpu_budget_s)
         row["peak_mb"] = round(peak_rss_growth_mb(step), 1)
-    flop = (2 if mode == "fwd" else 8) * B * B * D
+    if provider != "compile":  # (a compiled graph's kernels are its own business)
+        row["launches"] = count_launches(step, device)
+    flop = (2 if mode == "fwd" else 6) * B * B * D
     row.update(
         p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80), tflops=_sig3(flop / (p50 * 1e-3) / 1e12)
     )
@@ -272,7 +314,7 @@ def run_big(device: str, dtype, B: int, D: int) -> dict:
             p20_ms=_sig3(ms),
             p50_ms=_sig3(ms),
             p80_ms=_sig3(ms),
-            tflops=_sig3(8 * B * B * D / (ms * 1e-3) / 1e12),
+            tflops=_sig3(6 * B * B * D / (ms * 1e-3) / 1e12),
             peak_mb=round((torch.cuda.max_memory_allocated() - base) / 2**20, 1),
             status="ok" if finite else "non-finite result",
         )
@@ -288,7 +330,7 @@ def run_big(device: str, dtype, B: int, D: int) -> dict:
 
 
 def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
-    """Engine calls to time at one size: forward tile/split variants, both backward paths."""
+    """Recompute-path engine calls to time at one size: forward tile/split variants, the gradient."""
     from functools import partial
 
     cls = eng.operand_class(q.dtype)
@@ -299,10 +341,8 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
         "row_lse wide auto-splits": partial(eng.row_lse, q, c, rs, cs, config=wide),
         "row_lse wide 1 split": partial(eng.row_lse, q, c, rs, cs, config=wide, splits=1),
         "row_lse narrow auto-splits": partial(eng.row_lse, q, c, rs, cs, config=narrow),
-        "softmax_grad gemm": partial(eng.softmax_grad, q, c, rs, cs, lse, w, path="gemm"),
+        "softmax_grad gemm": partial(eng.softmax_grad, q, c, rs, cs, lse, w),
     }
-    if 2 * B * D * 4 <= 512 * 2**20:  # the atomic path's buffers; beyond this it is hopeless
-        cases["softmax_grad atomic"] = partial(eng.softmax_grad, q, c, rs, cs, lse, w, path="atomic")
     if B >= 16384:  # tile candidates matter where the kernels are compute-bound
         for spec in eng.SWEEP_CANDIDATES["lse"]:
             cfg = eng.TileConfig.parse(spec)
@@ -310,8 +350,40 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
         for spec in eng.SWEEP_CANDIDATES["probs"]:
             cfg = eng.TileConfig.parse(spec)
             cases[f"softmax_grad gemm probs={spec}"] = partial(
-                eng.softmax_grad, q, c, rs, cs, lse, w, path="gemm", config=cfg
+                eng.softmax_grad, q, c, rs, cs, lse, w, config=cfg
             )
+    return cases
+
+
+def _fused_sweep_cases(eng, q, c) -> dict:
+    """Gradients-in-the-forward variants, each timed as the whole fwd+bwd of the public function:
+    chunk bounds (CHUNK_ELEMENTS, MIN_CHUNK_ROWS) and the row kernel's launch shape."""
+    from vlm2vec_kernels import contrastive_loss
+
+    qg, cg = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+
+    def case(chunk=None, min_rows=None, xent=None):
+        def run():
+            saved = eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"]
+            eng.CHUNK_ELEMENTS = chunk or saved[0]
+            eng.MIN_CHUNK_ROWS = min_rows or saved[1]
+            eng.ROW_CONFIGS["xent"] = xent or saved[2]
+            try:
+                qg.grad = cg.grad = None
+                contrastive_loss(qg, cg, temperature=TAU, backend="triton").backward()
+            finally:
+                eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"] = saved
+
+        return run
+
+    cases = {"fused default": case()}
+    for chunk in (2**24, 2**28):
+        cases[f"fused chunk={chunk}"] = case(chunk=chunk, min_rows=1)
+    for rows in (1024, 16384):
+        cases[f"fused min_rows={rows}"] = case(min_rows=rows)
+    for block_r, max_block, warps in ((1, 1024, 4), (2, 512, 4), (8, 1024, 8), (4, 512, 4)):
+        shape = eng.RowConfig(block_r, max_block, warps)
+        cases[f"fused xent={block_r}x{max_block}w{warps}"] = case(xent=shape)
     return cases
 
 
@@ -359,8 +431,10 @@ def run_sweep(
             cs = 1.0 / c.float().norm(dim=1)
             w = torch.full((B,), 1.0 / B, device=device)
             lse = eng.row_lse(q, c, rs, cs)
-            for name, fn in _sweep_cases(eng, q, c, rs, cs, lse, w).items():
-                flop = (2 if name.startswith("row_lse") else 6) * B * B * D  # 6: recompute + 2 GEMMs
+            cases = _sweep_cases(eng, q, c, rs, cs, lse, w) | _fused_sweep_cases(eng, q, c)
+            for name, fn in cases.items():
+                # row_lse: one GEMM's work; softmax_grad: recompute + 2 GEMMs; fused: the whole fwd+bwd
+                flop = (2 if name.startswith("row_lse") else 6) * B * B * D
                 row = {"case": name, "B": B, "D": D, "p20_ms": "", "p50_ms": "", "p80_ms": "", "tflops": ""}
                 try:
                     fn()
@@ -416,14 +490,15 @@ def device_name(device: str) -> str:
 def format_table(rows: list[dict]) -> str:
     head = (
         f"{'provider':<8} {'mode':<7} {'B':>8} {'D':>5} {'p50 ms':>10} {'p20-p80 ms':>19} {'TFLOP/s':>8} "
-        f"{'peak MB':>9} {'vs torch':>9}  status"
+        f"{'peak MB':>9} {'launch':>6} {'vs torch':>9}  status"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         spread = f"{r['p20_ms']}-{r['p80_ms']}" if r["p20_ms"] != "" else ""
         lines.append(
             f"{r['provider']:<8} {r['mode']:<7} {r['B']:>8} {r['D']:>5} {r['p50_ms']!s:>10} "
-            f"{spread:>19} {r['tflops']!s:>8} {r['peak_mb']!s:>9} {r['loss_rel_diff']!s:>9}  "
+            f"{spread:>19} {r['tflops']!s:>8} {r['peak_mb']!s:>9} {r.get('launches', '')!s:>6} "
+            f"{r['loss_rel_diff']!s:>9}  "
             f"{r['status']}"
         )
     return "\n".join(lines)
@@ -527,7 +602,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--sweep",
         action="store_true",
-        help="GPU only: time the engine kernels alone (tile configs, splits, atomic vs gemm "
+        help="GPU only: time the recompute engine kernels alone (tile configs, splits, the gradient "
         "backward) at --sizes x --dims instead of the provider grid",
     )
     parser.add_argument("--no-grid", action="store_true", help="skip the provider grid (e.g. only --big)")

@@ -151,9 +151,7 @@ def test_bad_input_raises_a_named_error(case):
 
 
 def test_unknown_backend():
-    with pytest.raises(
-        ValueError, match="backend must be one of 'auto', 'triton', 'torch', 'reference', got 'cuda'"
-    ):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch', got 'cuda'"):
         contrastive_loss(Q, C, backend="cuda")
 
 
@@ -161,6 +159,12 @@ def test_triton_backend_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=re.escape("backend='triton' needs CUDA tensors (got cpu)")):
         contrastive_loss(Q, C, backend="triton")
+
+
+def test_reference_is_not_a_backend():
+    """The float64 reference is a test tool (`reference_contrastive_loss`), not a backend."""
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'triton', 'torch', got 'reference'"):
+        contrastive_loss(Q, C, backend="reference")
 
 
 def test_triton_backend_refuses_float64():

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from vlm2vec_kernels import torch_ref
+from vlm2vec_kernels import torch_engine
 
 B, D = 8192, 256
 MATRIX_MIB = B * B * 4 / 2**20  # 256 MiB
@@ -114,7 +114,7 @@ def measure_steady() -> dict:
     """Medians of one round of bench/loss_peak_cpu.py (each provider in a fresh process)."""
     result = subprocess.run(
         [sys.executable, str(PEAK_BENCH), "--B", str(RATIO_B), "--D", str(RATIO_D), "--rounds", "1",
-         "--reps", "2", "--json"],
+         "--reps", "2", "--providers", "torch,eager", "--json"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -125,9 +125,9 @@ def measure_steady() -> dict:
 
 def test_torch_path_peak_is_a_small_fraction_of_eager():
     """Measured, both sides: the torch path's peak is the returned gradients (2 * B * D fp32) plus the
-    gradient pass's one spare chunk (its size from torch_ref's budget; no other temporary of note),
-    eager's is several B x B matrices on top. At this B/D the gradients alone are ~11% of eager's
-    peak (as at B=8192, D=1536, where the spare chunk is 10% of the gradients and the peak ~12%)."""
+    gradient pass's one spare chunk (its size from torch_engine's budget; no other temporary of note),
+    eager's is several B x B matrices on top. The issue-12 measure: the peak beyond the returned
+    gradients within 5% of eager's peak (B=8192, D=1536: bench/loss_peak_cpu.py)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -137,8 +137,8 @@ def test_torch_path_peak_is_a_small_fraction_of_eager():
     eager = {"peak_delta_mib": summary["eager"]["steady"]}
     ours = {"peak_delta_mib": summary["torch"]["steady"]}
     grads_mib = 2 * RATIO_B * RATIO_D * 4 / 2**20
-    step = torch_ref._chunk_rows(RATIO_B, RATIO_B)
-    spare_mib = torch_ref._spare_rows(RATIO_B, RATIO_B, RATIO_D, step) * (RATIO_B + RATIO_D) * 4 / 2**20
+    step = torch_engine._chunk_rows(RATIO_B, RATIO_B)
+    spare_mib = torch_engine._spare_rows(RATIO_B, RATIO_B, RATIO_D, step) * (RATIO_B + RATIO_D) * 4 / 2**20
     ratio = ours["peak_delta_mib"] / eager["peak_delta_mib"]
     print(
         f"B={RATIO_B} D={RATIO_D} fwd+bwd peak: torch path +{ours['peak_delta_mib']:.1f} MiB "
@@ -146,4 +146,5 @@ def test_torch_path_peak_is_a_small_fraction_of_eager():
         f"eager +{eager['peak_delta_mib']:.1f} MiB: {ratio:.1%}"
     )
     assert ours["peak_delta_mib"] <= grads_mib + spare_mib + 2, (ours, grads_mib, spare_mib)
+    assert ours["peak_delta_mib"] - grads_mib <= 0.05 * eager["peak_delta_mib"], (ours, eager)
     assert ratio <= 0.15, (ours, eager)

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from vlm2vec_kernels.triton_contrastive import GPU_CONFIGS
+from vlm2vec_kernels.triton_engine import GPU_CONFIGS
 
 SHARED_LIMIT = 228 * 1024
 
@@ -37,6 +37,8 @@ def test_every_shipped_kernel_compiles_for_h100(tmp_path, capsys):
     assert set(GPU_CONFIGS) <= compiled, f"not compiled: {set(GPU_CONFIGS) - compiled}"
     assert {r["dtype"] for r in rows} >= {"bf16", "fp16", "fp32"}
     assert any(r["kernel"] == "lse_merge" for r in rows)
+    fused = {"norms", "xent_rows", "finish", "scale"}  # the gradients-in-the-forward kernels
+    assert fused <= {r["kernel"] for r in rows}, fused - {r["kernel"] for r in rows}
     for r in rows:
         name = f"{r['kernel']} {r['config']} {r['dtype']}"
         if r["needs_hgmma"]:

@@ -1,4 +1,7 @@
-"""Triton engine (`row_lse`, `softmax_grad`) against a float64 evaluation of the formula.
+"""Triton engine kernels against a float64 evaluation of the formula (engine.py's math).
+
+The recompute kernels (`row_lse`, `softmax_grad`) here; the gradients-in-the-forward ones (`xent`,
+`finish`, ...) also in tests/test_loss_torch.py::test_fused_engine_ops_match_formula.
 
 On this CPU box the kernels run under TRITON_INTERPRET=1 (set by conftest). On a GPU machine with
 TRITON_INTERPRET=0 (bench/device_check.sh) the same tests run compiled on CUDA tensors, plus sizes
@@ -13,8 +16,8 @@ import random
 
 import pytest
 import torch
-from vlm2vec_kernels import triton_contrastive as engine
-from vlm2vec_kernels.triton_contrastive import TileConfig
+from vlm2vec_kernels import triton_engine as engine
+from vlm2vec_kernels.triton_engine import TileConfig
 
 _GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")
@@ -38,7 +41,7 @@ else:
 
 
 def reference(q, c, row_scale, col_scale, row_weight):
-    """float64 lse, gq, gc straight from the definitions in notes/LOSS_DESIGN.md."""
+    """float64 lse, gq, gc straight from the definitions in vlm2vec_kernels/engine.py."""
     q, c = q.double(), c.double()
     rs, cs, w = row_scale.double(), col_scale.double(), row_weight.double()
     s = rs[:, None] * cs[None, :] * (q @ c.T)
@@ -107,32 +110,32 @@ def test_row_lse_any_split_count_gives_the_same_lse(rng, splits):
     assert err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: lse err {err:.2e}"
 
 
-@pytest.mark.parametrize("path", ["atomic", "gemm", "gemm-blocks"])
+@pytest.mark.parametrize("blocks", ["one", "several"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,D", SIZES)
-def test_softmax_grad_matches_float64(rng, M, N, D, dtype, path):
+def test_softmax_grad_matches_float64(rng, M, N, D, dtype, blocks):
     q, c, rs, cs, w = make_inputs(rng, M, N, D, dtype)
     want_lse, want_gq, want_gc = reference(q, c, rs, cs, w)
     lse = want_lse.float().to(DEVICE)
-    blocks = {}
-    if path == "gemm-blocks":  # several row and column blocks with ragged edges: accumulating GEMMs
-        path, blocks = "gemm", {"block_rows": 32 if M < 1000 else 384, "block_cols": 64 if N < 1000 else 512}
-    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path, **blocks)
+    shape = {}
+    if blocks == "several":  # several row and column blocks with ragged edges: accumulating GEMMs
+        shape = {"block_rows": 32 if M < 1000 else 384, "block_cols": 64 if N < 1000 else 512}
+    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, **shape)
     assert gq.dtype == gc.dtype == torch.float32
     assert_close_rel(gq, want_gq, GRAD_TOL[dtype], f"seed {rng.initial_seed()} gq")
     assert_close_rel(gc, want_gc, GRAD_TOL[dtype], f"seed {rng.initial_seed()} gc")
 
 
-@pytest.mark.parametrize("path", ["atomic", "gemm"])
-def test_rectangular_tiles(rng, path):
+@pytest.mark.parametrize("shape", ["tall", "wide"])
+def test_rectangular_tiles(rng, shape):
     """BLOCK_M != BLOCK_N: transposes and tile bookkeeping must not assume square tiles."""
     q, c, rs, cs, w = make_inputs(rng, 70, 45, 40, torch.float32)
     want_lse, want_gq, want_gc = reference(q, c, rs, cs, w)
-    cfg = TileConfig(64, 16, 16, 4, 2) if path == "atomic" else TileConfig(16, 64, 32, 4, 2)
+    cfg = TileConfig(64, 16, 16, 4, 2) if shape == "tall" else TileConfig(16, 64, 32, 4, 2)
     lse = engine.row_lse(q, c, rs, cs, config=cfg)
     err = (lse.double().cpu() - want_lse.cpu()).abs().max().item()
     assert err <= LSE_TOL[torch.float32], f"seed {rng.initial_seed()}: lse err {err:.3e}"
-    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path, config=cfg, block_rows=48, block_cols=32)
+    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, config=cfg, block_rows=48, block_cols=32)
     assert_close_rel(gq, want_gq, GRAD_TOL[torch.float32], f"seed {rng.initial_seed()} gq")
     assert_close_rel(gc, want_gc, GRAD_TOL[torch.float32], f"seed {rng.initial_seed()} gc")
 
@@ -162,29 +165,32 @@ def test_non_finite_input_propagates(rng, bad, where):
         assert not torch.isfinite(lse[5]), "a non-finite query row gave a finite lse"
     else:
         assert not torch.isfinite(lse).any(), "a non-finite candidate left some lse finite"
-    for path in ("atomic", "gemm"):
-        gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w, path=path)
-        assert not torch.isfinite(gq).all() and not torch.isfinite(gc).all(), f"{path}: gradients finite"
+    gq, gc = engine.softmax_grad(q, c, rs, cs, lse, w)
+    assert not torch.isfinite(gq).all() and not torch.isfinite(gc).all(), "gradients finite"
 
 
 LOSS_SIZES = [(37, 2, 96)] + ([(1000, 1, 1536)] if ON_GPU else [])
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["fused", "recompute"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("Bq,K,D", LOSS_SIZES)
-def test_contrastive_loss_on_this_engine_matches_float64(rng, Bq, K, D, dtype):
+def test_contrastive_loss_on_this_engine_matches_float64(rng, Bq, K, D, dtype, symmetric):
     """The public loss (other module's orchestration) running on these kernels: loss and both input
     gradients against float64 autograd of normalise -> logits / tau -> cross-entropy."""
     from vlm2vec_kernels import contrastive_loss
 
     q = torch.randn(Bq, D, generator=rng).to(dtype).to(DEVICE).requires_grad_(True)
     c = torch.randn(Bq * (1 + K), D, generator=rng).to(dtype).to(DEVICE).requires_grad_(True)
-    loss = contrastive_loss(q, c, temperature=0.05, backend="triton")
+    loss = contrastive_loss(q, c, temperature=0.05, symmetric=symmetric, backend="triton")
     loss.backward()
     q64 = q.detach().double().cpu().requires_grad_(True)
     c64 = c.detach().double().cpu().requires_grad_(True)
     logits = torch.nn.functional.normalize(q64, dim=1) @ torch.nn.functional.normalize(c64, dim=1).T / 0.05
-    want = torch.nn.functional.cross_entropy(logits, torch.arange(Bq) * (1 + K))
+    targets = torch.arange(Bq) * (1 + K)
+    want = torch.nn.functional.cross_entropy(logits, targets)
+    if symmetric:
+        want = (want + torch.nn.functional.cross_entropy(logits[:, targets].T, torch.arange(Bq))) / 2
     want.backward()
     # the loss is fp32 math on exact inputs; 16-bit gradients are rounded once on return (and go
     # through bf16 P on the GPU)
@@ -194,13 +200,6 @@ def test_contrastive_loss_on_this_engine_matches_float64(rng, Bq, K, D, dtype):
     assert err <= loss_tol * max(1.0, abs(want.item())), f"seed {rng.initial_seed()}: loss err {err:.2e}"
     assert_close_rel(q.grad.float(), q64.grad, grad_tol, f"seed {rng.initial_seed()} dq")
     assert_close_rel(c.grad.float(), c64.grad, grad_tol, f"seed {rng.initial_seed()} dc")
-
-
-def test_path_choice_follows_the_buffer_budget():
-    budget = 40 * 2**20
-    assert engine.choose_grad_path(1024, 1024, 1536, atomic_max_bytes=budget) == "atomic"
-    assert engine.choose_grad_path(65536, 65536, 1536, atomic_max_bytes=budget) == "gemm"
-    assert engine.choose_grad_path(37, 111, 40, atomic_max_bytes=0) == "gemm"
 
 
 def test_p_blocks_stay_bounded():
@@ -239,5 +238,72 @@ def test_bad_arguments_are_named():
         engine.row_lse(q, c, rs[:3], cs)
     with pytest.raises(TypeError, match="q must be float32"):
         engine.row_lse(q.long(), c, rs, cs)
-    with pytest.raises(ValueError, match="path must be"):
-        engine.softmax_grad(q, c, rs, cs, rs, rs, path="dense")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M,N,D", SIZES)
+def test_fused_kernels_match_float64(rng, monkeypatch, M, N, D, dtype):
+    """inverse_norms + xent + finish over ragged chunks of 16 rows (poisoned buffers), explicit
+    targets, against the formula: loss, both gradients with the normalisation's Jacobian, dL/dtau."""
+    from vlm2vec_kernels.engine import Targets
+
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 16 * N)
+    monkeypatch.setattr(engine, "MIN_CHUNK_ROWS", 16)
+    q, c, _, _, _ = make_inputs(rng, M, N, D, dtype)
+    index = torch.randint(0, N, (M,), generator=rng).to(DEVICE)
+    weight, tau = 0.7, 0.2
+    q64, c64 = q.double().cpu(), c.double().cpu()
+    nq, nc = q64.norm(dim=1, keepdim=True), c64.norm(dim=1, keepdim=True)
+    s = (q64 / nq) @ (c64 / nc).T / tau
+    rows, cols = torch.arange(M), index.cpu()
+    want_loss = weight * (torch.logsumexp(s, 1) - s[rows, cols]).sum()
+    g = torch.softmax(s, 1)
+    g[rows, cols] -= 1
+    g *= weight / tau
+    dqn, dcn = g @ (c64 / nc), g.T @ (q64 / nq)  # gradients of the normalised rows
+    want_dq = (dqn - (dqn * q64 / nq).sum(1, keepdim=True) * q64 / nq) / nq
+    want_dc = (dcn - (dcn * c64 / nc).sum(1, keepdim=True) * c64 / nc) / nc
+    want_dtau = -(g * s).sum()  # sum_ij dL/ds_ij ds_ij/dtau with ds/dtau = -s / tau (g holds 1/tau)
+
+    rq, rc = engine.inverse_norms(q, c)
+    loss, dq, dc = engine.xent(q, c, rq, rc, tau, Targets(index, 0, 0, checked=True), weight, True, True)
+    dq, dc, dtau = engine.finish(dq, q, rq, dc, c, rc, tau, True)
+    tol = GRAD_TOL[dtype] if ON_GPU else 2e-5
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * max(1.0, abs(want_loss.item())) + LSE_TOL[dtype] * M
+    assert_close_rel(dq, want_dq, tol, f"seed {rng.initial_seed()} dq")
+    assert_close_rel(dc, want_dc, tol, f"seed {rng.initial_seed()} dc")
+    assert abs(dtau.item() - want_dtau.item()) <= tol * (g.abs() * s.abs()).sum().item()
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_fused_fwd_bwd_is_captured_by_a_cuda_graph(rng):
+    """B=1024 (one chunk): the whole fwd+bwd has no host sync, so torch.cuda.graphs captures it, and a
+    replay on new inputs gives what a plain call gives."""
+    from vlm2vec_kernels import contrastive_loss
+
+    q = torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    c = torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16).requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel compilation) outside the capture
+        for _ in range(2):
+            q.grad = c.grad = None
+            contrastive_loss(q, c, 0.02, backend="triton").backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    q.grad = c.grad = None
+    with torch.cuda.graph(graph):
+        loss = contrastive_loss(q, c, 0.02, backend="triton")
+        loss.backward()
+    with torch.no_grad():
+        q.copy_(torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16))
+        c.copy_(torch.randn(1024, 1536, generator=rng).to(DEVICE, torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    q2, c2 = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
+    want = contrastive_loss(q2, c2, 0.02, backend="triton")
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    # (cuBLAS may pick another algorithm inside the capture: one bf16 rounding step of slack)
+    torch.testing.assert_close(q.grad.float(), q2.grad.float(), rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(c.grad.float(), c2.grad.float(), rtol=1e-2, atol=1e-6)

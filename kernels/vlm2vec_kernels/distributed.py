@@ -41,7 +41,8 @@ def _padded(x: Tensor, rows: int) -> Tensor:
     return out
 
 
-def _all_gather_rows(x: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
+def all_gather_rows(x: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
+    """Every rank's rows [counts[rank], ...] concatenated in rank order (no autograd)."""
     most = max(counts)
     gathered = x.new_empty((len(counts) * most, *x.shape[1:]))
     _all_gather(gathered, _padded(x, most), group=group)
@@ -51,7 +52,8 @@ def _all_gather_rows(x: Tensor, counts: list[int], group: dist.ProcessGroup) -> 
     return torch.cat([blocks[r, :n] for r, n in enumerate(counts)])
 
 
-def _reduce_scatter_rows(grad: Tensor, counts: list[int], rank: int, group: dist.ProcessGroup) -> Tensor:
+def reduce_scatter_rows(grad: Tensor, counts: list[int], rank: int, group: dist.ProcessGroup) -> Tensor:
+    """The sum over ranks of `grad` [sum(counts), ...], this rank's rows only (no autograd)."""
     most = max(counts)
     if all(n == most for n in counts):
         stacked = grad.contiguous()
@@ -69,12 +71,12 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:
         ctx.counts, ctx.group = counts, group
-        return _all_gather_rows(x, counts, group)
+        return all_gather_rows(x, counts, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         _, rank = world_and_rank(ctx.group)
-        return _reduce_scatter_rows(grad, ctx.counts, rank, ctx.group), None, None
+        return reduce_scatter_rows(grad, ctx.counts, rank, ctx.group), None, None
 
 
 def gather_rows(x: Tensor, counts: list[int], group: dist.ProcessGroup) -> Tensor:

@@ -24,9 +24,13 @@ from dataclasses import asdict, dataclass
 SHARED_LIMIT_BYTES = 228 * 1024  # H100: 228 KB of shared memory per SM (227 KB usable per block)
 SM90 = ("cuda", 90, 32)
 
-_INT_ARGS = {"M", "N", "D", "stride_q", "stride_c", "stride_p", "tiles_per_split", "splits"}
+_INT_ARGS = {
+    "M", "N", "D", "R", "row0", "n_a", "n_b", "n_t", "t_offset", "t_stride",
+    "stride_q", "stride_c", "stride_p", "stride_s", "stride_e", "tiles_per_split", "splits",
+}  # fmt: skip
+_FLOAT_ARGS = {"eps", "inv_tau", "weight"}
 # integer arguments that are multiples of 16 in the shapes we ship for (D = 1536, 3584, ...)
-_DIVISIBLE_INTS = {"D", "stride_q", "stride_c", "stride_p"}
+_DIVISIBLE_INTS = {"D", "stride_q", "stride_c", "stride_p", "stride_s", "stride_e"}
 
 
 @dataclass
@@ -67,6 +71,8 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dic
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in _FLOAT_ARGS:
+            signature[name] = "fp32"
         elif name in _INT_ARGS:
             signature[name] = "i32"
             if name in _DIVISIBLE_INTS:
@@ -130,6 +136,7 @@ def shipped_configurations() -> list[dict]:
                             "needs_hgmma": True,
                         }
                     )
+    out += _fused_configurations()
     out.append(
         {
             "fn": lse_merge_kernel,
@@ -142,6 +149,51 @@ def shipped_configurations() -> list[dict]:
             "needs_hgmma": False,
         }
     )
+    return out
+
+
+def _fused_configurations() -> list[dict]:
+    """The gradients-in-the-forward kernels (no matrix work: no HGMMA expected), at D = 1536 with
+    their GPU row configs, for every dtype and every constexpr branch the launchers take."""
+    from . import triton_kernels as k
+    from .triton_engine import ROW_CONFIGS, SCALE_BLOCK
+
+    out = []
+
+    def add(fn, role, label, dtype, pointers, constexprs, num_warps):
+        pointer_types = {n: "*fp32" for n in fn.arg_names} | pointers
+        out.append(
+            {"fn": fn, "kernel": role, "config": label, "dtype": dtype, "pointer_types": pointer_types,
+             "constexprs": constexprs, "options": {"num_warps": num_warps, "num_stages": 1},
+             "needs_hgmma": False}
+        )  # fmt: skip
+
+    norms, xent, finish = ROW_CONFIGS["norms"], ROW_CONFIGS["xent"], ROW_CONFIGS["finish"]
+    for dtype in ("bf16", "fp16", "fp32"):
+        label = f"R{norms.block_r} D{norms.block(1536)} w{norms.num_warps}"
+        add(k.inverse_norms_kernel, "norms", label, dtype,
+            {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}"},
+            {"BLOCK_R": norms.block_r, "BLOCK_D": norms.block(1536)}, norms.num_warps)  # fmt: skip
+        for normalize, want in ((True, True), (False, True), (True, False)):
+            e_type = "*fp32" if dtype == "fp32" else "*bf16"
+            label = f"R{xent.block_r} N{xent.max_block} w{xent.num_warps} norm={normalize:d} grad={want:d}"
+            add(k.xent_rows_kernel, "xent_rows", label, dtype,
+                {"e_ptr": e_type, "t_ptr": "*i64"},
+                {"NORMALIZE": normalize, "TAU_TENSOR": not want, "HAS_TARGETS": normalize, "WANT_GRAD": want,
+                 "BLOCK_R": xent.block_r, "BLOCK_N": xent.max_block}, xent.num_warps)  # fmt: skip
+        add(k.finish_kernel, "finish", f"R{finish.block_r} D{finish.block(1536)} w{finish.num_warps}", dtype,
+            {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}"},
+            {"HAS_Q": True, "HAS_C": True, "NORMALIZE": True, "WANT_DOTS": True, "TAU_TENSOR": True,
+             "BLOCK_R": finish.block_r, "BLOCK_D": finish.block(1536)}, finish.num_warps)  # fmt: skip
+        add(
+            k.scale_kernel,
+            "scale",
+            f"BLOCK {SCALE_BLOCK} w4",
+            dtype,
+            {"a_out_ptr": f"*{dtype}", "b_out_ptr": f"*{dtype}"},
+            {"BLOCK": SCALE_BLOCK},
+            4,
+        )
     return out
 
 

@@ -1,19 +1,20 @@
-"""Triton engine of the contrastive loss: `row_lse` and `softmax_grad` (see notes/LOSS_DESIGN.md).
+"""The Triton engine of the contrastive loss (CUDA; CPU tensors under TRITON_INTERPRET=1).
 
-    row_lse(q, c, row_scale, col_scale) -> lse[M]            lse_i = log sum_j exp(s_ij)
-    softmax_grad(q, c, row_scale, col_scale, lse, row_weight) -> (gq[M, D], gc[N, D])  fp32
-        with s_ij = row_scale_i * col_scale_j * <q_i, c_j>, P_ij = row_weight_i * exp(s_ij - lse_i),
-        gq_i = sum_j P_ij col_scale_j c_j,  gc_j = sum_i P_ij row_scale_i q_i.
+Implements the interface of `engine.py` (the math is there). GEMMs run through torch (cuBLAS), the
+work around them in Triton kernels (`triton_kernels.py`):
 
-Forward: one kernel over a (row blocks x column splits) grid sized to fill the GPU, plus a tiny merge
-kernel when there is more than one split. Backward has two paths:
-  * "atomic" (small/medium batches): one kernel per P tile, gq/gc accumulated with fp32 atomics,
-    which stay cheap while the [M+N, D] buffers sit in L2;
-  * "gemm": P written block by block ([rows x cols], bounded by `p_block_bytes`) as P*col_scale and
-    P*row_scale, then two cuBLAS GEMMs per block on the raw q and c write / accumulate gq and gc in
-    fp32 (compute-bound at any size; 3 launches per block).
-Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to fp32 after loading; on the GPU bf16/fp16
-go to tensor cores and fp32 uses 3xTF32. Nothing of size M x N is allocated except one P block.
+- gradients in the forward (`inverse_norms`, `xent`, `finish`, `scale_grads`): per chunk of query rows
+  one GEMM for the raw logits S = q_R c^T (fp32 out), one row kernel turning S into the loss and
+  E = weight (P - Y) a rc in place, two GEMMs E c and E^T q into the fp32 gradients. One chunk covers
+  every row while R x N stays within CHUNK_ELEMENTS (B <= 8192 at D <= 4096): the whole fwd+bwd is
+  then 8 launches (3 GEMMs, 4 Triton kernels, one sum) and no host sync.
+- the recompute path (`row_lse`, `softmax_grad`): one kernel over a (row blocks x column splits) grid
+  for the row log-sum-exp plus a tiny merge kernel; the gradient writes P block by block (bounded by
+  `p_block_bytes`) as P*col_scale and P*row_scale, then two cuBLAS GEMMs per block.
+
+16-bit inputs: GEMMs in bf16 with fp32 accumulation and output (fp16 inputs are converted to bf16 for
+the gradient GEMMs: fp16's range would flush small P to zero); logits and softmax in fp32. Under the
+interpreter every operand is fp32 (its bf16 dot is wrong, and the CPU's mm has no fp32 output).
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .triton_contrastive_kernels import (
+from .engine import NORM_EPS, Targets, inverse
+from .triton_kernels import (
+    finish_kernel,
+    inverse_norms_kernel,
     lse_merge_kernel,
     row_lse_partial_kernel,
-    softmax_grad_atomic_kernel,
+    scale_kernel,
     softmax_probs_kernel,
+    xent_rows_kernel,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# [M+N, D] fp32 gradient buffers up to this size use the atomic path. Default 0 (gemm path always):
-# triton emits scalar fp32 REDs on sm_90, B^2 D (1/BM + 1/BN) of them. Measured on an H100 (bf16,
-# D=1536): atomic 0.100 / 1.26 / 17.7 ms at B = 1024 / 4096 / 16384 (GPU-bound) against gemm
-# 0.09-0.21 (launch-bound) / 0.277 / 4.07 ms; see bench/loss_kernel.py --sweep.
-DEFAULT_ATOMIC_MAX_BYTES = 0
 # both P blocks of the gemm path together (bf16: 2 x 16k x 32k); large blocks keep the GEMMs efficient
 # and the fp32 read-modify-write of gq / gc per block small
 DEFAULT_P_BLOCK_BYTES = 2**31
@@ -81,28 +81,23 @@ class TileConfig:
         return cls(*map(int, numbers), flatten=bool(flat))
 
 
-# Configurations compiled on the GPU, keyed by (kernel role, operand class). Every entry is compiled
-# for sm_90 by vlm2vec_kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit wide
-# tiles are the fastest of bench/loss_kernel.py --sweep on an H100 (triton 3.6, B=65,536, D=1536,
-# bf16): row_lse 128x256 23.7 ms vs 128x128 29.8 ms; softmax_grad (gemm) with 256x128 P tiles
-# 66.3 ms vs 128x128 74.6 ms. "_narrow" tiles serve batches whose wide tiles cannot fill the GPU.
+# Recompute-path tile configurations, keyed by (kernel role, operand class). Every entry is compiled
+# for sm_90 by vlm2vec_kernels/sm90_report.py (tests/test_sm90_compile.py) without a GPU. The 16-bit
+# wide tiles were the fastest of `bench/loss_kernel.py --sweep` on an H100
+# (bench/results/h100/engine_sweep.csv); "_narrow" tiles serve batches whose wide tiles cannot fill
+# the GPU.
 GPU_CONFIGS: dict[tuple[str, str], TileConfig] = {
     ("lse", "16bit"): TileConfig(128, 256, 64, 8, 3),
     ("lse_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
-    ("grad_atomic", "16bit"): TileConfig(128, 64, 64, 8, 2),
     ("probs", "16bit"): TileConfig(256, 128, 64, 8, 3),
     ("probs_narrow", "16bit"): TileConfig(128, 64, 64, 4, 3),
     ("lse", "fp32"): TileConfig(128, 64, 32, 8, 3),
     ("lse_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
-    ("grad_atomic", "fp32"): TileConfig(64, 64, 32, 4, 2),
     ("probs", "fp32"): TileConfig(128, 64, 32, 8, 3),
     ("probs_narrow", "fp32"): TileConfig(64, 64, 32, 4, 3),
 }
 # Alternatives timed by `bench/loss_kernel.py --sweep` on a GPU (not used unless chosen through
-# VLM2VEC_TRITON_CONFIG or `config=`).
-# Measured on the H100 at B=65,536 (ms): lse 128x128x64w8s3 29.8, 128x128x64w8s4 29.0,
-# 128x256x64w8s3f 32.0, 128x128x64w8s4f 54.2 (flattening the tile loop loses); probs
-# 128x256x64w8s3 66.6, 128x128x64w8s3 74.6, 128x128x64w8s4 74.3.
+# VLM2VEC_TRITON_CONFIG or `config=`; results in bench/results/h100/).
 SWEEP_CANDIDATES: dict[str, list[str]] = {
     "lse": ["128x128x64w8s3", "128x256x64w8s4", "256x128x64w8s3"],
     "probs": ["128x256x64w8s3", "128x128x64w8s3", "256x128x64w8s4"],
@@ -126,13 +121,12 @@ def _apply_env_overrides(configs: dict, spec: str) -> None:
 
 _apply_env_overrides(GPU_CONFIGS, os.environ.get("VLM2VEC_TRITON_CONFIG", ""))
 
-# The interpreter runs every program in Python (~5-10 ms per tile iteration): small tiles, few of them.
+# The interpreter runs every program in Python: small tiles, few of them.
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 1, 1)
 
 KERNELS = {
     "lse": row_lse_partial_kernel,
     "lse_narrow": row_lse_partial_kernel,
-    "grad_atomic": softmax_grad_atomic_kernel,
     "probs": softmax_probs_kernel,
     "probs_narrow": softmax_probs_kernel,
 }
@@ -298,11 +292,6 @@ def row_lse(
     return lse
 
 
-def choose_grad_path(M: int, N: int, D: int, atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES) -> str:
-    """'atomic' while the fp32 gradient buffers [M + N, D] fit in `atomic_max_bytes`, else 'gemm'."""
-    return "atomic" if (M + N) * D * 4 <= atomic_max_bytes else "gemm"
-
-
 def softmax_grad(
     q: torch.Tensor,
     c: torch.Tensor,
@@ -311,67 +300,26 @@ def softmax_grad(
     lse: torch.Tensor,
     row_weight: torch.Tensor,
     *,
-    path: str | None = None,
-    atomic_max_bytes: int = DEFAULT_ATOMIC_MAX_BYTES,
     p_block_bytes: int = DEFAULT_P_BLOCK_BYTES,
     block_rows: int | None = None,
     block_cols: int | None = None,
     config: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gq [M, D], gc [N, D]) in fp32 for P = row_weight * exp(s - lse); see the module docstring.
+    """(gq [M, D], gc [N, D]) in fp32 for P = row_weight * exp(s - lse); see engine.py.
 
-    `path` forces "atomic" or "gemm" (default: `choose_grad_path` with `atomic_max_bytes`);
-    `p_block_bytes` bounds the P block of the gemm path, `block_rows`/`block_cols` set it exactly.
+    `p_block_bytes` bounds the P blocks, `block_rows`/`block_cols` set them exactly (tests).
     """
     q, c, row_scale, col_scale, lse, row_weight = _check_inputs(q, c, row_scale, col_scale, lse, row_weight)
-    M, D = q.shape
-    N = c.shape[0]
-    path = path or choose_grad_path(M, N, D, atomic_max_bytes)
-    if path == "atomic":
-        return _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config)
-    if path == "gemm":
-        return _softmax_grad_gemm(
-            q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows, block_cols, config
-        )
-    raise ValueError(f"path must be 'atomic', 'gemm' or None, got {path!r}")
-
-
-def _softmax_grad_atomic(q, c, row_scale, col_scale, lse, row_weight, config):
-    M, D = q.shape
-    N = c.shape[0]
-    grads = torch.zeros((M + N, D), dtype=torch.float32, device=q.device)  # one launch for both
-    gq, gc = grads[:M], grads[M:]
-    if M == 0:
-        return gq, gc
-    cfg = _pick_config("grad_atomic", q, config)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    softmax_grad_atomic_kernel[grid](
-        q,
-        c,
-        row_scale,
-        col_scale,
-        lse,
-        row_weight,
-        gq,
-        gc,
-        M,
-        N,
-        D,
-        q.stride(0),
-        c.stride(0),
-        GROUP_M=GROUP_M,
-        GRAD_BF16=grad_operand_dtype(q) == torch.bfloat16,
-        **_common_constexprs(q, cfg, D),
-        **cfg.launch_options(),
+    return _softmax_grad_gemm(
+        q, c, row_scale, col_scale, lse, row_weight, p_block_bytes, block_rows, block_cols, config
     )
-    return gq, gc
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
     """out (fp32) = or += a @ b; 16-bit a, b go through cuBLAS with an fp32 output (torch >= 2.8)."""
     if a.dtype == torch.float32:
-        if accumulate:
-            out.addmm_(a, b)
+        if accumulate:  # torch.addmm(out=) rather than addmm_: FlopCounterMode counts it
+            torch.addmm(out, a, b, out=out)
         else:
             torch.mm(a, b, out=out)
         return
@@ -472,3 +420,176 @@ def _softmax_grad_gemm(
             _mm_into(gq[r0:r1], pq, c_op[c0:c1], accumulate=c0 > 0)
             _mm_into(gc[c0:c1], pc.t(), q_op[r0:r1], accumulate=r0 > 0)
     return gq, gc
+
+
+# ----------------------------------------------------------------------------------------------------
+# gradients in the forward
+
+# One chunk of logits holds at most CHUNK_ELEMENTS fp32 values (256 MiB: one chunk up to B = 8192, so
+# small batches run a fixed handful of launches) but at least MIN_CHUNK_ROWS rows: the dc GEMM reads
+# and writes all of dc once per chunk, and taller chunks keep that traffic small against the GEMMs.
+CHUNK_ELEMENTS = 2**26
+MIN_CHUNK_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class RowConfig:
+    """Launch shape of a row kernel: BLOCK_R rows per program, columns in blocks of at most
+    max_block (a power of two)."""
+
+    block_r: int
+    max_block: int
+    num_warps: int
+
+    def block(self, n: int) -> int:
+        return min(triton.next_power_of_2(max(n, 16)), self.max_block)
+
+
+# GPU: a few rows per program and a whole D (<= 2048) or 1024 logits per block; these kernels are
+# memory-bound. (xent with 2048-wide blocks spilled 8 bytes for 16-bit inputs: sm90_report.py.) The
+# interpreter runs each program in Python: few, large programs.
+ROW_CONFIGS = {"norms": RowConfig(4, 2048, 8), "xent": RowConfig(4, 1024, 8), "finish": RowConfig(4, 2048, 8)}
+INTERPRETER_ROW_CONFIG = RowConfig(64, 1024, 1)
+SCALE_BLOCK, INTERPRETER_SCALE_BLOCK = 4096, 2**16
+
+
+def _row_config(role: str, x: torch.Tensor) -> RowConfig:
+    return ROW_CONFIGS[role] if _on_gpu(x) else INTERPRETER_ROW_CONFIG
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def _temperature_args(tau: float | torch.Tensor, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """(tensor pointer, number, TAU_TENSOR): a tensor temperature is read (and checked) in the kernel."""
+    if isinstance(tau, torch.Tensor):
+        return tau, 0.0, True
+    return dummy, inverse(tau, torch.float32), False
+
+
+def inverse_norms(q: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 / max(|x_i|, eps) per row of q and c, fp32: one launch."""
+    q, c = _unit_stride(q), _unit_stride(c)
+    (M, D), N = q.shape, c.shape[0]
+    rq = _new_buffer((M,), torch.float32, q.device)
+    rc = _new_buffer((N,), torch.float32, q.device)
+    cfg = _row_config("norms", q)
+    grid = (triton.cdiv(M, cfg.block_r) + triton.cdiv(N, cfg.block_r),)
+    inverse_norms_kernel[grid](
+        q, c, rq, rc, M, N, D, q.stride(0), c.stride(0), NORM_EPS,
+        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block(D), num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return rq, rc
+
+
+def chunk_rows(M: int, N: int) -> int:
+    """Query rows per logit chunk (see CHUNK_ELEMENTS)."""
+    return min(M, max(CHUNK_ELEMENTS // N, MIN_CHUNK_ROWS))
+
+
+def xent(
+    q: torch.Tensor,
+    c: torch.Tensor,
+    rq: torch.Tensor | None,
+    rc: torch.Tensor | None,
+    tau: float | torch.Tensor,
+    targets: Targets,
+    weight: float,
+    want_dq: bool,
+    want_dc: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss and gradients at fixed scales (engine.py): per chunk S = q_R c^T (fp32), the row kernel
+    (loss rows, E in place of S for fp32), dq_R = E c, dc (+)= E^T q_R."""
+    q, c = _unit_stride(q), _unit_stride(c)
+    (M, D), N = q.shape, c.shape[0]
+    if _on_gpu(q):  # logits from the inputs as they are; gradient GEMMs in fp32 or bf16
+        q_s, c_s = q, c
+        op_dtype = grad_operand_dtype(q)
+        q_op, c_op = q.to(op_dtype), c.to(op_dtype)
+    else:  # the interpreter: fp32 everywhere (CPU mm has no fp32 output for 16-bit inputs)
+        q_s = q_op = q.float()
+        c_s = c_op = c.float()
+        op_dtype = torch.float32
+    want = want_dq or want_dc
+    rows = chunk_rows(M, N)
+    s_buffer = _new_buffer((rows, N), torch.float32, q.device)
+    e_buffer = (
+        s_buffer if op_dtype == torch.float32 or not want else _new_buffer((rows, N), op_dtype, q.device)
+    )
+    losses = _new_buffer((M,), torch.float32, q.device)
+    dq = _new_buffer((M, D), torch.float32, q.device) if want_dq else None
+    dc = _new_buffer((N, D), torch.float32, q.device) if want_dc else None
+    tau_ptr, inv_tau, tau_tensor = _temperature_args(tau, losses)
+    cfg = _row_config("xent", q)
+    for r0 in range(0, M, rows):
+        r1 = min(r0 + rows, M)
+        s, e = s_buffer[: r1 - r0], e_buffer[: r1 - r0]
+        _mm_into(s, q_s[r0:r1], c_s.T, accumulate=False)
+        xent_rows_kernel[(triton.cdiv(r1 - r0, cfg.block_r),)](
+            s, e, losses if rq is None else rq, losses if rc is None else rc, tau_ptr, inv_tau,
+            losses if targets.index is None else targets.index, losses,
+            r0, r1 - r0, N, s.stride(0), e.stride(0), targets.offset, targets.stride, weight,
+            NORMALIZE=rq is not None, TAU_TENSOR=tau_tensor, HAS_TARGETS=targets.index is not None,
+            WANT_GRAD=want, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block(N), num_warps=cfg.num_warps,
+        )  # fmt: skip
+        if want_dq:
+            _mm_into(dq[r0:r1], e, c_op, accumulate=False)
+        if want_dc:
+            _mm_into(dc, e.T, q_op[r0:r1], accumulate=r0 > 0)
+    return losses.sum(), dq, dc
+
+
+def finish(
+    dq: torch.Tensor | None,
+    q: torch.Tensor,
+    rq: torch.Tensor | None,
+    dc: torch.Tensor | None,
+    c: torch.Tensor,
+    rc: torch.Tensor | None,
+    tau: float | torch.Tensor,
+    want_dtau: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The normalisation's Jacobian in place and dL/dtau (engine.py): one launch, + one sum for dtau."""
+    q, c = _unit_stride(q), _unit_stride(c)
+    (M, D), N = q.shape, c.shape[0]
+    normalize = rq is not None
+    q_work = dq is not None and (normalize or want_dtau)
+    c_work = dc is not None and normalize
+    if not (q_work or c_work):
+        return dq, dc, None
+    dots = _new_buffer((M,), torch.float32, q.device) if want_dtau else None
+    dummy = dq if dq is not None else dc
+    tau_ptr, inv_tau, tau_tensor = _temperature_args(tau, dummy)
+    cfg = _row_config("finish", q)
+    grid = ((triton.cdiv(M, cfg.block_r) if q_work else 0) + (triton.cdiv(N, cfg.block_r) if c_work else 0),)
+    finish_kernel[grid](
+        dummy if dq is None else dq, q, dummy if rq is None else rq,
+        dummy if dc is None else dc, c, dummy if rc is None else rc,
+        dummy if dots is None else dots, tau_ptr, inv_tau, M, N, D, q.stride(0), c.stride(0),
+        HAS_Q=q_work, HAS_C=c_work, NORMALIZE=normalize, WANT_DOTS=want_dtau, TAU_TENSOR=tau_tensor,
+        BLOCK_R=cfg.block_r, BLOCK_D=cfg.block(D), num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return dq, dc, None if dots is None else dots.sum()
+
+
+def _output(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return g if g.dtype == dtype else torch.empty_like(g, dtype=dtype)
+
+
+def scale_grads(
+    grads: list[torch.Tensor | None], grad_out: torch.Tensor, dtypes: list[torch.dtype]
+) -> list[torch.Tensor | None]:
+    """dq, dc, dtau times grad_out, each rounded once to its dtype (in place where it is the
+    buffer's): one launch."""
+    present = [(g, _output(g, dtype)) for g, dtype in zip(grads, dtypes) if g is not None]
+    if not present:
+        return [None, None, None]
+    block = SCALE_BLOCK if _on_gpu(present[0][0]) else INTERPRETER_SCALE_BLOCK
+    counts = [g.numel() for g, _ in present] + [0] * (3 - len(present))
+    padded = present + [present[-1]] * (3 - len(present))  # unused segments: 0 elements
+    args = [x for (g, out), n in zip(padded, counts) for x in (g, out, n)]
+    blocks = sum(triton.cdiv(n, block) for n in counts)
+    scale_kernel[(blocks,)](*args, grad_out.reshape(()), BLOCK=block)
+    outs = iter(out for _, out in present)
+    return [None if g is None else next(outs) for g in grads]

@@ -1,0 +1,88 @@
+"""Gradients in the forward: the contrastive loss for scalar (mean/sum) one-directional losses.
+
+Under GradCache (and in most training) the loss is a scalar of leaf embeddings whose gradient is
+wanted at once, so the forward computes the loss and both input gradients in one pass over the
+logits, the way Liger-Kernel's fused linear cross-entropy does:
+
+    per chunk of query rows R:  S_R = (a q_R) c^T              one GEMM, fp32 accumulate
+                                P_R - Y_R, row lse and loss     in place (engine: fused torch ops or
+                                                                one Triton kernel)
+                                dq_R = (P_R - Y_R) c,  dc += (P_R - Y_R)^T q_R     two GEMMs
+    once:                       the normalisation's Jacobian and dL/dtau (`finish`)
+
+6 B^2 D FLOPs (eager's useful work), chunk * N logits of working memory, never B x B. The backward
+only multiplies the stored gradients by grad_output (a scalar). A repeated backward (retain_graph)
+recomputes them. Cross-device: the candidates are all-gathered once, their gradients (summed over
+the ranks' queries) reduce-scattered once, before the Jacobian, which needs the whole sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .distributed import all_gather_rows, reduce_scatter_rows
+from .engine import Targets
+
+
+@dataclass(frozen=True)
+class FusedCall:
+    """Everything about one call that is not a tensor input.
+
+    weight: d loss / d (sum of the local row losses); counts: candidate rows per rank (with `group`).
+    """
+
+    engine: ModuleType
+    normalize: bool
+    targets: Targets
+    weight: float
+    temperature: float | None  # None: the temperature is the tensor input
+    group: dist.ProcessGroup | None
+    rank: int
+    counts: list[int] | None
+    needs: tuple[bool, bool, bool]  # gradients wanted for (query, candidates, temperature)
+
+
+def _run(q: Tensor, c: Tensor, tau: Tensor | None, call: FusedCall):
+    """(loss, [dq, dc, dtau] in the accumulation dtype, None where not wanted)."""
+    engine, (need_q, need_c, need_tau) = call.engine, call.needs
+    temperature = call.temperature if tau is None else tau
+    c_all = c if call.group is None else all_gather_rows(c, call.counts, call.group)
+    rq, rc = engine.inverse_norms(q, c_all) if call.normalize else (None, None)
+    loss, dq, dc = engine.xent(
+        q, c_all, rq, rc, temperature, call.targets, call.weight, need_q or need_tau, need_c
+    )
+    if call.group is not None:
+        if dc is not None:
+            dc = reduce_scatter_rows(dc, call.counts, call.rank, call.group)
+        if rc is not None:
+            start = sum(call.counts[: call.rank])
+            rc = rc[start : start + c.shape[0]]
+    dq, dc, dtau = engine.finish(dq, q, rq, dc, c, rc, temperature, need_tau)
+    return loss, [dq if need_q else None, dc, dtau]
+
+
+class FusedInfoNCE(torch.autograd.Function):
+    """loss = weight * sum_i (lse_i - s_i,t(i)); its gradients are computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, query: Tensor, candidates: Tensor, tau: Tensor | None, call: FusedCall) -> Tensor:
+        loss, grads = _run(query, candidates, tau, call)
+        ctx.call, ctx.grads = call, grads
+        ctx.save_for_backward(query, candidates, tau)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        query, candidates, tau = ctx.saved_tensors
+        grads, ctx.grads = ctx.grads, None  # the buffers become the returned gradients
+        if grads is None:  # a repeated backward (retain_graph): recompute
+            grads = _run(query, candidates, tau, ctx.call)[1]
+        dtypes = [query.dtype, candidates.dtype, grads[2].dtype if grads[2] is not None else None]
+        return *ctx.call.engine.scale_grads(grads, grad_out, dtypes), None
