@@ -108,6 +108,28 @@ def test_token_budget_chunks_equal_the_full_batch_step(packed: bool) -> None:
     assert any(g.abs().max() > 0 for g in grads_f.values())
 
 
+def test_min_chunks_splits_without_changing_the_step() -> None:
+    """ZeRO-3 processes agree on a chunk count (train.align_processes); a rank with fewer chunks
+    re-collates with `min_chunks`: more chunks, the same row order and targets, the same loss and
+    gradients (float64)."""
+    model = tiny("qwen2_vl").double()
+    model.enable_full_finetuning()
+    model.train()
+    batch = mixed_batch()
+    collate = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000)
+    base = collate(batch)
+    more = collate(batch, min_chunks=(len(base.query_chunks) + 2, 6))
+    assert len(more.query_chunks) == len(base.query_chunks) + 2 and len(more.cand_chunks) == 6
+    assert torch.equal(more.targets, base.targets) and torch.equal(more.query_order, base.query_order)
+    assert torch.equal(more.cand_order, base.cand_order)
+    assert len(collate(batch, min_chunks=(50, 50)).query_chunks) == 6  # at most one row per chunk
+    loss_b, grads_b = step(model, base, grad_cache=True)
+    loss_m, grads_m = step(model, more, grad_cache=True)
+    torch.testing.assert_close(loss_m, loss_b, rtol=1e-12, atol=1e-12)
+    for name in grads_b:
+        torch.testing.assert_close(grads_m[name], grads_b[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_budget_packs_text_rows_and_isolates_long_rows() -> None:
     model = tiny("qwen2_vl")
     batch = mixed_batch()

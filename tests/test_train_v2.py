@@ -74,7 +74,33 @@ def test_mixed_rows_are_read_and_batched(tmp_path) -> None:
         load_train_data(train, subsets=["Bad"])
 
 
-def test_zero2_two_ranks_train_on_image_video_document_batches(tmp_path) -> None:
+def _chunk_counts(train, budget: int, steps: int) -> list[list[tuple[int, int]]]:
+    """(query, candidate) GradCache chunk counts per step and rank, as the trainer collates them."""
+    from vlm2vec import backbones
+    from vlm2vec.config import load_config
+    from vlm2vec.train import load_data, make_batches
+
+    argv = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(train), "--max_steps", str(steps),
+            "--per_device_train_batch_size", "3", "--gc_max_visual_tokens", str(budget),
+            "--subset_weights", "uniform"]  # fmt: skip
+    config = load_config(argv)
+    model, data = backbones.tiny("qwen2_vl"), load_data(config)
+    counts = []
+    for step in range(steps):
+        per_rank = []
+        for rank in (0, 1):
+            batches, collate, _ = make_batches(config, data, model, rank, 2)
+            prepared = collate(batches[step])
+            per_rank.append((len(prepared.query_chunks), len(prepared.cand_chunks)))
+        counts.append(per_rank)
+    return counts
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_train_on_image_video_document_batches(tmp_path, stage) -> None:
+    """ZeRO-2, and ZeRO-3 (every parameter partitioned) where the ranks' rows give them different
+    numbers of token-budget chunks and different visual inputs in the same step (checked first):
+    `train.align_processes` must make both run the same forward passes, or the collectives diverge."""
     import torch
 
     from vlm2vec.data import TrainBatches, load_train_data
@@ -82,11 +108,21 @@ def test_zero2_two_ranks_train_on_image_video_document_batches(tmp_path) -> None
     from vlm2vec.synthetic import write_synthetic_v2_train
 
     train = write_synthetic_v2_train(tmp_path / "data", rows=6)
+    ds_config = os.path.join(REPO, "configs", f"ds_zero{stage}.json")
+    if stage == 3:
+        counts = _chunk_counts(train, 60, 2)
+        assert any(c[0] != c[1] for c in counts), f"ranks never differ in chunk counts: {counts}"
+        with open(ds_config) as f:
+            ds = json.load(f)
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        ds_config = str(tmp_path / "ds_zero3.json")
+        with open(ds_config, "w") as f:
+            json.dump(ds, f)
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [
         "deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "vlm2vec/train.py",
-        "--ds_config", "configs/ds_zero2.json", "--output_dir", str(out), "--model_name", "tiny:qwen2_vl",
+        "--ds_config", ds_config, "--output_dir", str(out), "--model_name", "tiny:qwen2_vl",
         "--dataset_name", str(train), "--max_steps", "2", "--per_device_train_batch_size", "3",
         "--gc_max_visual_tokens", "60", "--subset_weights", "uniform", "--disable_tqdm",
     ]  # fmt: skip
@@ -96,7 +132,7 @@ def test_zero2_two_ranks_train_on_image_video_document_batches(tmp_path) -> None
     assert [r["step"] for r in log] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0 for r in log)
     saved = json.loads((out / "train_config.json").read_text())
-    assert saved["world_size"] == 2 and saved["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert saved["world_size"] == 2 and saved["deepspeed"]["zero_optimization"]["stage"] == stage
     assert saved["options"]["gc_max_visual_tokens"] == 60
     # step 1's global batch (a pure function of seed and step) held image, video and document rows
     rows = TrainBatches(load_train_data(train), 6, seed=saved["options"]["seed"], weights="uniform")[0]

@@ -1150,10 +1150,17 @@ class ChunkCollator:
         return groups
 
     def _chunks(
-        self, texts: list[str], images: list, videos: list, size: int | None, segment: int | None = None
+        self,
+        texts: list[str],
+        images: list,
+        videos: list,
+        size: int | None,
+        segment: int | None = None,
+        min_chunks: int = 0,
     ) -> tuple[list[int], list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
         """(row order, prepared chunks) or the rows (batch indices) that prepare rejects. `segment`: rows
-        per group that chunks never cross (task-wise batching)."""
+        per group that chunks never cross (task-wise batching). `min_chunks`: split the chunks with the
+        most rows in two until there are at least this many (GradCache is exact for any chunking)."""
         try:
             lengths = self._lengths(texts, images, videos)
         except ValueError:  # a row cannot even be measured: find it row by row below
@@ -1175,6 +1182,10 @@ class ChunkCollator:
                     [[r] for r in part] if self.max_tokens is not None else self._groups(part, None, size)
                 )
             order += part
+        while len(groups) < min_chunks and max(map(len, groups), default=0) > 1:
+            k = max(range(len(groups)), key=lambda i: len(groups[i]))  # in place: groups still tile order
+            half = len(groups[k]) // 2
+            groups[k : k + 1] = [groups[k][:half], groups[k][half:]]
         chunks, failures = [], []
         for rows in groups:
             try:
@@ -1193,7 +1204,9 @@ class ChunkCollator:
                 failures.extend(bad or [(r, err) for r in rows])
         return order, chunks, failures
 
-    def __call__(self, batch: ContrastiveBatch) -> PreparedBatch:
+    def __call__(self, batch: ContrastiveBatch, min_chunks: tuple[int, int] = (0, 0)) -> PreparedBatch:
+        """`min_chunks`: at least this many (query, candidate) chunks where the rows allow it (ZeRO-3
+        needs the same number of forward passes on every process, see `train.align_processes`)."""
         g = batch.num_negatives + 1
         skipped = list(batch.skipped)
         kept = list(range(len(batch)))  # original index of each remaining query
@@ -1202,7 +1215,12 @@ class ChunkCollator:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
             q_seg = self.group_size if self.group_size and len(batch) % self.group_size == 0 else None
             q_order, q_chunks, q_fail = self._chunks(
-                batch.query_texts, batch.query_images, batch.videos("query"), self.query_chunk_size, q_seg
+                batch.query_texts,
+                batch.query_images,
+                batch.videos("query"),
+                self.query_chunk_size,
+                q_seg,
+                min_chunks[0],
             )
             c_order, c_chunks, c_fail = self._chunks(
                 batch.cand_texts,
@@ -1210,6 +1228,7 @@ class ChunkCollator:
                 batch.videos("cand"),
                 self.cand_chunk_size,
                 q_seg and q_seg * g,
+                min_chunks[1],
             )
             if not q_fail and not c_fail:
                 break

@@ -10,7 +10,7 @@ One training step (the loop in `train`):
 
     batches[step]           rows of this step for this process, chosen by (seed, step) only
     collate(batch)          model inputs per GradCache chunk, each padded to its own longest row
-    align_vision_paths      ranks agree per chunk on vision runs (dummy image passes, weight 0: ZeRO-3)
+    align_processes         ranks agree on chunk counts and per chunk on vision runs (ZeRO-3)
     contrastive_step(...)   chunks encoded without keeping activations -> loss over the global batch
     engine.backward(loss)   loss gradient -> each chunk re-encoded (same RNG) and back-propagated;
                             gradients reduced across processes once
@@ -146,38 +146,48 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def align_vision_paths(batch: Any, zero_stage: int) -> None:
-    """Make every process run the vision path equally often in each chunk of this step.
+def align_processes(raw: Any, batch: Any, collate: Any, zero_stage: int) -> Any:
+    """This step's prepared batch, made to run the same submodules as every other process's.
 
     ZeRO-3 fetches each submodule's weights with collectives as the forward reaches it, so all ranks
-    must run the same submodules in the same order. A chunk's vision path runs once per kind of visual
-    input (`model.visual_calls`); rows differ across ranks (one rank's chunk is text-only, another's
-    has an image), so one all_reduce per step agrees, chunk by chunk, on the most vision runs any rank
-    needs, and a rank with fewer adds zero-weighted dummy image passes (`VLM2Vec.forward`): the
-    embeddings and gradients are exactly those without them. Done at every stage, so the path never
-    depends on the stage; with one process there is nothing to agree on."""
+    must run the same submodules in the same order. Two things differ across ranks with their rows:
+    - the number of GradCache chunks (forward passes), when chunks are sized by a token budget: one
+      all_reduce agrees on the most chunks any rank has, and a rank with fewer re-collates its rows
+      into that many (its largest chunks split; GradCache is exact for any chunking);
+    - the vision path's runs per chunk, once per kind of visual input (`model.visual_calls`): one
+      rank's chunk is text-only, another's has an image. One all_reduce agrees, chunk by chunk, on the
+      most vision runs any rank needs, and a rank with fewer adds zero-weighted dummy image passes
+      (`VLM2Vec.forward`): the embeddings and gradients are exactly those without them.
+    Done at every stage, so the path never depends on the stage; with one process there is nothing to
+    agree on. ZeRO 0-2 hold whole weights, so there different chunk counts issue no other collectives."""
     from vlm2vec.model import DUMMY_VISION_KEY, visual_calls
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    chunks = list(batch.query_chunks) + list(batch.cand_chunks)
+        return batch
     counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
-    extremes = torch.cat([counts, -counts])
-    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-    if not torch.equal(extremes[:2], -extremes[2:]):
+    most = counts.clone()
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    if zero_stage == 3 and not torch.equal(counts, most) and not batch.skipped:
+        batch = collate(raw, min_chunks=tuple(most.tolist()))
+        counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
+    fewest = -counts
+    dist.all_reduce(fewest, op=dist.ReduceOp.MAX)
+    if not torch.equal(most, -fewest):
         if zero_stage == 3:
             raise ConfigError(
                 "the processes have different numbers of GradCache chunks this step (rows dropped by "
                 "--skip_bad_rows); ZeRO-3 needs the same on every rank: fix the rows, drop "
                 "--skip_bad_rows, or use a ZeRO 0-2 config"
             )
-        return  # ZeRO 0-2 hold whole weights: a different path issues no different collectives
+        return batch
+    chunks = list(batch.query_chunks) + list(batch.cand_chunks)
     calls = torch.tensor([visual_calls(chunk) for chunk in chunks])
-    most = calls.clone()
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    for chunk, mine, needed in zip(chunks, calls.tolist(), most.tolist()):
-        if needed > mine:
-            chunk[DUMMY_VISION_KEY] = needed - mine
+    needed = calls.clone()
+    dist.all_reduce(needed, op=dist.ReduceOp.MAX)
+    for chunk, mine, n in zip(chunks, calls.tolist(), needed.tolist()):
+        if n > mine:
+            chunk[DUMMY_VISION_KEY] = n - mine
+    return batch
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -564,8 +574,8 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         for step, raw, batch in _prepared_batches(
             batches, collate, start, total_steps, config.dataloader_num_workers, config.seed
         ):
+            batch = align_processes(raw, batch, collate, zero_stage)
             loss_fn = _loss_fn(config.temperature, batch.targets, group, config.symmetric_loss)
-            align_vision_paths(batch, zero_stage)
             with model.reuse_vision_features() if reuse else contextlib.nullcontext():
                 loss = contrastive_step(
                     engine.module,
