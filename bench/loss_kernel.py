@@ -390,7 +390,7 @@ def _fused_sweep_cases(eng, q, c) -> dict:
 def best_configs(sweep_rows: list[dict]) -> str:
     """VLM2VEC_TRITON_CONFIG value naming the fastest lse and probs tiles at the largest swept B
     (the defaults count as candidates)."""
-    from vlm2vec_kernels import triton_contrastive as eng
+    from vlm2vec_kernels import triton_engine as eng
 
     rows = [r for r in sweep_rows if r.get("p50_ms") not in ("", None)]
     if not rows:
@@ -420,7 +420,7 @@ def run_sweep(
     row goes to `emit` as soon as it is measured."""
     import torch
     import triton
-    from vlm2vec_kernels import triton_contrastive as eng
+    from vlm2vec_kernels import triton_engine as eng
 
     rows = []
     for B in sizes:

@@ -85,8 +85,8 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dic
 
 def shipped_configurations() -> list[dict]:
     """Every (kernel, tile config, dtype, specialisation) the launchers can send to an H100."""
-    from .triton_contrastive import GPU_CONFIGS, GROUP_M, KERNELS, MERGE_BLOCK, dot_precision
-    from .triton_contrastive_kernels import lse_merge_kernel
+    from .triton_engine import GPU_CONFIGS, GROUP_M, KERNELS, MERGE_BLOCK, dot_precision
+    from .triton_kernels import lse_merge_kernel
 
     torch_names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     out = []
