@@ -118,7 +118,11 @@ else
 fi
 
 # 7. one training step on a real backbone size (random Qwen2-VL-2B-shaped model) + CUDA-dropout exactness
-phase train_step 240 $PY bench/train_step_device.py --out "$OUT"
+if [ "$DRY" = 1 ]; then
+  phase train_step 240 $PY bench/train_step_device.py --out "$OUT" --dry
+else
+  phase train_step 240 $PY bench/train_step_device.py --out "$OUT"
+fi
 
 # ---- HOOK: extra device checks (e.g. the lead's training-step benchmark) ---------------------------
 # Put commands in bench/device_extra.sh (run with the same environment; $OUT and phase() available)
