@@ -600,6 +600,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         results = train_eval.baselines(engine.module, data, config.eval_data, eval_dir, zero_stage, show)
         for key, scores in results.items():
             log.scores(0, key, scores)
+        log.t0 = time.perf_counter()  # samples/s of the steps alone
     if plan is not None:
         saved_world = plan.state.get("world_size", world)
         how = f" (written by {saved_world} processes)" if saved_world != world else ""

@@ -23,11 +23,12 @@ BASELINES_FILE = "baselines.json"
 EVAL_BATCH = 64
 
 
-def weights_fingerprint(model: Any, label: str) -> str:
-    """Identity of an in-memory model for the embedding cache: a hash of every trained weight."""
+def weights_fingerprint(model: Any, label: str, skip: str | None = None) -> str:
+    """Identity of an in-memory model: a hash of every trainable weight (names containing `skip` left
+    out) and `label`."""
     h = hashlib.sha256(label.encode())
     for name, p in sorted(model.named_parameters()):
-        if p.requires_grad or "lora" in name or "projector" in name:
+        if (p.requires_grad or "projector" in name) and not (skip and skip in name):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -91,8 +92,8 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
     from vlm2vec.eval import evaluate
     from vlm2vec.probe import RidgeProbe, has_frozen_features
 
-    with _eval_mode(model, zero_stage):
-        key = weights_fingerprint(model, f"{os.path.abspath(eval_data)}|{data.sizes()}")
+    with _eval_mode(model, zero_stage):  # LoRA starts as the identity: its random A changes nothing yet
+        key = weights_fingerprint(model, f"{os.path.abspath(eval_data)}|{data.sizes()}", skip="lora_")
     path = Path(out_dir) / BASELINES_FILE
     cached = [None]
     if _rank() == 0 and path.is_file():
