@@ -1,6 +1,6 @@
 """The trainer's default run through the published entry point, made tiny (2 steps, a small subset of
 the emoji + OpenClipArt data): real EfficientNet-Lite0 + MiniLM weights, GradCache + DeepSpeed ZeRO-2
-on 2 gloo ranks, evaluation of the baselines and the trained model on all ranks. A hang fails the test
+and ZeRO-3 on 2 gloo ranks, evaluation of the baselines and the trained model on all ranks. A hang fails the test
 (subprocess timeout) instead of waiting for DeepSpeed's 10-minute collective timeout."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -23,7 +25,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_default_run_on_two_ranks_trains_and_evaluates_like_the_cli(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_default_run_on_two_ranks_trains_and_evaluates_like_the_cli(tmp_path, stage):
     from safetensors.torch import load_file
 
     from vlm2vec.model import VLM2Vec
@@ -32,7 +36,7 @@ def test_default_run_on_two_ranks_trains_and_evaluates_like_the_cli(tmp_path):
     # the default run, made small: 2 steps of 8 pairs in 2 GradCache chunks per side, 16 + 12 emoji and
     # the first 80 OpenClipArt drawings (10 texts held out); evaluation also after step 1
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "vlm2vec/train.py",
-           "--ds_config", "configs/ds_zero2.json", "--output_dir", str(out), "--demo_dir", str(cache),
+           "--ds_config", f"configs/ds_zero{stage}.json", "--output_dir", str(out), "--demo_dir", str(cache),
            "--max_steps", "2", "--demo_n_train", "16", "--demo_n_eval", "12", "--demo_clipart_drawings",
            "80", "--demo_clipart_n_eval", "10", "--train_batch_size", "8", "--gc_q_chunk_size", "4",
            "--gc_p_chunk_size", "4", "--warmup_steps", "0", "--eval_steps", "1",

@@ -3,8 +3,9 @@ ranks together, plus the two baselines it must beat, computed once and cached.
 
 Why every rank: `vlm2vec.eval.evaluate` splits the embedding work over the ranks and meets them in
 barriers / a gather, so each rank enters the same evaluations in the same order (the trainer calls
-these functions at the same steps everywhere). Under ZeRO-3 the weights are gathered first, so each
-rank can run as many forward passes as its shard needs without the others.
+these functions at the same steps everywhere). Under ZeRO 0-2 each rank embeds its shard alone; under
+ZeRO-3 every forward pass gathers weights with collectives, so there every rank embeds every input in
+the same order instead.
 """
 
 from __future__ import annotations
@@ -34,16 +35,19 @@ def weights_fingerprint(model: Any, label: str, skip: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _eval_mode(model: Any, zero_stage: int):
-    """Whole weights (gathered under ZeRO-3), eval mode, no grad; train mode again afterwards."""
-    gather = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
+def _gathered(model: Any, zero_stage: int) -> Any:
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    """Eval mode, no grad; train mode again afterwards."""
     was_training = model.training
-    with gather, torch.no_grad():
+    with torch.no_grad():
         model.eval()
         try:
             yield
@@ -62,9 +66,10 @@ def evaluate_model(
     and table.md in out_dir, exactly what `python -m vlm2vec.eval` writes for the saved model."""
     from vlm2vec.eval import encoder_of, evaluate
 
-    with _eval_mode(model, zero_stage):
+    with _eval_mode(model):  # ZeRO-3: each forward gathers weights, so every rank embeds everything
         return evaluate(encoder_of(model, EVAL_BATCH), eval_data, out_dir=out_dir, use_cache=False,
-                        batch_size=EVAL_BATCH, label=label, show_progress=show_progress)  # fmt: skip
+                        batch_size=EVAL_BATCH, label=label, show_progress=show_progress,
+                        shard=zero_stage != 3)  # fmt: skip
 
 
 def _probe_pairs(data: Any) -> tuple[list[Any], list[str]]:
@@ -92,7 +97,7 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
     from vlm2vec.eval import evaluate
     from vlm2vec.probe import RidgeProbe, has_frozen_features
 
-    with _eval_mode(model, zero_stage):  # LoRA starts as the identity: its random A changes nothing yet
+    with _gathered(model, zero_stage):  # LoRA starts as the identity: its random A changes nothing yet
         key = weights_fingerprint(model, f"{os.path.abspath(eval_data)}|{data.sizes()}", skip="lora_")
     path = Path(out_dir) / BASELINES_FILE
     cached = [None]
@@ -106,11 +111,12 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
     results = {"untrained": evaluate_model(model, eval_data, f"{out_dir}/untrained", "untrained model",
                                            zero_stage, show_progress)}  # fmt: skip
     if has_frozen_features(model):
-        with _eval_mode(model, zero_stage):
+        with _eval_mode(model):
             probe = RidgeProbe.fit(model, *_probe_pairs(data), batch=EVAL_BATCH)
             results["probe"] = evaluate(
                 probe, eval_data, out_dir=f"{out_dir}/probe", use_cache=False, batch_size=EVAL_BATCH,
                 label=f"frozen-feature ridge probe (lambda {probe.lam:g})", show_progress=show_progress,
+                shard=zero_stage != 3,
             )  # fmt: skip
     if _rank() != 0:
         return {}
