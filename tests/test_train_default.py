@@ -1,7 +1,7 @@
 """The trainer's default run through the published entry point, made tiny (2 steps, a small subset of
 the emoji + OpenClipArt data): real EfficientNet-Lite0 + MiniLM weights, GradCache + DeepSpeed ZeRO-2
-and ZeRO-3 on 2 gloo ranks, evaluation of the baselines and the trained model on all ranks. A hang fails the test
-(subprocess timeout) instead of waiting for DeepSpeed's 10-minute collective timeout."""
+and ZeRO-3 on 2 gloo ranks, evaluation of the baselines and the trained model on all ranks. A hang
+fails the test (subprocess timeout) instead of waiting for DeepSpeed's 10-minute collective timeout."""
 
 from __future__ import annotations
 
