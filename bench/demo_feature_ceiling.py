@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from vlm2vec.demo.emoji_data import build_emoji_dataset
-from vlm2vec.demo.run import DemoRecipe, _open_images, load_demo_model
+from vlm2vec.demo.recipe import load_demo_model
 
 
 @torch.no_grad()
@@ -125,12 +126,12 @@ def main() -> None:
     train = torch.tensor([it["split"] == "train" for it in items])
     held = ~train
 
-    model = load_demo_model(DemoRecipe())
+    model = load_demo_model()
     featurizer = model.processor.featurizer
     from vlm2vec.demo.family import _efficientnet_lite0
 
     net = _efficientnet_lite0()
-    images = _open_images(data_dir, [it["image"] for it in items])
+    images = [Image.open(data_dir / it["image"]).convert("RGB") for it in items]
     feats: dict[str, list[torch.Tensor]] = {"pooled": [], "stages": []}
     for s in range(0, len(images), 64):
         batch = efficientnet_features(net, torch.stack([featurizer.pixels(im) for im in images[s : s + 64]]))

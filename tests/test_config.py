@@ -74,27 +74,20 @@ def test_help_lists_every_option_with_its_default(capsys):
 
 
 def test_default_run_takes_the_demo_recipe_unless_set():
-    from vlm2vec.demo.run import DemoRecipe
+    from vlm2vec.demo.recipe import RECIPE
 
-    recipe = DemoRecipe()
     config = load_config([], validate=False)
-    assert config.model_name == "demo:emoji"
-    assert (config.max_steps, config.train_batch_size, config.learning_rate) == (
-        recipe.steps,
-        recipe.batch_size,
-        recipe.lr,
-    )
-    assert (config.temperature, config.symmetric_loss) == (recipe.temperature, recipe.symmetric)
-    assert config.lora_r == recipe.lora_r
-    assert config.subset_name == list(recipe.train_sets) and config.pooling == recipe.pooling
+    assert config.model_name == "demo:emoji" and config.dataset_name is None and config.eval_data is None
+    assert {k: getattr(config, k) for k in RECIPE} == RECIPE
     config = load_config(
         ["--max_steps", "2", "--per_device_train_batch_size", "4", "--temperature", "0.1"], validate=False
     )
     assert (config.max_steps, config.per_device_train_batch_size, config.temperature) == (2, 4, 0.1)
-    assert config.train_batch_size is None and config.learning_rate == recipe.lr
+    assert config.train_batch_size is None and config.learning_rate == RECIPE["learning_rate"]
     tiny = load_config(["--model_name", "tiny:qwen2_vl"], validate=False)
     assert (tiny.max_steps, tiny.temperature, tiny.symmetric_loss) == (60, 0.02, False)  # plain defaults
     assert "demo_n_eval" in _error(["--demo_n_train", "900", "--demo_n_eval", "1000"])
+    assert "--eval_data" in _error(["--eval_data", "/nonexistent/eval"])
 
 
 def test_yaml_then_command_line(tmp_path):

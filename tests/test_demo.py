@@ -1,11 +1,10 @@
 """The embedded demo: the emoji data builder on real font renderings and real Unicode names, the demo
-backbone family, and a 2-step end-to-end run of the demo on a small subset with the real small model."""
+backbone family (the default run itself: tests/test_train_default.py)."""
 
 import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vlm2vec.data import load_eval_dataset, load_train_data
@@ -124,52 +123,3 @@ def test_demo_family_prepare_and_features_cache(tmp_path):
     assert calls == [1]
     with pytest.raises(ValueError, match="placeholder but no image"):
         model.prepare(["<|image_1|> x"], [None])
-
-
-@pytest.mark.slow
-def test_two_step_demo_run_end_to_end(tmp_path):
-    """Data -> features -> untrained + probe baselines -> 2 training steps through an injected train_fn
-    -> evaluation -> report; then the saved trained model reloads to the same embeddings."""
-    from vlm2vec import VLM2Vec
-    from vlm2vec.demo.run import DemoRecipe, plain_train, run_demo
-
-    calls = []
-
-    def train_fn(model, spec):
-        calls.append(spec)
-        before = {n: p.detach().clone() for n, p in model.backbone.named_parameters() if "projector" in n}
-        trained = plain_train(model, spec)
-        after = {n.replace("modules_to_save.default.", ""): p for n, p in trained.backbone.named_parameters()
-                 if "projector.modules_to_save" in n}  # fmt: skip
-        assert any(not torch.equal(before[k.replace("base_model.model.", "")], v) for k, v in after.items())
-        calls.append(trained)
-        return trained
-
-    recipe = DemoRecipe(steps=2, batch_size=4, eval_batch_size=16, warmup_steps=1)
-    summary = run_demo(tmp_path / "demo", train_fn=train_fn, recipe=recipe, n_train=8, n_eval=12,
-                       show_progress=False)  # fmt: skip
-    assert len(calls) == 2 and calls[0].train_dir == tmp_path / "demo" / "data" / "train"
-    assert len(calls[0].log) == 2 and all(np.isfinite(r["loss"]) for r in calls[0].log)
-    results = summary["results"]
-    assert list(results) == ["untrained", "probe", "trained"]
-    for res in results.values():
-        assert set(res["datasets"]) == {"EmojiI2T", "EmojiT2I", "EmojiGroup"}
-        for metrics in res["datasets"].values():
-            assert 0.0 <= metrics["p_at_1"] <= metrics["hit_at_5"] <= 1.0 and metrics["n_queries"] == 12
-        assert res["datasets"]["EmojiI2T"]["n_candidates_max"] == 12
-        assert res["datasets"]["EmojiGroup"]["n_candidates_max"] == 9
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "frozen-features linear probe" in report and "| Model | Classification |" in report
-    assert json.loads((tmp_path / "demo" / "demo_scores.json").read_text())["n_eval"] == 12
-
-    # the trained directory loads through the public API and embeds like the in-memory model did
-    reloaded = VLM2Vec.from_pretrained(str(tmp_path / "demo" / "model"))
-    assert reloaded.processor.featurizer.cache_file == str(tmp_path / "demo" / "features-grid0.pt")
-    items = [
-        json.loads(line) for line in (tmp_path / "demo" / "data" / "items.jsonl").read_text().splitlines()
-    ]
-    img = Image.open(tmp_path / "demo" / "data" / items[0]["image"]).convert("RGB")
-    texts = ["<|image_1|> Find the name of this emoji.", items[0]["name"]]
-    again = reloaded.encode(texts, [img, None], show_progress=False)
-    expected = calls[1].encode(texts, [img, None], show_progress=False)
-    assert again.shape == (2, 384) and torch.allclose(again, expected, atol=1e-5)

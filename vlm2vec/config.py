@@ -29,7 +29,7 @@ POOLINGS = ("last", "mean")
 RESOLUTIONS = ("low", "high", "native")
 REPORT_TO = ("tensorboard", "none")
 TINY_PREFIX = "tiny:"
-DEMO_MODEL = "demo:emoji"  # the default run: the embedded emoji demo (vlm2vec/demo_default.py)
+DEMO_MODEL = "demo:emoji"  # the default model: EfficientNet-Lite0 + MiniLM (vlm2vec/demo/family.py)
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # the reference implementation's `--model_backbone` values -> our family names
@@ -157,12 +157,23 @@ class TrainConfig:
     sort_by_length: bool = _opt(True, "group rows of similar length into the same GradCache chunk")
     dataloader_num_workers: int = _opt(0, "background processes that load and prepare batches")
     demo_dir: str = _opt(
-        "runs/emoji_demo",
-        f"{DEMO_MODEL}: where the emoji data, image features and "
-        "baseline evaluations are built once and reused",
+        "runs/default_data",
+        f"{DEMO_MODEL} without --dataset_name: where the default data (emoji + OpenClipArt, from Debian "
+        "packages) and its image features are built once and reused",
     )
-    demo_n_train: int = _opt(870, f"{DEMO_MODEL}: training emoji (fewer: a quick subset run)")
-    demo_n_eval: int = _opt(1000, f"{DEMO_MODEL}: held-out emoji = retrieval candidates (fewer: quick run)")
+    demo_n_train: int = _opt(870, f"{DEMO_MODEL} default data: training emoji (fewer: a quick subset run)")
+    demo_n_eval: int = _opt(1000, f"{DEMO_MODEL} default data: held-out emoji (fewer: a quick subset run)")
+    demo_clipart_n_eval: int = _opt(800, f"{DEMO_MODEL} default data: held-out OpenClipArt texts")
+    demo_clipart_drawings: int | None = _opt(
+        None, f"{DEMO_MODEL} default data: only the first N OpenClipArt drawings (a quick subset run)"
+    )
+    eval_data: str | None = _opt(
+        None,
+        "MMEB-format eval directory scored after training (and every --eval_steps) on all ranks, with the "
+        "untrained model and a frozen-feature probe as baselines; default: the default data's held-out "
+        f"split for {DEMO_MODEL} without --dataset_name, else none",
+    )
+    eval_steps: int = _opt(0, "also evaluate every N steps (0: only after training)")
 
     # --- step ------------------------------------------------------------------------------------
     per_device_train_batch_size: int = _opt(8, "queries per process per step")
@@ -244,16 +255,23 @@ class TrainConfig:
             "logging_steps",
             "demo_n_train",
             "demo_n_eval",
+            "demo_clipart_n_eval",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops",
-                     "gc_max_visual_tokens", "interleave_batch_size"):  # fmt: skip
+                     "gc_max_visual_tokens", "interleave_batch_size", "demo_clipart_drawings"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {value}")
-        for name in ("warmup_steps", "save_steps", "num_hard_negatives", "dataloader_num_workers"):
+        for name in (
+            "warmup_steps",
+            "save_steps",
+            "eval_steps",
+            "num_hard_negatives",
+            "dataloader_num_workers",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("temperature", "learning_rate", "adam_epsilon"):
@@ -327,6 +345,11 @@ class TrainConfig:
 
     def _validate_paths(self) -> None:
         from vlm2vec.data import parse_sources
+
+        if self.eval_data and not os.path.isfile(os.path.join(self.eval_data, "datasets.json")):
+            raise ConfigError(
+                f"--eval_data {self.eval_data!r}: no datasets.json there (an MMEB eval directory)"
+            )
 
         try:
             sources = [src for src, _ in parse_sources(self.dataset_name)] if self.dataset_name else []
@@ -479,15 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_epilog() -> str:
-    from vlm2vec.demo_default import recipe_defaults
+    from vlm2vec.demo.recipe import RECIPE
 
-    shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in recipe_defaults().items()}
+    shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in RECIPE.items()}
     values = ", ".join(f"--{k} {v}" for k, v in shown.items())
     return (
-        f"default run (--model_name {DEMO_MODEL}): builds the emoji data set in --demo_dir, evaluates "
-        "the untrained model and a linear probe, trains LoRA on MiniLM + the projector with GradCache "
-        "under DeepSpeed, evaluates the trained model and prints the table (image->name P@1 last). "
-        f"Options not set take the demo recipe's values instead of the defaults above: {values}."
+        f"default run (--model_name {DEMO_MODEL}): without --dataset_name, trains on the default data "
+        "(emoji + OpenClipArt, built once in --demo_dir) and evaluates on its held-out split "
+        "(--eval_data), with the untrained model and a frozen-feature probe as baselines. "
+        f"Options not set take the recipe's values (vlm2vec/demo/recipe.py) instead of the defaults above: "
+        f"{values}."
     )
 
 
@@ -584,10 +608,18 @@ def load_config(argv: Sequence[str] | None = None, *, validate: bool = True) -> 
     config.explicit = frozenset(values)
     config.ignored = tuple(ignored)
     if config.model_name == DEMO_MODEL:
-        from vlm2vec.demo_default import apply_demo_defaults
-
-        config = apply_demo_defaults(config)
+        config = _with_recipe(config)
     return config.validate() if validate else config
+
+
+def _with_recipe(config: TrainConfig) -> TrainConfig:
+    """The default model's recipe values for every option the user left unset (YAML or flags win)."""
+    from vlm2vec.demo.recipe import RECIPE
+
+    values = {k: v for k, v in RECIPE.items() if k not in config.explicit}
+    if "per_device_train_batch_size" in config.explicit:  # the user's per-device size wins over the batch
+        values.pop("train_batch_size", None)
+    return dataclasses.replace(config, **values)
 
 
 # --------------------------------------------------------------------------------------------- DeepSpeed

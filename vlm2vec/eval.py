@@ -339,16 +339,20 @@ def evaluate(
     use_cache: bool = True,
     label: str = "this model",
     show_progress: bool = True,
+    shard: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate an encoder on MMEB-format data; returns the scores dict on rank 0 (None elsewhere) and,
     with out_dir, writes scores.json and table.md there. `encode(texts, images) -> [N, D]`.
 
     Multi-process: call on every rank after `torch.distributed` is initialised; the ranks split the
     embedding work and rank 0 scores. cache_dir (default out_dir/embeddings; none with use_cache=False)
-    holds resumable parts."""
+    holds resumable parts. shard=False: every rank embeds every input in the same order (a model whose
+    forward passes are collectives, e.g. ZeRO-3 partitioned weights; no cache then)."""
     from vlm2vec.data import DataError, load_eval_dataset, load_image
 
     rank, world_size = _dist_rank_world()
+    if not shard:
+        use_cache = False
     names = dataset_names(data, datasets)
     meta = dataset_meta(data, names)
     if cache_dir is None and out_dir is not None:
@@ -372,11 +376,13 @@ def evaluate(
             return load_image(path, _set.image_root, f"dataset {_set.name!r}, input {i}")
 
         done = embed_inputs(
-            inputs, encode, load, cache=cache, batch_size=batch_size, rank=rank, world_size=world_size,
-            desc=f"{name} ({len(inputs.texts)} distinct inputs)", show_progress=show_progress,
+            inputs, encode, load, cache=cache, batch_size=batch_size,
+            rank=rank if shard else 0, world_size=world_size if shard else 1,
+            desc=f"{name} ({len(inputs.texts)} distinct inputs)", show_progress=show_progress and rank == 0,
         )  # fmt: skip
         _barrier(world_size)
-        done = _gather_to_rank0(done, rank, world_size)
+        if shard:
+            done = _gather_to_rank0(done, rank, world_size)
         if rank == 0:
             metrics = score_dataset(inputs, done, name)
             results[name] = {

@@ -1,7 +1,9 @@
 """Train a VLM2Vec embedding model: `deepspeed vlm2vec/train.py --ds_config configs/ds_zero2.json`.
 
-With no other argument this trains the embedded default on the CPU: the emoji demo (a small real model
-on real data, vlm2vec/demo_default.py), evaluated before and after training.
+With no other argument this trains the defaults on the CPU: a small real model (EfficientNet-Lite0 +
+MiniLM, `--model_name demo:emoji`, recipe in vlm2vec/demo/recipe.py) on real image-text pairs built from
+Debian packages (emoji + OpenClipArt, vlm2vec/demo/default_data.py), evaluated on their held-out split
+against the untrained model and a frozen-feature probe (`--eval_data`, vlm2vec/train_eval.py).
 `--config configs/<setup>.yaml` and `--key value` flags select a real setup; the VLM2Vec reference
 implementation's flags are accepted too (see vlm2vec/config.py, `--help`).
 Launchers: `deepspeed` (any ZeRO stage), `torchrun`, or plain `python vlm2vec/train.py` (one process).
@@ -26,6 +28,7 @@ if __name__ == "__main__" and not __package__:  # run as a script: sibling files
     sys.path.pop(0)
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -40,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from vlm2vec import checkpoint as ckpt
+from vlm2vec import train_eval
 from vlm2vec.config import (
     DEMO_MODEL,
     TINY_PREFIX,
@@ -70,6 +74,7 @@ class TrainResult:
     last_step: int
     losses: dict[int, float] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
+    eval: dict[str, Any] = field(default_factory=dict)  # rank 0 with --eval_data: model -> scores
     engine: Any = field(default=None, repr=False)
 
 
@@ -221,10 +226,12 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
     if base is not None:
         model = base
     elif config.model_name == DEMO_MODEL:
-        from vlm2vec.demo.run import load_demo_model
-        from vlm2vec.demo_default import recipe_of
+        from vlm2vec.demo.default_data import FEATURE_FILE
+        from vlm2vec.demo.recipe import load_demo_model
 
-        model = load_demo_model(recipe_of(config, dist.get_world_size() if dist.is_initialized() else 1))
+        # image features precomputed next to the training data, when its builder cached them
+        cache = os.path.join(os.path.dirname(os.path.abspath(config.dataset_name or ".")), FEATURE_FILE)
+        model = load_demo_model(config.seed, config.pooling, cache if os.path.isfile(cache) else None)
     elif config.checkpoint_path:
         model = VLM2Vec.from_pretrained(
             config.checkpoint_path,
@@ -302,6 +309,26 @@ def default_train_data(output_dir: str) -> str:
     if dist.is_initialized():
         dist.barrier()
     return os.path.join(root, "train")
+
+
+def with_default_data(config: TrainConfig) -> TrainConfig:
+    """The default model without --dataset_name trains on the default data (emoji + OpenClipArt, built
+    once by rank 0 in --demo_dir) and, unless --eval_data is given, evaluates on its held-out split."""
+    if config.model_name != DEMO_MODEL or config.dataset_name or config.checkpoint_path:
+        return config
+    from vlm2vec.demo.default_data import build_default_dataset
+
+    root = os.path.join(config.demo_dir, "data")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        build_default_dataset(
+            root, emoji_n_train=config.demo_n_train, emoji_n_eval=config.demo_n_eval,
+            clipart_n_eval=config.demo_clipart_n_eval, clipart_limit=config.demo_clipart_drawings,
+            show_progress=not config.disable_tqdm,
+        )  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()
+    eval_data = config.eval_data or os.path.join(root, "eval")
+    return dataclasses.replace(config, dataset_name=os.path.join(root, "train"), eval_data=eval_data)
 
 
 def load_data(config: TrainConfig) -> Any:
@@ -419,6 +446,18 @@ class RunLog:
             for key in ("loss", "lr", "grad_norm", "samples_per_s"):
                 if isinstance(record.get(key), int | float):
                     self.writer.add_scalar(f"train/{key}", record[key], step + 1)
+
+    def scores(self, step: int, key: str, scores: dict[str, Any] | None) -> None:
+        """One evaluation's P@1 per task (and overall) as a log line and TensorBoard scalars."""
+        if self.rank != 0 or scores is None:
+            return
+        p_at_1 = {name: m["p_at_1"] for name, m in scores["datasets"].items()}
+        p_at_1["overall"] = scores["aggregate"]["Overall"]["p_at_1"]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "eval": key, "p_at_1": p_at_1}) + "\n")
+        if self.writer is not None:
+            for name, value in p_at_1.items():
+                self.writer.add_scalar(f"eval_{key}/{name}", value, step)
 
     def message(self, text: str) -> None:
         if self.rank == 0:
@@ -564,6 +603,14 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         if not ckpt.load_checkpoint(engine, plan):  # restores this rank's RNG when the world is the same
             seed_everything(config.seed + 1000 * rank + start)  # another world size: a fresh stream
     log = RunLog(config, rank, start, total_steps, global_batch)
+    eval_dir = os.path.join(config.output_dir, "eval")
+    show = not config.disable_tqdm
+    results: dict[str, Any] = {}
+    if config.eval_data:  # before the first step: what the training must beat (cached)
+        results = train_eval.baselines(engine.module, data, config.eval_data, eval_dir, zero_stage, show)
+        for key, scores in results.items():
+            log.scores(0, key, scores)
+        log.t0 = time.perf_counter()  # samples/s of the steps alone
     if plan is not None:
         saved_world = plan.state.get("world_size", world)
         how = f" (written by {saved_world} processes)" if saved_world != world else ""
@@ -628,6 +675,13 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
                     total_limit=config.save_total_limit,
                 )
                 saved_at = step + 1
+            if config.eval_data and config.eval_steps and (step + 1) % config.eval_steps == 0:
+                if step + 1 != total_steps:  # the last step's evaluation follows the save
+                    scores = train_eval.evaluate_model(
+                        engine.module, config.eval_data, f"{eval_dir}/step-{step + 1}",
+                        f"step {step + 1}", zero_stage,
+                    )  # fmt: skip
+                    log.scores(step + 1, "trained", scores)
         if saved_at != total_steps:
             ckpt.save_checkpoint(
                 engine,
@@ -640,6 +694,19 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
         save_model(config.output_dir)
         dist.barrier()
         log.message(f"done: {total_steps} steps; model saved to {config.output_dir}")
+        if config.eval_data:  # the saved model, scored as `python -m vlm2vec.eval` scores it
+            scores = train_eval.evaluate_model(
+                engine.module, config.eval_data, f"{eval_dir}/trained", "trained model", zero_stage, show
+            )
+            log.scores(total_steps, "trained", scores)
+            if rank == 0:
+                results["trained"] = scores
+                report = train_eval.table(results)
+                with open(os.path.join(config.output_dir, "report.md"), "w", encoding="utf-8") as f:
+                    f.write(report)
+                log.message(report)
+                log.message(train_eval.headline(config.eval_data, results))
+            result.eval = results
     finally:
         log.close()
     return result
@@ -669,12 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rank == 0:
             print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
-        if config.model_name == DEMO_MODEL and not config.dataset_name and not config.checkpoint_path:
-            from vlm2vec.demo_default import run_default_demo
-
-            run_default_demo(config)  # data, baselines, `train`, evaluation table
-        else:
-            train(config)
+        train(with_default_data(config))
     except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
         print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 1 if isinstance(err, NonFiniteLossError) else 2

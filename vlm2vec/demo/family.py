@@ -59,7 +59,7 @@ class ImageFeaturizer:
 
     Preprocessing follows the TF-Lite models the weights come from: resize to `image_size`, then
     (pixel - 127) / 128. `cache_file`: a torch file of {key: fp16 tensor} loaded on first use and
-    written by `save_cache` (the demo runner precomputes every image once)."""
+    written by `save_cache` (the default data builder precomputes every image once)."""
 
     def __init__(self, image_size: int = 224, image_grid: int = 0, cache_file: str | None = None) -> None:
         if image_size < 32:
