@@ -61,6 +61,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from vlm2vec.demo.emoji_data import rotate_first, write_jsonl
+
 PNG_ROOT = "/usr/share/openclipart/png"
 SVG_ROOT = "/usr/share/openclipart/svg"
 SKIPPED_CATEGORIES = ("computer", "shapes")
@@ -310,13 +312,10 @@ def render(png_path: Path, size: int = IMAGE_SIZE) -> Image.Image:
     return canvas
 
 
-def _rotate_first(items: list, position: int) -> list:
-    return [items[position]] + items[:position] + items[position + 1 :]
-
-
 def eval_rows(texts: list[str], images: list[str], categories: list[str]) -> dict[str, list[dict]]:
     """The held-out tasks: one query per drawing (image->text, category) or per distinct text."""
     distinct = list(dict.fromkeys(t.lower() for t in texts))
+    position = {key: k for k, key in enumerate(distinct)}
     shown = {}  # lower-cased text -> (the text as first seen, its first drawing's image)
     for t, img in zip(texts, images):
         shown.setdefault(t.lower(), (t, img))
@@ -329,7 +328,7 @@ def eval_rows(texts: list[str], images: list[str], categories: list[str]) -> dic
             {
                 "qry_text": I2T_QUERY,
                 "qry_img_path": img,
-                "tgt_text": _rotate_first(cand_texts, distinct.index(t.lower())),
+                "tgt_text": rotate_first(cand_texts, position[t.lower()]),
                 "tgt_img_path": [""] * len(distinct),
             }
         )
@@ -338,7 +337,7 @@ def eval_rows(texts: list[str], images: list[str], categories: list[str]) -> dic
                 {
                     "qry_text": CATEGORY_QUERY,
                     "qry_img_path": img,
-                    "tgt_text": _rotate_first(labels, labels.index(cat)),
+                    "tgt_text": rotate_first(labels, labels.index(cat)),
                     "tgt_img_path": [""] * len(labels),
                 }
             )
@@ -348,7 +347,7 @@ def eval_rows(texts: list[str], images: list[str], categories: list[str]) -> dic
                 "qry_text": T2I_QUERY.format(text=shown[key][0]),
                 "qry_img_path": "",
                 "tgt_text": [IMAGE_TARGET] * len(distinct),
-                "tgt_img_path": _rotate_first(cand_images, k),
+                "tgt_img_path": rotate_first(cand_images, k),
             }
         )
     return {"ClipArtI2T": i2t, "ClipArtT2I": t2i, "ClipArtCategory": category}
@@ -372,14 +371,6 @@ def train_rows(texts: list[str], images: list[str]) -> dict[str, list[dict]]:
         for t, img in zip(texts, images)
     ]
     return {"ClipArtI2T": i2t, "ClipArtT2I": t2i}
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
 
 
 def build_clipart_dataset(
@@ -421,10 +412,10 @@ def build_clipart_dataset(
     for name, rows in eval_rows(
         [texts[i] for i in ev], [image[i] for i in ev], [categories[i] for i in ev]
     ).items():
-        _write_jsonl(out / "eval" / f"{name}.jsonl", rows)
+        write_jsonl(out / "eval" / f"{name}.jsonl", rows)
     (out / "eval" / "datasets.json").write_text(json.dumps(EVAL_SETS, indent=2) + "\n")
     for name, rows in train_rows([texts[i] for i in tr], [image[i] for i in tr]).items():
-        _write_jsonl(out / "train" / f"{name}.jsonl", rows)
+        write_jsonl(out / "train" / f"{name}.jsonl", rows)
     table = [
         {
             "index": i,
@@ -437,7 +428,7 @@ def build_clipart_dataset(
         }
         for i, d in enumerate(drawings)
     ]
-    _write_jsonl(out / "items.jsonl", table)
+    write_jsonl(out / "items.jsonl", table)
     manifest = {
         "settings": settings,
         "source": {"png_root": str(png_root), "svg_root": str(svg_root)},

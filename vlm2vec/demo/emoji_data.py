@@ -128,7 +128,7 @@ def split_indices(n_items: int, n_train: int = N_TRAIN, n_eval: int = N_EVAL, se
     return sorted(order[:n_train].tolist()), sorted(order[n_train : n_train + n_eval].tolist())
 
 
-def _rotate_first(items: list, position: int) -> list:
+def rotate_first(items: list, position: int) -> list:
     """The list with items[position] moved to the front (MMEB: ground truth is candidate 0)."""
     return [items[position]] + items[:position] + items[position + 1 :]
 
@@ -143,7 +143,7 @@ def eval_rows(items: list[Emoji], images: list[str], groups: list[str]) -> dict[
             {
                 "qry_text": I2T_QUERY,
                 "qry_img_path": images[i],
-                "tgt_text": _rotate_first(names, i),
+                "tgt_text": rotate_first(names, i),
                 "tgt_img_path": no_image,
             }
         )
@@ -152,7 +152,7 @@ def eval_rows(items: list[Emoji], images: list[str], groups: list[str]) -> dict[
                 "qry_text": T2I_QUERY.format(name=emoji.name),
                 "qry_img_path": "",
                 "tgt_text": [IMAGE_TARGET] * len(items),
-                "tgt_img_path": _rotate_first(images, i),
+                "tgt_img_path": rotate_first(images, i),
             }
         )
         g = groups.index(emoji.group)
@@ -160,7 +160,7 @@ def eval_rows(items: list[Emoji], images: list[str], groups: list[str]) -> dict[
             {
                 "qry_text": GROUP_QUERY,
                 "qry_img_path": images[i],
-                "tgt_text": _rotate_first(groups, g),
+                "tgt_text": rotate_first(groups, g),
                 "tgt_img_path": [""] * len(groups),
             }
         )
@@ -194,7 +194,8 @@ def train_rows(items: list[Emoji], images: list[str]) -> dict[str, list[dict]]:
     return {"EmojiI2T": i2t, "EmojiT2I": t2i}
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Rows as JSON lines, written to a temporary file first (a build never leaves half a file)."""
     tmp = path.with_suffix(".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -235,16 +236,16 @@ def build_emoji_dataset(
         render_emoji(emoji[i].chars, font).save(out / split / image_of[i])
     held_out = eval_rows([emoji[i] for i in eval_idx], [image_of[i] for i in eval_idx], groups)
     for name, rows in held_out.items():
-        _write_jsonl(out / "eval" / f"{name}.jsonl", rows)
+        write_jsonl(out / "eval" / f"{name}.jsonl", rows)
     (out / "eval" / "datasets.json").write_text(json.dumps(EVAL_SETS, indent=2) + "\n")
     for name, rows in train_rows([emoji[i] for i in train_idx], [image_of[i] for i in train_idx]).items():
-        _write_jsonl(out / "train" / f"{name}.jsonl", rows)
+        write_jsonl(out / "train" / f"{name}.jsonl", rows)
     split_of = {**{i: "train" for i in train_idx}, **{i: "eval" for i in eval_idx}}
     table = [
         {"index": i, **asdict(emoji[i]), "split": split_of[i], "image": f"{split_of[i]}/{image_of[i]}"}
         for i in sorted(split_of)
     ]
-    _write_jsonl(out / "items.jsonl", table)
+    write_jsonl(out / "items.jsonl", table)
     manifest = {
         "settings": settings,
         "source": {"emoji_test_file": str(emoji_test_file), "font_file": str(font_file)},
