@@ -121,12 +121,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _all_reduce(values: list[float] | torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+    """`values` reduced over the processes (as given with one process), returned on the CPU.
+
+    Bookkeeping collectives (losses, flags, chunk counts) start from host values, but NCCL only takes
+    CUDA tensors: the values travel on the device the process group's backend uses."""
+    values = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values.cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = values.to(device)
+    dist.all_reduce(values, op=op)
+    return values.cpu()
+
+
 def _all_mean(value: torch.Tensor) -> float:
-    value = value.detach().float().reshape(1).cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return float(_all_reduce(value.float())) / world
 
 
 def _peak_memory_mib() -> dict[str, int]:
@@ -136,19 +147,13 @@ def _peak_memory_mib() -> dict[str, int]:
     peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]
     if torch.cuda.is_available():
         peaks.append(torch.cuda.max_memory_allocated() // 2**20)
-    value = torch.tensor(peaks, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = _all_reduce(peaks, dist.ReduceOp.MAX)
     names = ("peak_host_mib", "peak_gpu_mib")
     return {name: int(v) for name, v in zip(names, value.tolist())}
 
 
 def _any_rank(flag: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
+    return bool(_all_reduce([float(flag)]).item() > 0)
 
 
 def align_processes(raw: Any, batch: Any, collate: Any, zero_stage: int) -> Any:
@@ -169,15 +174,13 @@ def align_processes(raw: Any, batch: Any, collate: Any, zero_stage: int) -> Any:
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return batch
-    counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
-    most = counts.clone()
-    dist.all_reduce(most, op=dist.ReduceOp.MAX)
-    if zero_stage == 3 and not torch.equal(counts, most) and not batch.skipped:
-        batch = collate(raw, min_chunks=tuple(most.tolist()))
-        counts = torch.tensor([len(batch.query_chunks), len(batch.cand_chunks)])
-    fewest = -counts
-    dist.all_reduce(fewest, op=dist.ReduceOp.MAX)
-    if not torch.equal(most, -fewest):
+    counts = [len(batch.query_chunks), len(batch.cand_chunks)]
+    most = [int(n) for n in _all_reduce(counts, dist.ReduceOp.MAX)]
+    if zero_stage == 3 and counts != most and not batch.skipped:
+        batch = collate(raw, min_chunks=tuple(most))
+        counts = [len(batch.query_chunks), len(batch.cand_chunks)]
+    fewest = [-int(n) for n in _all_reduce([-n for n in counts], dist.ReduceOp.MAX)]
+    if most != fewest:
         if zero_stage == 3:
             raise ConfigError(
                 "the processes have different numbers of GradCache chunks this step (rows dropped by "
@@ -186,12 +189,11 @@ def align_processes(raw: Any, batch: Any, collate: Any, zero_stage: int) -> Any:
             )
         return batch
     chunks = list(batch.query_chunks) + list(batch.cand_chunks)
-    calls = torch.tensor([visual_calls(chunk) for chunk in chunks])
-    needed = calls.clone()
-    dist.all_reduce(needed, op=dist.ReduceOp.MAX)
-    for chunk, mine, n in zip(chunks, calls.tolist(), needed.tolist()):
+    calls = [visual_calls(chunk) for chunk in chunks]
+    needed = _all_reduce(calls, dist.ReduceOp.MAX).tolist()
+    for chunk, mine, n in zip(chunks, calls, needed):
         if n > mine:
-            chunk[DUMMY_VISION_KEY] = n - mine
+            chunk[DUMMY_VISION_KEY] = int(n) - mine
     return batch
 
 
