@@ -73,7 +73,7 @@ def test_help_lists_every_option_with_its_default(capsys):
     assert "default run (--model_name demo:emoji)" in text and "--symmetric_loss True" in text
 
 
-def test_default_run_takes_the_demo_recipe_unless_set():
+def test_default_run_takes_the_demo_recipe_unless_set(tmp_path):
     from vlm2vec.demo.recipe import RECIPE
 
     config = load_config([], validate=False)
@@ -88,6 +88,9 @@ def test_default_run_takes_the_demo_recipe_unless_set():
     assert (tiny.max_steps, tiny.temperature, tiny.symmetric_loss) == (60, 0.02, False)  # plain defaults
     assert "demo_n_eval" in _error(["--demo_n_train", "900", "--demo_n_eval", "1000"])
     assert "--eval_data" in _error(["--eval_data", "/nonexistent/eval"])
+    assert "not an MMEB eval directory" in _error(["--eval_data", str(tmp_path)])  # no dataset in it
+    (tmp_path / "Task.jsonl").write_text("{}\n")  # any local MMEB eval directory, datasets.json or not
+    assert load_config(["--eval_data", str(tmp_path)]).eval_data == str(tmp_path)
 
 
 def test_yaml_then_command_line(tmp_path):

@@ -573,6 +573,16 @@ def test_eval_reader_layouts_and_bad_rows(tmp_path):
     assert ev.bad_rows.count == 2 and len(ev) == 1 and ev[0].row == 2
     assert json.loads((tmp_path / "Z.jsonl").read_text().splitlines()[2])["qry_text"] == ev[0].query_text
 
+    # candidates are checked once per distinct (text, image): a bad one is still caught in every row
+    shared = ["good", "<|image_1|> placeholder without an image"]
+    rows = [{"qry_text": f"q{i}", "qry_img_path": "", "tgt_text": shared[::-1] if i % 2 else shared,
+             "tgt_img_path": ""} for i in range(3)] + [
+            {"qry_text": "q3", "qry_img_path": "", "tgt_text": ["good"], "tgt_img_path": ""}]  # fmt: skip
+    write_rows(tmp_path / "W.jsonl", rows)
+    with pytest.warns(UserWarning):
+        ev = load_eval_dataset(tmp_path, "W", skip_bad_rows=True)
+    assert ev.bad_rows.count == 3 and [ex.row for ex in ev] == [3]
+
 
 def test_collator_with_tiny_qwen2_vl(tmp_path):
     """The same per-chunk contract through the real encoder (tiny Qwen2-VL: dynamic image tokens,

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlm2vec.data import load_eval_dataset, load_train_data
@@ -114,7 +115,7 @@ def test_demo_family_prepare_and_features_cache(tmp_path):
     featurizer = model.processor.featurizer
     calls = []
     original = featurizer.compute
-    featurizer.compute = lambda images, batch_size=32: (
+    featurizer.compute = lambda images, batch_size=4: (
         calls.append(len(images)) or original(images, batch_size)
     )
     featurizer([img, img.copy()])
@@ -123,3 +124,25 @@ def test_demo_family_prepare_and_features_cache(tmp_path):
     assert calls == [1]
     with pytest.raises(ValueError, match="placeholder but no image"):
         model.prepare(["<|image_1|> x"], [None])
+
+
+def test_image_features_do_not_depend_on_the_batch():
+    """The featuriser runs channels-last in small batches (speed): every image gets the features it
+    gets alone, in the plain layout (global token and grid cells)."""
+    import torch.nn.functional as F
+
+    from vlm2vec.demo.family import ImageFeaturizer, _efficientnet_lite0
+
+    images = [Image.new("RGB", (37 + 9 * i, 50), (40 * i, 255 - 30 * i, 90)) for i in range(5)]
+    featurizer = ImageFeaturizer(image_size=96, image_grid=2)
+    batched = featurizer.compute(images)  # batches of 4 and 1
+    alone = torch.cat([featurizer.compute([im], batch_size=1) for im in images])
+    net = _efficientnet_lite0().to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        fmap = net.extract_features(torch.stack([featurizer.pixels(im) for im in images]))
+    plain = torch.cat(
+        [fmap.mean((2, 3))[:, None], F.adaptive_avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)], 1
+    )
+    assert batched.shape == (5, 5, 1280)
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(batched, plain, rtol=1e-4, atol=1e-4)

@@ -31,6 +31,11 @@ def data_dir(tmp_path_factory) -> str:
     return str(made.train_dir)
 
 
+@pytest.fixture(scope="module")
+def eval_dir(data_dir) -> str:
+    return os.path.join(os.path.dirname(data_dir), "eval")
+
+
 def _args(data: str, out: str, *extra: str) -> list[str]:
     return [
         "vlm2vec/train.py",
@@ -66,9 +71,17 @@ def _args(data: str, out: str, *extra: str) -> list[str]:
     ]
 
 
-def _losses(out: str) -> dict[int, float]:
+def _log(out: str) -> list[dict]:
     with open(os.path.join(out, "train_log.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+        return [json.loads(line) for line in f]
+
+
+def _losses(out: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _log(out) if "loss" in r}
+
+
+def _evals(out: str) -> list[tuple[int, str, dict]]:
+    return [(r["step"], r["eval"], r["p_at_1"]) for r in _log(out) if "eval" in r]
 
 
 def _free_port() -> int:
@@ -77,7 +90,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, eval_dir, tmp_path):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     torchrun = [
         sys.executable,
@@ -89,7 +102,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
         str(_free_port()),
     ]
     done = subprocess.run(
-        [*torchrun, *_args(data_dir, reference)],
+        [*torchrun, *_args(data_dir, reference, "--eval_data", eval_dir)],
         cwd=REPO,
         env=ENV,
         capture_output=True,
@@ -99,7 +112,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
 
     proc = subprocess.Popen(
-        [sys.executable, *_args(data_dir, killed)],
+        [sys.executable, *_args(data_dir, killed, "--eval_data", eval_dir)],
         cwd=REPO,
         env=ENV,
         stdout=subprocess.DEVNULL,
@@ -118,7 +131,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     assert max(_losses(killed)) < STEPS, "killed after the last step: nothing left to resume"
     assert not os.path.exists(os.path.join(killed, "adapter_model.safetensors"))  # final model never saved
 
-    resume = [sys.executable, *_args(data_dir, killed, "--resume", "auto")]
+    resume = [sys.executable, *_args(data_dir, killed, "--eval_data", eval_dir, "--resume", "auto")]
     resumed = subprocess.run(resume, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -126,6 +139,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_losses(data_dir, tmp_path):
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == expected  # bitwise: same data order, dropout masks, optimizer and schedule state
     assert expected[STEPS] < expected[1]
+    # the baseline (cached, not recomputed) is logged once, by the first run; the final scores match
+    assert [(step, key) for step, key, _ in _evals(killed)] == [(0, "untrained"), (STEPS, "trained")]
+    assert _evals(killed) == _evals(reference)
     final_a = load_file(os.path.join(reference, "adapter_model.safetensors"))
     final_b = load_file(os.path.join(killed, "adapter_model.safetensors"))
     assert final_a.keys() == final_b.keys()

@@ -346,10 +346,17 @@ class TrainConfig:
     def _validate_paths(self) -> None:
         from vlm2vec.data import parse_sources
 
-        if self.eval_data and not os.path.isfile(os.path.join(self.eval_data, "datasets.json")):
-            raise ConfigError(
-                f"--eval_data {self.eval_data!r}: no datasets.json there (an MMEB eval directory)"
-            )
+        if self.eval_data:
+            from vlm2vec.eval import dataset_names
+
+            try:  # a local MMEB eval directory: <dataset>.jsonl / .parquet / .arrow files or folders
+                if not os.path.isdir(self.eval_data):
+                    raise FileNotFoundError("not a directory")
+                dataset_names(self.eval_data)
+            except FileNotFoundError as err:
+                raise ConfigError(
+                    f"--eval_data {self.eval_data!r}: not an MMEB eval directory ({err})"
+                ) from None
 
         try:
             sources = [src for src, _ in parse_sources(self.dataset_name)] if self.dataset_name else []

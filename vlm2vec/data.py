@@ -1314,8 +1314,12 @@ class EvalSet:
 
 def _parse_eval_row(
     record: Mapping[str, Any], *, dataset: str, source: str, row: int, image_token: str | None,
-    image_root: Path | None, check_images: bool,
+    image_root: Path | None, check_images: bool, checked: set | None = None,
 ) -> EvalExample:  # fmt: skip
+    """One eval row, checked. `checked`: candidates (text, image) already found valid in this dataset;
+    MMEB rows repeat their candidate lists (every query of a retrieval task may rank the same 1,000),
+    so each distinct candidate is checked once, not once per row."""
+    checked = set() if checked is None else checked
     query, query_image = _text_of(record, "qry_text"), _path_of(record, "qry_img_path")
     texts, images = _list_of(record, "tgt_text"), _list_of(record, "tgt_img_path")
     if not texts and not images:
@@ -1326,11 +1330,14 @@ def _parse_eval_row(
     texts = texts or [""] * n
     cand_images: list[str | None] = [p or None for p in images] if images else [None] * n
     _check_side("query", query, query_image, image_token)
-    for j, (t, p) in enumerate(zip(texts, cand_images)):
-        _check_side(f"candidate {j}", t, p, image_token)
     if check_images:
-        for label, p in [("query", query_image), *zip(["candidate"] * n, cand_images)]:
-            _check_image_exists(p, image_root, label)
+        _check_image_exists(query_image, image_root, "query")
+    for j, (t, p) in enumerate(zip(texts, cand_images)):
+        if (t, p) not in checked:
+            _check_side(f"candidate {j}", t, p, image_token)
+            if check_images:
+                _check_image_exists(p, image_root, "candidate")
+            checked.add((t, p))
     return EvalExample(
         dataset=dataset,
         query_text=replace_image_token(query, image_token),
@@ -1379,6 +1386,7 @@ def load_eval_dataset(
     else:
         raise FileNotFoundError(f"eval data source {str(source)!r} is neither a local path nor a hub name")
     examples: list[EvalExample] = []
+    checked: set[tuple[str, str | None]] = set()
     for src, records in sources:
         remaining = None if max_rows is None else max_rows - len(examples)
         if remaining == 0:
@@ -1387,7 +1395,7 @@ def load_eval_dataset(
         def parse(record: dict, where: str, row: int, _src: str = src) -> EvalExample:
             return _parse_eval_row(
                 record, dataset=name, source=_src, row=row, image_token=image_token, image_root=root,
-                check_images=check_images,
+                check_images=check_images, checked=checked,
             )  # fmt: skip
 
         with _gc_paused():

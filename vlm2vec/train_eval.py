@@ -126,11 +126,16 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
 
 
 def headline(eval_data: str, results: dict[str, dict[str, Any]]) -> str:
-    """The run's last line: P@1 of each model on the first task of eval_data's datasets.json."""
-    meta = json.loads((Path(eval_data) / "datasets.json").read_text())
-    name = next(iter(meta))
-    first = next(iter(results.values()))["datasets"][name]
-    described = meta[name].get("description", name)
+    """The run's last line: P@1 of each model on the first task of eval_data's datasets.json (where
+    there is one; else the first task evaluated), named by its `description` there."""
+    from vlm2vec.eval import DATASET_META_FILE
+
+    meta_file = Path(eval_data) / DATASET_META_FILE
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    scored = next(iter(results.values()))["datasets"]
+    name = next((n for n in meta if n in scored), next(iter(scored)))
+    first = scored[name]
+    described = meta.get(name, {}).get("description", name)
     parts = [f"{key} {res['datasets'][name]['p_at_1']:.3f}" for key, res in results.items()]
     return f"{described} ({first['n_candidates_max']} candidates), P@1: " + ", ".join(parts)
 

