@@ -146,6 +146,7 @@ def _two_process_worker(rank: int, init_file: str, out_dir: str) -> None:
                 results[(mode, grad_cache)] = (loss / WORLD, grads / WORLD)
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -149,6 +149,7 @@ def _worker(rank: int, port: int, seed: int, out_dir: str) -> None:
             }
         results["checks"] = _single_rank_checks(rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while its peer is still in a collective
     finally:
         dist.destroy_process_group()
 
