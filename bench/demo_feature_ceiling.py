@@ -25,43 +25,29 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from vlm2vec.data import load_eval_dataset, load_train_data
 from vlm2vec.demo.default_data import FEATURE_FILE, build_default_dataset
 from vlm2vec.demo.family import ImageFeaturizer
 from vlm2vec.demo.recipe import load_demo_model
-from vlm2vec.probe import choose_ridge_lambda, fit_ridge
+from vlm2vec.probe import RIDGE_LAMBDAS, choose_ridge_lambda, fit_ridge
+from vlm2vec.train_eval import probe_pairs
 
 TASKS = ("ClipArtI2T", "EmojiI2T")  # the image->text tasks of the default data (headline first)
 BUDGETS = (12_800, 51_200, 128_000, 512_000)  # pairs seen; the first is the default recipe's
 
 
-def _images(folder: Path, paths: list[str]) -> list[Image.Image]:
-    out = []
-    for p in paths:
-        with Image.open(folder / p) as im:
-            out.append(im.convert("RGB"))
-    return out
-
-
 def load_pairs(data: Path, featurize, encode) -> dict[str, torch.Tensor]:
-    """Training pairs (image query -> text positive, as the probe takes them) and each eval task's
-    queries, candidates and gold index, as frozen features / frozen text embeddings."""
-    rows = [json.loads(line) for t in TASKS for line in (data / "train" / f"{t}.jsonl").open()]
-    seen, pairs = set(), []
-    for r in rows:
-        if (r["qry_image_path"], r["pos_text"]) not in seen:
-            seen.add((r["qry_image_path"], r["pos_text"]))
-            pairs.append(r)
-    out = {
-        "x": featurize(_images(data / "train", [r["qry_image_path"] for r in pairs])),
-        "y": encode([r["pos_text"] for r in pairs]),
-    }
+    """The probe's training pairs (the trainer's own `probe_pairs`: image query -> text positive) and
+    each eval task's queries, candidates and gold index, as frozen features / frozen text embeddings."""
+    images, texts = probe_pairs(load_train_data(data / "train", subsets=TASKS))
+    out = {"x": featurize(images), "y": encode(texts)}
     for task in TASKS:
-        ev = [json.loads(line) for line in (data / "eval" / f"{task}.jsonl").open()]
-        candidates = sorted({t for r in ev for t in r["tgt_text"]})
+        ev = load_eval_dataset(data / "eval", task)
+        candidates = sorted({t for ex in ev for t in ex.cand_texts})
         index = {t: i for i, t in enumerate(candidates)}
-        out[f"{task}/x"] = featurize(_images(data / "eval", [r["qry_img_path"] for r in ev]))
+        out[f"{task}/x"] = featurize([ev.query_image(i) for i in range(len(ev))])
         out[f"{task}/c"] = encode(candidates)
-        out[f"{task}/gold"] = torch.tensor([index[r["tgt_text"][0]] for r in ev])  # MMEB: gold first
+        out[f"{task}/gold"] = torch.tensor([index[ex.cand_texts[0]] for ex in ev])  # MMEB: gold first
     return out
 
 
@@ -81,8 +67,8 @@ def p_at_1(d: dict[str, torch.Tensor], task: str, image_map, text_map) -> float:
 
 
 def ridge_probe(d: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The trainer's baseline: lambda by 5-fold CV on the training pairs, closed form."""
-    lam = choose_ridge_lambda(d["x"], d["y"], [1.0, 10.0, 100.0, 1000.0, 10000.0])
+    """The trainer's baseline (its lambda grid, 5-fold CV on the training pairs), closed form."""
+    lam = choose_ridge_lambda(d["x"], d["y"], RIDGE_LAMBDAS)
     w, mu, sd = fit_ridge(d["x"], d["y"], lam)
     return {"lambda": lam, **{t: p_at_1(d, t, lambda x: ((x - mu) / sd) @ w, lambda y: y) for t in TASKS}}
 

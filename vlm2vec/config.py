@@ -346,17 +346,16 @@ class TrainConfig:
     def _validate_paths(self) -> None:
         from vlm2vec.data import parse_sources
 
-        if self.eval_data:
+        if self.eval_data:  # a local MMEB eval directory: <dataset>.jsonl / .parquet / .arrow or folders
             from vlm2vec.eval import dataset_names
 
-            try:  # a local MMEB eval directory: <dataset>.jsonl / .parquet / .arrow files or folders
-                if not os.path.isdir(self.eval_data):
-                    raise FileNotFoundError("not a directory")
+            where = f"--eval_data {self.eval_data!r}: not an MMEB eval directory"
+            if not os.path.isdir(self.eval_data):
+                raise ConfigError(f"{where} (not a directory)")
+            try:
                 dataset_names(self.eval_data)
             except FileNotFoundError as err:
-                raise ConfigError(
-                    f"--eval_data {self.eval_data!r}: not an MMEB eval directory ({err})"
-                ) from None
+                raise ConfigError(f"{where} ({err})") from None
 
         try:
             sources = [src for src, _ in parse_sources(self.dataset_name)] if self.dataset_name else []

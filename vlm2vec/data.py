@@ -1314,12 +1314,11 @@ class EvalSet:
 
 def _parse_eval_row(
     record: Mapping[str, Any], *, dataset: str, source: str, row: int, image_token: str | None,
-    image_root: Path | None, check_images: bool, checked: set | None = None,
+    image_root: Path | None, check_images: bool, checked: set[tuple[str, str | None]],
 ) -> EvalExample:  # fmt: skip
     """One eval row, checked. `checked`: candidates (text, image) already found valid in this dataset;
     MMEB rows repeat their candidate lists (every query of a retrieval task may rank the same 1,000),
     so each distinct candidate is checked once, not once per row."""
-    checked = set() if checked is None else checked
     query, query_image = _text_of(record, "qry_text"), _path_of(record, "qry_img_path")
     texts, images = _list_of(record, "tgt_text"), _list_of(record, "tgt_img_path")
     if not texts and not images:

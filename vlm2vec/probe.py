@@ -19,6 +19,7 @@ def has_frozen_features(model: Any) -> bool:
 
 
 Ridge = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (W, mu, sd)
+RIDGE_LAMBDAS = (1.0, 10.0, 100.0, 1000.0)  # the CV grid of the trainer's probe
 
 
 def fit_ridge(
@@ -62,7 +63,7 @@ class RidgeProbe:
         """Fit on (image, text) training pairs with `model` as it is now (call before training)."""
         x = model.processor.featurizer(images)[:, 0]
         y = model.encode(texts, batch_size=batch, show_progress=False)
-        lam = choose_ridge_lambda(x, y, [1.0, 10.0, 100.0, 1000.0])
+        lam = choose_ridge_lambda(x, y, RIDGE_LAMBDAS)
         return cls(model, fit_ridge(x, y, lam), lam=lam, batch=batch)
 
     @torch.no_grad()

@@ -610,8 +610,9 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     results: dict[str, Any] = {}
     if config.eval_data:  # before the first step: what the training must beat (cached)
         results = train_eval.baselines(engine.module, data, config.eval_data, eval_dir, zero_stage, show)
-        for key, scores in results.items() if start == 0 else ():  # a resumed log has them already
-            log.scores(0, key, scores)
+        if start == 0:  # a resumed run's log has them already
+            for key, scores in results.items():
+                log.scores(0, key, scores)
         log.t0 = time.perf_counter()  # samples/s of the steps alone
     if plan is not None:
         saved_world = plan.state.get("world_size", world)

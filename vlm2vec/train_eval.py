@@ -72,7 +72,7 @@ def evaluate_model(
                         shard=zero_stage != 3)  # fmt: skip
 
 
-def _probe_pairs(data: Any) -> tuple[list[Any], list[str]]:
+def probe_pairs(data: Any) -> tuple[list[Any], list[str]]:
     """(image, text) pairs of the training rows whose query is an image alone and target a text."""
     from vlm2vec.data import load_image
 
@@ -112,7 +112,7 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
                                            zero_stage, show_progress)}  # fmt: skip
     if has_frozen_features(model):
         with _eval_mode(model):
-            probe = RidgeProbe.fit(model, *_probe_pairs(data), batch=EVAL_BATCH)
+            probe = RidgeProbe.fit(model, *probe_pairs(data), batch=EVAL_BATCH)
             results["probe"] = evaluate(
                 probe, eval_data, out_dir=f"{out_dir}/probe", use_cache=False, batch_size=EVAL_BATCH,
                 label=f"frozen-feature ridge probe (lambda {probe.lam:g})", show_progress=show_progress,

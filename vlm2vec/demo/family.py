@@ -133,7 +133,8 @@ class ImageFeaturizer:
         return torch.stack([cache[k] for k in keys]).float()
 
     def precompute(self, images: list[Any], batch_size: int = 64, show_progress: bool = True) -> int:
-        """Fill the cache for `images` (with a progress bar); returns how many were computed."""
+        """Fill the cache for `images` (a progress step per `batch_size` images; the network itself runs
+        in `compute`'s small batches); returns how many were computed."""
         from tqdm.auto import tqdm
 
         keys = [self.key(im) for im in images]
