@@ -133,9 +133,11 @@ def test_reference_command_lines_run_unchanged():
 def test_paper_setups_and_deepspeed_configs():
     for name in PAPER_SETUPS:
         config = load_config(["--config", os.path.join(CONFIGS, f"{name}.yaml")], validate=False)
-        assert (config.temperature, config.train_batch_size, config.max_len) == (0.02, 1024, 256), name
+        text = 4096 if name.startswith("qwen") else 256  # text tokens: the reference's Qwen command / paper
+        assert (config.temperature, config.train_batch_size, config.max_len) == (0.02, 1024, text), name
         assert config.max_steps == 2000 and config.learning_rate == 2e-5, name
         assert config.lora and config.lora_r == 8 and config.warmup_steps > 0 and config.bf16, name
+        assert config.dora and config.num_sample_per_subset == 100000, name
         assert config.grad_cache and config.gc_q_chunk_size >= 1, name
         assert per_device_batch_size(config, 8) == 128
     stages = [(0, "ds_zero0"), (1, "ds_zero1"), (2, "ds_zero2"), (3, "ds_zero3"), (3, "ds_zero3_offload")]

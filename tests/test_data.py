@@ -514,11 +514,16 @@ def test_skip_rows_whose_image_tokens_would_be_cut(tmp_path, encoder):
 def test_missing_column_in_parquet_and_arrow_schema(tmp_path):
     rows = _text_rows("x", 3)
     for r in rows:
-        del r["neg_image_path"]
+        del r["neg_image_path"], r["pos_image_path"]
     for fmt in ("parquet", "arrow"):
         path = write_rows(tmp_path / fmt / f"P.{fmt}", rows)
-        with pytest.raises(DataError, match=rf"P\.{fmt}, row 0: missing column 'neg_image_path'"):
+        with pytest.raises(DataError, match=rf"P\.{fmt}, row 0: missing column 'pos_image_path'"):
             load_train_data(path)
+        no_negatives = [{k: v for k, v in r.items()} | {"pos_image_path": ""} for r in rows]
+        ok = write_rows(tmp_path / fmt / f"N.{fmt}", no_negatives)
+        assert len(load_train_data(ok).subsets["N"]) == 3  # negatives unused: their columns may be absent
+        with pytest.raises(DataError, match=rf"N\.{fmt}, row 0: missing column 'neg_image_path'"):
+            load_train_data(ok, num_negatives=1)
         # skipping counts every row; a subset left with no rows is an error, not an empty subset
         with (
             pytest.warns(UserWarning, match="skipping bad row"),
@@ -613,8 +618,15 @@ def test_collator_with_tiny_qwen2_vl(tmp_path):
         )
     _img(tmp_path / "huge.png", size=512)
     rows = [_row(q=IMG_Q, qi="big.png", p="x"), _row(q=IMG_Q, qi="huge.png", p="y")]
-    write_rows(tmp_path / "bad" / "S.jsonl", rows)
-    bad_batch = TrainBatches(load_train_data(tmp_path / "bad", image_root=tmp_path), 2, seed=0)[0]
-    model.max_len = 12
-    with pytest.raises(DataError, match=r"bad/S\.jsonl, row 1 \[S\] query: .*cut image tokens"):
-        ChunkCollator(model, query_chunk_size=2)(bad_batch)
+    write_rows(tmp_path / "big" / "S.jsonl", rows)
+    big_batch = TrainBatches(load_train_data(tmp_path / "big", image_root=tmp_path), 2, seed=0)[0]
+    model.max_len = 12  # text tokens: image rows longer than that are kept whole, text cut to 12
+    chunk = ChunkCollator(model, query_chunk_size=2)(big_batch).query_chunks[0]
+    tok = model.processor.tokenizer
+    marks = torch.tensor([tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>")])
+    text = (
+        (chunk["mm_token_type_ids"] == 0)
+        & (chunk["attention_mask"] == 1)
+        & ~torch.isin(chunk["input_ids"], marks)
+    )
+    assert text.sum(1).tolist() == [12, 12] and (chunk["mm_token_type_ids"] == 1).sum(1).max() > 12

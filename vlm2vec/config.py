@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "eos")  # eos: the reference's name for last-token pooling (read as last)
 RESOLUTIONS = ("low", "high", "native")
 REPORT_TO = ("tensorboard", "none")
 TINY_PREFIX = "tiny:"
@@ -99,11 +99,15 @@ class TrainConfig:
     checkpoint_path: str | None = _opt(
         None, "start from a saved VLM2Vec directory (its LoRA adapter is trained further)"
     )
-    pooling: str = _opt("last", "embedding pooling", choices=POOLINGS)
+    pooling: str = _opt("last", "embedding pooling (eos: the reference's name for last)", choices=POOLINGS)
     normalize: bool = _opt(True, "L2-normalise embeddings (similarity = cosine)")
     temperature: float = _opt(0.02, "InfoNCE temperature")
     symmetric_loss: bool = _opt(False, "add the target->query InfoNCE direction (CLIP style)")
-    max_len: int = _opt(256, "maximum tokens per input (image tokens included; never cut)")
+    max_len: int = _opt(
+        256,
+        "maximum text tokens per input (the paper's max text length): image/video tokens do not count and "
+        "are never cut; longer text keeps its first max_len tokens",
+    )
     image_resolution: str | None = _opt(
         None, "resize images first: low 336x336, high 1344x1344, native", choices=RESOLUTIONS
     )
@@ -115,16 +119,24 @@ class TrainConfig:
         "attention kernel: auto (flash_attention_2 on CUDA when "
         "installed, else sdpa), sdpa, eager, flash_attention_2",
     )
-    lora: bool = _opt(True, "train a LoRA adapter on the LLM (off: full fine-tuning)")
+    lora: bool = _opt(
+        True,
+        "train a LoRA adapter (on the LLM; also inside the vision tower with --freeze_vision false); "
+        "off: full fine-tuning",
+    )
     lora_r: int = _opt(16, "LoRA rank")
     lora_alpha: int = _opt(64, "LoRA alpha")
     lora_dropout: float = _opt(0.1, "LoRA dropout")
     lora_target_modules: str | None = _opt(None, "comma-separated module names; default: the family's")
-    dora: bool = _opt(False, "DoRA instead of LoRA (released VLM2Vec Qwen2-VL checkpoints)")
+    dora: bool = _opt(False, "DoRA instead of LoRA (the reference always uses DoRA; configs/*.yaml set it)")
     quantization: str | None = _opt(
         None, "load the base in 4-bit NF4 (QLoRA; needs --lora)", choices=("nf4",)
     )
-    freeze_vision: bool = _opt(True, "keep the vision tower frozen", aliases=("image_encoder_freeze",))
+    freeze_vision: bool = _opt(
+        True,
+        "keep the vision tower frozen (false: LoRA targets also match inside it; full fine-tuning trains it)",
+        aliases=("image_encoder_freeze",),
+    )
     gradient_checkpointing: bool = _opt(False, "recompute the backbone's activations in backward")
 
     # --- data ------------------------------------------------------------------------------------
@@ -138,14 +150,19 @@ class TrainConfig:
     dataset_split: str | None = _opt(
         None, "split of the hub data (original, diverse_instruction)", aliases=("split_name",)
     )
-    num_sample_per_subset: int | None = _opt(None, "keep at most N rows per subset")
+    num_sample_per_subset: int | dict[str, int] | None = _opt(
+        None,
+        "keep the first N rows of each subset (the paper: 100000); in YAML also a mapping subset: N "
+        "(per-subset caps, as VLM2Vec V2.0's dataset files)",
+    )
     image_dir: str | None = _opt(None, "root that image paths are relative to (default: the data folder)")
     subset_weights: str = _opt("size", "how subsets are mixed: size or uniform", choices=("size", "uniform"))
     num_frames: int = _opt(8, "frames sampled per training video (uniformly by index, as MMEB-V2)")
     interleave_batch_size: int | None = _opt(
         None,
-        "task-wise batching: rows drawn together from one subset; each such group gets its own GradCache "
-        "chunks (must divide the per-device batch)",
+        "task-wise batching (VLM2Vec V2.0): each process gets runs of this many rows from one subset (a "
+        "global run of N x processes rows is drawn from one subset and split across the processes); each "
+        "run gets its own GradCache chunks (must divide the per-device batch)",
     )
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
     missing_negatives: str = _opt(
@@ -242,8 +259,16 @@ class TrainConfig:
     )
     ignored: tuple[str, ...] = field(default=(), repr=False, compare=False, metadata={"internal": True})
 
+    def __post_init__(self) -> None:
+        if self.pooling == "eos":  # the reference's V2 scripts pass --pooling eos: last-token pooling
+            self.pooling = "last"
+
     def validate(self) -> TrainConfig:
         """Check values and paths; raise ConfigError naming the first bad option."""
+        for f in _fields():  # YAML values are not checked by argparse
+            value, choices = getattr(self, f.name), f.metadata["choices"]
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"--{f.name} {value!r}: choose one of {', '.join(map(str, choices))}")
         positive = (
             "max_len",
             "per_device_train_batch_size",
@@ -260,7 +285,12 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_sample_per_subset", "train_batch_size", "save_total_limit", "num_crops",
+        caps = self.num_sample_per_subset
+        for subset, cap in caps.items() if isinstance(caps, dict) else [("", caps)]:
+            if cap is not None and cap < 1:
+                where = f" {subset}:" if subset else ""
+                raise ConfigError(f"--num_sample_per_subset{where} must be >= 1, got {cap}")
+        for name in ("train_batch_size", "save_total_limit", "num_crops",
                      "gc_max_visual_tokens", "interleave_batch_size", "demo_clipart_drawings"):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -552,6 +582,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             except argparse.ArgumentTypeError as err:
                 raise ConfigError(f"{where}: {err}") from None
         raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if isinstance(value, dict) and dict[str, int] in typing.get_args(_hints()[name]):
+        if all(isinstance(k, str) and type(v) is int for k, v in value.items()):
+            return dict(value)
+        raise ConfigError(f"{where} must map names to integers, got {value!r}")
     if base is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -240,11 +240,14 @@ def load_frames(
 
 
 def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> Image.Image:
-    """Open an image (relative to `image_root`) as RGB; a DataError naming `where` and the file on failure."""
+    """Open an image (relative to `image_root`), decoded in its own mode; a DataError naming `where` and the
+    file on failure. The encoder resizes it to a resolution preset first and converts it to RGB after, as
+    the reference does (a palette image resized as a palette: nearest neighbour)."""
     full = _resolve(path, Path(image_root) if image_root is not None else None)
     try:
         with Image.open(full) as img:
-            return img.convert("RGB")
+            img.load()
+            return img
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{where}: cannot read image {full}: {err}") from err
 
@@ -422,13 +425,11 @@ class TrainExample:
         return f"{self.source}, row {self.row}"
 
 
-def _parse_train_row(
-    record: Mapping[str, Any], *, subset: str, source: str, row: int, image_token: str | None,
-    num_negatives: int, missing_negatives: str, image_root: Path | None, check_images: bool,
-) -> TrainExample:  # fmt: skip
-    query, query_image = _text_of(record, "qry"), _paths_of(record, "qry_image_path")
-    pos, pos_image = _text_of(record, "pos_text"), _paths_of(record, "pos_image_path")
-    query_video, pos_video = _video_of(record, "qry_video_path"), _video_of(record, "pos_video_path")
+def _negatives_of(
+    record: Mapping[str, Any], image_token: str | None, image_root: Path | None, check_images: bool
+) -> tuple[list[str], list[str | None]]:
+    """(texts, image paths) of a row's hard negatives, checked like its other sides; _RowProblem when
+    malformed."""
     neg_texts, neg_images = _list_of(record, "neg_text"), _list_of(record, "neg_image_path")
     if neg_texts and neg_images and len(neg_texts) != len(neg_images):
         raise _RowProblem(
@@ -437,27 +438,41 @@ def _parse_train_row(
     n_neg = max(len(neg_texts), len(neg_images))
     neg_texts = neg_texts or [""] * n_neg
     negs_img: list[str | None] = [p or None for p in neg_images] if neg_images else [None] * n_neg
+    for k, (t, p) in enumerate(zip(neg_texts, negs_img)):
+        _check_side(f"negative {k}", t, p, image_token)
+        if check_images:
+            _check_image_exists(p, image_root, "negative")
+    return neg_texts, negs_img
+
+
+def _parse_train_row(
+    record: Mapping[str, Any], *, subset: str, source: str, row: int, image_token: str | None,
+    num_negatives: int, missing_negatives: str, image_root: Path | None, check_images: bool,
+) -> TrainExample:  # fmt: skip
+    query, query_image = _text_of(record, "qry"), _paths_of(record, "qry_image_path")
+    pos, pos_image = _text_of(record, "pos_text"), _paths_of(record, "pos_image_path")
+    query_video, pos_video = _video_of(record, "qry_video_path"), _video_of(record, "pos_video_path")
     _check_side("query", query, query_image, image_token, query_video)
     _check_side("positive", pos, pos_image, image_token, pos_video)
     if check_images:
         for label, v in (("query", query_video), ("positive", pos_video)):
             if v is not None and not _resolve(v, image_root).exists():
                 raise _RowProblem("image", f"{label} video not found: {_resolve(v, image_root)}")
-    for k, (t, p) in enumerate(zip(neg_texts, negs_img)):
-        _check_side(f"negative {k}", t, p, image_token)
+        for label, p in (("query", query_image), ("positive", pos_image)):
+            _check_image_exists(p, image_root, label)
+    try:
+        neg_texts, negs_img = _negatives_of(record, image_token, image_root, check_images)
+    except _RowProblem:
+        if num_negatives:
+            raise
+        neg_texts, negs_img = [], []  # unused: the reference trains the row whatever its negatives hold
+    n_neg = len(neg_texts)
     if n_neg < num_negatives and missing_negatives == "error":
         raise _RowProblem(
             "negatives",
             f"has {n_neg} hard negatives but num_negatives={num_negatives} "
             "(pass missing_negatives='sample' to fill with other rows' positives)",
         )
-    if check_images:
-        for label, p in [
-            ("query", query_image),
-            ("positive", pos_image),
-            *zip(["negative"] * n_neg, negs_img),
-        ]:
-            _check_image_exists(p, image_root, label)
     return TrainExample(
         subset=subset,
         query_text=replace_image_token(query, image_token),
@@ -774,13 +789,30 @@ class StepSampler:
                 self._perms.popitem(last=False)
         return self._perms[key]
 
-    def rows(self, step: int, rank: int = 0, world_size: int = 1) -> list[tuple[str, int]]:
-        """(subset, row index) of each example of batch `step`; with world_size > 1, this rank's
-        contiguous slice of the global batch."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+    def positions(self, rank: int = 0, world_size: int = 1, spread: bool = False) -> np.ndarray:
+        """Positions in the global batch that make this rank's batch: a contiguous slice, or with `spread`
+        this rank's 1/world_size share of every group (VLM2Vec V2.0's task-wise batching: a global run of
+        homogeneous_size rows from one subset split across the processes, each getting homogeneous_size /
+        world_size consecutive rows of it)."""
         if world_size < 1 or not 0 <= rank < world_size or self.batch_size % world_size:
             raise ValueError(f"rank={rank}, world_size={world_size} must split batch_size={self.batch_size}")
+        local = self.batch_size // world_size
+        if not spread:
+            return np.arange(rank * local, (rank + 1) * local)
+        if self.group % world_size:
+            raise ValueError(f"homogeneous_size={self.group} must split into world_size={world_size} shares")
+        share = self.group // world_size
+        starts = np.arange(0, self.batch_size, self.group) + rank * share
+        return (starts[:, None] + np.arange(share)[None]).reshape(-1)
+
+    def rows(
+        self, step: int, rank: int = 0, world_size: int = 1, spread: bool = False
+    ) -> list[tuple[str, int]]:
+        """(subset, row index) of each example of batch `step`; with world_size > 1, this rank's share of
+        the global batch (`positions`)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.positions(rank, world_size, spread)  # checks rank / world_size
         per_batch = self.batch_size // self.group
         blocks, offsets = np.divmod(np.arange(step * per_batch, (step + 1) * per_batch), self.block)
         subset = np.empty(per_batch, dtype=np.int64)
@@ -797,9 +829,8 @@ class StepSampler:
         for s, e in np.unique(np.stack([subset, epoch], 1), axis=0).tolist():
             here = (subset == s) & (epoch == e)
             row[here] = self._perm(s, e)[within[here]]
-        local = self.batch_size // world_size
-        sl = slice(rank * local, (rank + 1) * local)
-        return [(self.names[s], r) for s, r in zip(subset[sl].tolist(), row[sl].tolist())]
+        mine = self.positions(rank, world_size, spread)
+        return [(self.names[s], r) for s, r in zip(subset[mine].tolist(), row[mine].tolist())]
 
 
 @dataclass
@@ -857,6 +888,8 @@ class TrainBatches(torch.utils.data.Dataset):
     missing_negatives="sample", a row with fewer gets positives of other rows of its subset (never one
     equal to its own positive). A row whose image cannot be loaded raises DataError naming file and row,
     or with skip_bad_rows is counted and replaced by the next good row of its subset (deterministic).
+    spread_groups: each process takes its share of every group of `homogeneous_size` rows instead of a
+    contiguous slice of the global batch (`StepSampler.positions`).
     """
 
     def __init__(
@@ -871,13 +904,15 @@ class TrainBatches(torch.utils.data.Dataset):
         rank: int = 0,
         world_size: int = 1,
         skip_bad_rows: bool = False,
+        spread_groups: bool = False,
     ):
         self.data = data
+        self.spread = spread_groups
         self.sampler = StepSampler(
             data.sizes(), batch_size, weights=weights, homogeneous_size=homogeneous_size, seed=seed
         )
         self.seed, self.num_steps, self.rank, self.world_size = int(seed), num_steps, rank, world_size
-        self.sampler.rows(0, rank, world_size)  # validates rank/world_size early
+        self.sampler.rows(0, rank, world_size, self.spread)  # validates rank/world_size early
         self.skip_bad_rows = skip_bad_rows
         self.bad_rows = data.bad_rows
         self.step = 0
@@ -914,8 +949,9 @@ class TrainBatches(torch.utils.data.Dataset):
         k = self.data.num_negatives
         local = self.sampler.batch_size // self.world_size
         batch = ContrastiveBatch([], [], [], [], torch.arange(local, dtype=torch.long) * (k + 1), [], k)
-        for pos, (subset, idx) in enumerate(self.sampler.rows(step, self.rank, self.world_size)):
-            global_pos = self.rank * local + pos
+        mine = self.sampler.positions(self.rank, self.world_size, self.spread).tolist()
+        rows = self.sampler.rows(step, self.rank, self.world_size, self.spread)
+        for global_pos, (subset, idx) in zip(mine, rows):
             ex, q_img, q_vid, cands = self._good_example(subset, idx, step, global_pos, batch.skipped)
             batch.query_texts.append(ex.query_text)
             batch.query_images.append(q_img)

@@ -1,7 +1,10 @@
-"""peft LoRA / DoRA on the language model of a backbone, and bitsandbytes NF4 config for QLoRA.
+"""peft LoRA / DoRA on a backbone, and bitsandbytes NF4 config for QLoRA.
 
-Target names like `q_proj` also occur in CLIP vision towers, so targets are resolved to full module
-names outside the vision tower: the tower stays frozen whatever names the user passes.
+Target names like `q_proj` also occur in CLIP vision towers (LLaVA-NeXT, Phi-3.5-V). The reference's
+peft config matches names everywhere, so its adapters sit inside those towers too (VLM2Vec v1/v2
+`src/model.py` / `src/model/model.py`: `LoraConfig(target_modules=..., use_dora=True,
+init_lora_weights="gaussian")`). Here targets are resolved to full module names, skipping `exclude` (the
+vision tower, when the run keeps it frozen) so that choice is explicit.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def add_lora(
     modules_to_save: Sequence[str] = (),
 ) -> nn.Module:
     """Wrap `model` in a peft LoRA (DoRA with dora=True) adapter; only adapter weights (and the
-    modules named in modules_to_save, trained in full) train.
+    modules named in modules_to_save, trained in full) train. exclude: a module whose Linears get no
+    adapter (None: every module whose name matches, as the reference's peft config).
 
     init: "gaussian" (VLM2Vec's released checkpoints), "default"/True (Kaiming A, zero B), False
     (random B: for tests that need a non-identity adapter)."""
@@ -72,7 +76,8 @@ def add_lora(
         raise ValueError(f"init must be one of {LORA_INITS}, got {init!r}")
     names = lora_target_names(model, targets, exclude)
     if not names:
-        raise ValueError(f"targets {list(targets)} match no Linear module outside the vision tower")
+        where = " outside the vision tower" if exclude is not None else ""
+        raise ValueError(f"targets {list(targets)} match no Linear module{where}")
     if is_quantized(model):
         # casts norms to fp32 and makes inputs require grad so 4-bit layers pass gradients to LoRA
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -410,9 +410,11 @@ class VLM2Vec(nn.Module):
         targets: Sequence[str] | None = None,
         dora: bool = False,
         init: str | bool = "gaussian",
+        vision: bool = False,
     ) -> VLM2Vec:
         """Wrap the backbone with a peft LoRA (or DoRA) adapter on the LLM; everything else frozen but the
-        family's modules_to_save."""
+        family's modules_to_save. vision: also adapt matching Linears inside the vision tower (the
+        reference does: CLIP's q/k/v/out_proj in LLaVA-NeXT and Phi-3.5-V); its base weights stay frozen."""
         from vlm2vec.lora import add_lora
 
         if self.is_peft:
@@ -420,7 +422,7 @@ class VLM2Vec(nn.Module):
         self.backbone = add_lora(
             self.backbone,
             targets=list(targets) if targets is not None else self.family.lora_targets,
-            exclude=self.vision_tower,
+            exclude=None if vision else self.vision_tower,
             r=r,
             alpha=alpha,
             dropout=dropout,

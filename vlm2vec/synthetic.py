@@ -226,6 +226,70 @@ def write_synthetic_mmeb(
     return SyntheticMMEB(train_dir, eval_dir, tuple(subsets), tuple(eval_datasets))
 
 
+# MMEB-train's 20 subsets by row shape: (query has an image, query instruction, target has an image, target
+# instruction). Instructions paraphrase the released rows' style (instruction first, then the row's data
+# text); `{long}` marks the long data texts of VisDial dialogues and WebQA passages.
+MMEB_TRAIN_SHAPES: dict[str, tuple[bool, str, bool, str]] = {
+    **{s: (True, "Represent the given image for classification", False, "{label}")
+       for s in ("ImageNet_1K", "VOC2007", "SUN397")},
+    "N24News": (True, "Represent the given news image with the following caption for domain "
+                "classification: {label}", False, "{label}"),
+    "HatefulMemes": (True, "Represent the given image for binary classification to determine whether it "
+                     "constitutes hateful speech or not", False, "No"),
+    **{s: (True, "Represent the given image with the following question: What is drawn?", False, "{label}")
+       for s in ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W")},
+    "VisDial": (False, "Represent the given dialogue about an image, which is used for image retrieval: "
+                "{long}", True, "Represent the given image."),
+    "CIRR": (True, "Given an image, find a similar everyday image with the described changes: make it "
+             "{label}", True, "Represent the given image."),
+    "VisualNews_t2i": (False, "Retrieve an image of this news caption. {label}", True,
+                       "Represent the given image."),
+    "VisualNews_i2t": (True, "Find a caption for the news in the given photo.", False, "{label}"),
+    "MSCOCO_t2i": (False, "Find me an everyday image that matches the given caption: {label}", True,
+                   "Represent the given image."),
+    "MSCOCO_i2t": (True, "Find an image caption describing the given everyday image.", False, "{label}"),
+    "NIGHTS": (True, "Find a day-to-day image that looks similar to the provided image.", True,
+               "Represent the given image."),
+    "WebQA": (False, "Find a Wikipedia image that answers this question: What is drawn?", True,
+              "Represent the given image with related text information: {long}"),
+    "MSCOCO": (True, "Select the portion of the image that isolates the object of the given label: "
+               "{label}", True, "Represent the given cropped image of the object"),
+}  # fmt: skip
+
+
+def write_mmeb_train_shapes(
+    out_dir: str | Path, *, rows: int = 2, image_size: int = 64, long_words: int = 300, seed: int = 0
+) -> Path:
+    """A synthetic MMEB-train copy: one file per real subset name (MMEB_TRAIN_SHAPES) holding `rows` rows of
+    that subset's shape (which side has an image, instruction first, `long_words` words of data text
+    where the subset has long texts), with the released columns (negatives empty). Images alternate
+    between square and 2:1 (Phi-3.5-V's crop grid follows the aspect ratio). Returns the train folder."""
+    out = Path(out_dir)
+    rng = random.Random(f"{seed}/mmeb-train-shapes")
+    for subset, (q_img, q_text, p_img, p_text) in MMEB_TRAIN_SHAPES.items():
+        paint = _Painter(out, subset, image_size, rng)
+        data = []
+        for k in range(rows):
+            color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            words = [rng.choice([*COLORS, *SHAPES]) for _ in range(long_words)]
+            fill = dict(label=_label(color, shape), long=" ".join(words))
+
+            def image(k: int = k, color: str = color, shape: str = shape, paint: _Painter = paint) -> str:
+                rel = paint(color, shape)
+                if k % 2:  # every other image 2:1
+                    Image.open(out / rel).resize((2 * image_size, image_size)).save(out / rel)
+                return rel
+
+            data.append(dict(
+                qry=(f"{IMAGE_PLACEHOLDER}\n" if q_img else "") + q_text.format(**fill),
+                qry_image_path=image() if q_img else "",
+                pos_text=(f"{IMAGE_PLACEHOLDER}\n" if p_img else "") + p_text.format(**fill),
+                pos_image_path=image() if p_img else "", neg_text="", neg_image_path="",
+            ))  # fmt: skip
+        write_rows(out / f"{subset}.jsonl", data)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vlm2vec.synthetic", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory (train/ and eval/ are created)")

@@ -255,18 +255,17 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
             max_pixels=config.max_pixels, **common,
         )  # fmt: skip
     if config.lora and not model.is_peft:
-        targets = config.lora_target_modules.split(",") if config.lora_target_modules else None
+        targets = lora_targets(config, model)
         model.add_lora(
             r=config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
             targets=targets,
             dora=config.dora,
+            vision=not config.freeze_vision,
         )
     elif not config.lora:
         model.enable_full_finetuning(train_vision=not config.freeze_vision)
-    if not config.freeze_vision and model.vision_tower is not None:
-        model.vision_tower.requires_grad_(True)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.hf_deepspeed_config = hf_deepspeed_config  # alive as long as the model (peft's DoRA asks it too)
@@ -274,6 +273,71 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
     if _vision_frozen(model):
         model.vision_tower.eval()  # frozen: deterministic, so its features can be reused in the recompute
     return model
+
+
+def lora_targets(config: TrainConfig, model: Any) -> list[str] | None:
+    """--lora_target_modules as a list (None: the family's), refused when names given explicitly match
+    Linears inside the vision tower while --freeze_vision is true.
+
+    The reference's peft config puts adapters wherever a name matches, CLIP towers included; here a frozen
+    tower takes none, so an explicit target list that reaches into it contradicts --freeze_vision: the run
+    says which, instead of silently training fewer modules than the list names. The family's default
+    targets are resolved outside a frozen tower (they are LM names that CLIP happens to share)."""
+    from vlm2vec.lora import lora_target_names
+
+    if not config.lora_target_modules:
+        return None
+    targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
+    tower = model.vision_tower
+    if config.freeze_vision and tower is not None:
+        inside = lora_target_names(tower, targets)
+        if inside:
+            names = sorted({n.rsplit(".", 1)[-1] for n in inside})
+            raise ConfigError(
+                f"--lora_target_modules names {','.join(names)}, which match {len(inside)} Linear modules "
+                f"inside the vision tower (e.g. {inside[0]}), but --freeze_vision is true: set "
+                "--freeze_vision false to train adapters there (the reference does), or name only "
+                "language-model modules"
+            )
+    return targets
+
+
+def image_tokens_per_image(model: Any) -> int:
+    """Tokens one image costs at the model's image settings: exact for a resolution preset (every image
+    is resized to it), the most any image can cost otherwise (a 4096x4096 probe: Qwen's max_pixels,
+    LLaVA-NeXT's largest anyres grid and Phi-3.5-V's crop count cap it)."""
+    from PIL import Image
+
+    probe = Image.new("RGB", model.settings.image_size or (4096, 4096))
+    return int(model.count_tokens("", probe)) - int(model.count_tokens(""))
+
+
+def check_fit(config: TrainConfig, model: Any) -> None:
+    """ConfigError, before any batch is built, when the longest row the options allow cannot fit.
+
+    That row is one image at the configured resolution plus --max_len text tokens (image tokens do not
+    count toward --max_len and are never cut). It cannot fit when it is longer than the language model's
+    max_position_embeddings (positions it never saw), or than --gc_max_visual_tokens (a GradCache chunk's
+    token budget, which such a row alone would exceed). Without this check the run would find out at the
+    first such row, possibly many steps in. Rows with several images or a video are not bounded here."""
+    if model.vision_tower is None or config.model_name == DEMO_MODEL:  # the demo: 1 feature token/image
+        return
+    n_image = image_tokens_per_image(model)
+    longest = n_image + config.max_len
+    text_config = model.hf_model.config
+    text_config = text_config.get_text_config() if hasattr(text_config, "get_text_config") else text_config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    what = (
+        f"one image at {model.settings.resolution} resolution costs {n_image} tokens, so with --max_len "
+        f"{config.max_len} text tokens a row can be {longest} tokens long"
+    )
+    if limit is not None and longest > limit:
+        raise ConfigError(f"{what}, more than the model's {limit} positions: lower --max_len or resolution")
+    budget = config.gc_max_visual_tokens if config.grad_cache else None
+    if budget is not None and longest > budget:
+        raise ConfigError(
+            f"{what}, more than --gc_max_visual_tokens {budget}: raise the budget to at least {longest}"
+        )
 
 
 def _vision_frozen(model: Any) -> bool:
@@ -360,12 +424,15 @@ def make_batches(config: TrainConfig, data: Any, model: Any, rank: int, world: i
         data,
         per_device * world,
         weights=data.weights or config.subset_weights,
-        homogeneous_size=config.interleave_batch_size,
+        # VLM2Vec V2.0: a global run of interleave_batch_size x processes rows from one subset, split so
+        # each process gets interleave_batch_size of them (reference src/data/loader/mixed_dataset.py)
+        homogeneous_size=config.interleave_batch_size * world if config.interleave_batch_size else None,
         seed=config.seed,
         num_steps=total,
         rank=rank,
         world_size=world,
         skip_bad_rows=config.skip_bad_rows,
+        spread_groups=bool(config.interleave_batch_size),
     )
     group = config.num_hard_negatives + 1
     q_chunk = config.gc_q_chunk_size if config.grad_cache else per_device
@@ -556,6 +623,7 @@ def train(config: TrainConfig, model: Any = None) -> TrainResult:
     data = load_data(config)
     seed_everything(config.seed)  # same initial weights (LoRA init) on every rank
     model = build_model(config, base=model, ds_config=ds_config)
+    check_fit(config, model)
     batches, collate, total_steps = make_batches(config, data, model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -741,7 +809,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
         train(with_default_data(config))
     except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
-        print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
+        if rank == 0 or not isinstance(err, ConfigError):  # option errors are the same on every rank
+            print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 1 if isinstance(err, NonFiniteLossError) else 2
     except Exception as err:
         from vlm2vec.data import DataError

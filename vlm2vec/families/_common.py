@@ -124,27 +124,38 @@ def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -
     return expand_placeholders(text, int(has_image), 0, row, image_token)
 
 
-def images_of(value: Any, row: int) -> list[Any]:
-    """A row's images as a list of RGB PIL images: None -> [], one image -> [it], a list -> its items."""
+def images_of(value: Any, row: int, size: tuple[int, int] | None = None) -> list[Any]:
+    """A row's images as a list of RGB PIL images: None -> [], one image -> [it], a list -> its items.
+
+    size: a resolution preset (width, height), applied before the RGB conversion, in the image's own mode,
+    as the reference does (v1 `src/dataset.py` resizes the opened file, the processor converts after):
+    a palette ("P") image is resized by nearest neighbour (Pillow's rule for palettes), RGBA with
+    premultiplied alpha."""
     if value is None:
         return []
     items = list(value) if isinstance(value, list | tuple) else [value]
-    return [rgb(im, row) for im in items]
+    return [rgb(resize_to_preset(_pil(im, row), size), row) for im in items]
 
 
-def rgb(image: Any, row: int) -> Any:
-    """The row's image as an RGB PIL image (TypeError naming the row otherwise)."""
+def _pil(image: Any, row: int) -> Any:
     from PIL import Image
 
     if not isinstance(image, Image.Image):
         raise TypeError(
             f"images[{row}] must be a PIL.Image, a list of them or None, got {type(image).__name__}"
         )
+    return image
+
+
+def rgb(image: Any, row: int) -> Any:
+    """The row's image as an RGB PIL image (TypeError naming the row otherwise)."""
+    image = _pil(image, row)
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def resize_to_preset(image: Any, size: tuple[int, int] | None) -> Any:
-    """Apply a resolution preset (width, height); None keeps the image size."""
+    """Apply a resolution preset (width, height); None keeps the image size. Bicubic, as Pillow's default
+    in the reference (Pillow itself uses nearest neighbour for palette and 1-bit images)."""
     if size is None or image.size == size:
         return image
     from PIL import Image
@@ -153,17 +164,25 @@ def resize_to_preset(image: Any, size: tuple[int, int] | None) -> Any:
 
 
 def fit_length(ids: list[int], max_len: int, protected: Iterable[int], row: int) -> list[int]:
-    """Cut a token row to max_len, refusing (ValueError naming the row) if that would cut image tokens."""
-    if len(ids) <= max_len:
-        return ids
+    """Keep at most `max_len` text tokens of a token row; image/video tokens (`protected`) do not count
+    and are never cut.
+
+    `max_len` is the paper's "max text length" (VLM2Vec: 256): a row keeps its first `max_len` non-image
+    tokens in order (right truncation, as the reference's tokenizer truncates a text-only row) and every
+    image token, so a high-resolution image (~1,225 Qwen2-VL tokens, ~2,900 LLaVA-NeXT) never makes a
+    row unusable. MMEB rows put the instruction first, so a cut drops the end of the row's data text
+    (a long caption or dialogue), not the instruction. `row` is kept for the families' call signature."""
     protected = set(protected)
-    cut = [i for i in range(max_len, len(ids)) if ids[i] in protected]
-    if cut:
-        raise ValueError(
-            f"row {row}: max_len={max_len} would cut image tokens (the row has {len(ids)} tokens, image "
-            f"tokens reach position {max(cut)}); raise max_len or lower the image resolution"
-        )
-    return ids[:max_len]
+    if len(ids) <= max_len or sum(t not in protected for t in ids) <= max_len:
+        return ids
+    out, kept = [], 0
+    for t in ids:
+        if t in protected:
+            out.append(t)
+        elif kept < max_len:
+            out.append(t)
+            kept += 1
+    return out
 
 
 def pad_rows(

@@ -22,7 +22,6 @@ from vlm2vec.families._common import (
     model_kwargs,
     pack_rows,
     pad_rows,
-    resize_to_preset,
 )
 
 IMAGE_TOKEN = "<image>"
@@ -47,11 +46,11 @@ def prepare(
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     rows, pixel_values, image_sizes = [], [], []
     for i, (text, image) in enumerate(zip(texts, images)):
-        row_images = images_of(image, i)
+        row_images = images_of(image, i, settings.image_size)  # resized, then RGB (as the reference)
         parts = expand_placeholders(text, len(row_images), 0, i, IMAGE_TOKEN).split(IMAGE_TOKEN)
         text = parts[0]
         for im, part in zip(row_images, parts[1:]):
-            out = ip(images=[resize_to_preset(im, settings.image_size)], return_tensors="pt")
+            out = ip(images=[im], return_tensors="pt")
             text += processor.replace_image_token(out, 0) + part
             pixel_values.append(out["pixel_values"][0])
             image_sizes.append(out["image_sizes"])

@@ -165,7 +165,7 @@ def prepare(
     videos = videos or [None] * len(texts)
     rows, types, pixel_values, grids, video_values, video_grids = [], [], [], [], [], []
     for i, (text, image, video) in enumerate(zip(texts, images, videos)):
-        row_images = [resize_to_preset(im, settings.image_size) for im in images_of(image, i)]
+        row_images = images_of(image, i, settings.image_size)
         text = expand_placeholders(text, len(row_images), int(video is not None), i, IMAGE_TOKEN, VIDEO_TOKEN)
         counts = []
         for im in row_images:  # images in text order; the model consumes features in that order
@@ -242,7 +242,7 @@ def count_tokens(
                             min_pixels=lo, max_pixels=hi)  # fmt: skip
         return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
 
-    row_images = [resize_to_preset(im, settings.image_size) for im in images_of(images, 0)]
+    row_images = images_of(images, 0, settings.image_size)
     text = expand_placeholders(text, len(row_images), int(video is not None), 0, IMAGE_TOKEN, VIDEO_TOKEN)
     video_tokens = None
     if video:
@@ -251,7 +251,9 @@ def count_tokens(
     text = _expand_pads(
         text, [tokens(im) for im in row_images], video_tokens, timestamps, ip.temporal_patch_size
     )
-    return min(len(tok(text, add_special_tokens=True)["input_ids"]), max_len)
+    marks = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+    protected = {tok.convert_tokens_to_ids(t) for t in marks}  # as `prepare`: never cut, not counted
+    return len(fit_length(tok(text, add_special_tokens=True)["input_ids"], max_len, protected, 0))
 
 
 # ------------------------------------------------------------------------------------ hidden states
