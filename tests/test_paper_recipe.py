@@ -341,3 +341,23 @@ def test_palette_images_are_resized_before_rgb_conversion(tmp_path):
     model = tiny_at(config)
     direct = model.prepare(["<|image_1|> x"], [Image.fromarray(reference)])["pixel_values"]
     torch.testing.assert_close(model.prepare(["<|image_1|> x"], [image])["pixel_values"], direct)
+
+
+def test_transparent_palette_pixels_become_white_as_the_reference_processors_convert(tmp_path):
+    """Qwen2-VL / LLaVA-NeXT: the reference's transformers processors (4.46 `convert_to_rgb`) composite
+    transparency onto white after the resize; Phi-3.5-V's processor converts plainly."""
+    from vlm2vec.data import load_image
+    from vlm2vec.families._common import images_of
+
+    rng = np.random.default_rng(1)
+    paletted = Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).quantize(8)
+    paletted.info["transparency"] = 0  # palette index 0 is transparent
+    paletted.save(tmp_path / "t.png", transparency=0)
+    image = load_image("t.png", tmp_path, "test")
+    size = (1344, 1344)
+    resized = image.resize(size).convert("RGBA")
+    white = Image.alpha_composite(Image.new("RGBA", size, (255, 255, 255, 255)), resized).convert("RGB")
+    ours = np.asarray(images_of(image, 0, size, on_white=True)[0])
+    assert np.array_equal(ours, np.asarray(white))
+    assert not np.array_equal(ours, np.asarray(image.resize(size).convert("RGB")))
+    assert np.array_equal(np.asarray(images_of(image, 0)[0]), np.asarray(image.convert("RGB")))  # Phi

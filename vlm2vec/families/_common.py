@@ -124,17 +124,18 @@ def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -
     return expand_placeholders(text, int(has_image), 0, row, image_token)
 
 
-def images_of(value: Any, row: int, size: tuple[int, int] | None = None) -> list[Any]:
+def images_of(value: Any, row: int, size: tuple[int, int] | None = None, on_white: bool = False) -> list[Any]:
     """A row's images as a list of RGB PIL images: None -> [], one image -> [it], a list -> its items.
 
     size: a resolution preset (width, height), applied before the RGB conversion, in the image's own mode,
     as the reference does (v1 `src/dataset.py` resizes the opened file, the processor converts after):
     a palette ("P") image is resized by nearest neighbour (Pillow's rule for palettes), RGBA with
-    premultiplied alpha."""
+    premultiplied alpha. on_white: transparent pixels become white, as the transformers processors of the
+    reference (4.46 `convert_to_rgb`) convert; otherwise a plain conversion (Phi-3.5-V's processor)."""
     if value is None:
         return []
     items = list(value) if isinstance(value, list | tuple) else [value]
-    return [rgb(resize_to_preset(_pil(im, row), size), row) for im in items]
+    return [rgb(resize_to_preset(_pil(im, row), size), row, on_white) for im in items]
 
 
 def _pil(image: Any, row: int) -> Any:
@@ -147,10 +148,18 @@ def _pil(image: Any, row: int) -> Any:
     return image
 
 
-def rgb(image: Any, row: int) -> Any:
-    """The row's image as an RGB PIL image (TypeError naming the row otherwise)."""
+def rgb(image: Any, row: int, on_white: bool = False) -> Any:
+    """The row's image as an RGB PIL image (TypeError naming the row otherwise); on_white: transparency
+    composited onto white first."""
     image = _pil(image, row)
-    return image.convert("RGB") if image.mode != "RGB" else image
+    if image.mode == "RGB":
+        return image
+    if on_white and ("A" in image.getbands() or "transparency" in image.info):
+        from PIL import Image
+
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def resize_to_preset(image: Any, size: tuple[int, int] | None) -> Any:

@@ -46,7 +46,7 @@ def prepare(
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     rows, pixel_values, image_sizes = [], [], []
     for i, (text, image) in enumerate(zip(texts, images)):
-        row_images = images_of(image, i, settings.image_size)  # resized, then RGB (as the reference)
+        row_images = images_of(image, i, settings.image_size, on_white=True)  # resized, then RGB
         parts = expand_placeholders(text, len(row_images), 0, i, IMAGE_TOKEN).split(IMAGE_TOKEN)
         text = parts[0]
         for im, part in zip(row_images, parts[1:]):

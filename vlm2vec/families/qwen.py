@@ -165,7 +165,7 @@ def prepare(
     videos = videos or [None] * len(texts)
     rows, types, pixel_values, grids, video_values, video_grids = [], [], [], [], [], []
     for i, (text, image, video) in enumerate(zip(texts, images, videos)):
-        row_images = images_of(image, i, settings.image_size)
+        row_images = images_of(image, i, settings.image_size, on_white=True)
         text = expand_placeholders(text, len(row_images), int(video is not None), i, IMAGE_TOKEN, VIDEO_TOKEN)
         counts = []
         for im in row_images:  # images in text order; the model consumes features in that order
@@ -242,7 +242,7 @@ def count_tokens(
                             min_pixels=lo, max_pixels=hi)  # fmt: skip
         return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
 
-    row_images = images_of(images, 0, settings.image_size)
+    row_images = images_of(images, 0, settings.image_size, on_white=True)
     text = expand_placeholders(text, len(row_images), int(video is not None), 0, IMAGE_TOKEN, VIDEO_TOKEN)
     video_tokens = None
     if video:
