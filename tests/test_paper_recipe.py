@@ -109,7 +109,7 @@ def _run_main(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 def test_a_config_whose_rows_cannot_fit_is_refused_at_startup(tmp_path, shapes):
     """One line, exit 2, before any step: a tiny Qwen2-VL (512 positions) at the paper's high resolution
-    (1,227 tokens per image) cannot hold an image row; a token budget below image + max_len neither."""
+    (1,227 tokens per image) cannot hold an image row; a chunk token budget below one image neither."""
     common = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(shapes), "--image_dir", str(shapes),
               "--subset_name", "ImageNet_1K", "--image_resolution", "high", "--min_pixels", "200704",
               "--max_pixels", "1003520", "--per_device_train_batch_size", "2"]  # fmt: skip
@@ -118,10 +118,11 @@ def test_a_config_whose_rows_cannot_fit_is_refused_at_startup(tmp_path, shapes):
     lines = [line for line in proc.stderr.splitlines() if "error" in line]  # (hub warnings aside)
     assert len(lines) == 1 and "1227 tokens" in lines[0] and "512 positions" in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / "run" / "train_log.jsonl")
-    budget = ["--image_resolution", "low", "--max_len", "64", "--gc_max_visual_tokens", "300"]
+    budget = ["--image_resolution", "low", "--max_len", "64", "--gc_max_visual_tokens", "200"]
     proc = _run_main([*common, *budget], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert proc.returncode == 2 and len(lines) == 1 and "--gc_max_visual_tokens 300" in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "258 tokens, more than --gc_max_visual_tokens 200" in lines[0], proc.stderr
 
 
 # --------------------------------------------------------------------------------------- training

@@ -246,8 +246,7 @@ def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> I
     full = _resolve(path, Path(image_root) if image_root is not None else None)
     try:
         with Image.open(full) as img:
-            img.load()
-            return img
+            return img.copy()  # decoded; a plain Image (palette and transparency kept)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{where}: cannot read image {full}: {err}") from err
 

@@ -317,9 +317,11 @@ def check_fit(config: TrainConfig, model: Any) -> None:
 
     That row is one image at the configured resolution plus --max_len text tokens (image tokens do not
     count toward --max_len and are never cut). It cannot fit when it is longer than the language model's
-    max_position_embeddings (positions it never saw), or than --gc_max_visual_tokens (a GradCache chunk's
-    token budget, which such a row alone would exceed). Without this check the run would find out at the
-    first such row, possibly many steps in. Rows with several images or a video are not bounded here."""
+    max_position_embeddings (positions it never saw), or when the image alone exceeds
+    --gc_max_visual_tokens (a GradCache chunk's token budget: every image row would break it; a budget
+    below image + max_len is fine, long-text rows then get a chunk of their own). Without this check the
+    run would find out at the first such row, possibly many steps in. Rows with several images or a
+    video are not bounded here."""
     if model.vision_tower is None or config.model_name == DEMO_MODEL:  # the demo: 1 feature token/image
         return
     n_image = image_tokens_per_image(model)
@@ -334,9 +336,10 @@ def check_fit(config: TrainConfig, model: Any) -> None:
     if limit is not None and longest > limit:
         raise ConfigError(f"{what}, more than the model's {limit} positions: lower --max_len or resolution")
     budget = config.gc_max_visual_tokens if config.grad_cache else None
-    if budget is not None and longest > budget:
+    if budget is not None and n_image > budget:
         raise ConfigError(
-            f"{what}, more than --gc_max_visual_tokens {budget}: raise the budget to at least {longest}"
+            f"one image at {model.settings.resolution} resolution costs {n_image} tokens, more than "
+            f"--gc_max_visual_tokens {budget} (a GradCache chunk's budget): raise it to {n_image} or more"
         )
 
 
