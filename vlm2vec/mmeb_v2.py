@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from vlm2vec.data import DataError, _iter_records
+from vlm2vec.data.errors import DataError
+from vlm2vec.data.tables import iter_records
 from vlm2vec.media import DEFAULT_NUM_FRAMES, VIDEO_SUFFIXES, frame_files
 from vlm2vec.mmeb_tables import MMEB_EVAL_DATASETS
 
@@ -316,7 +317,7 @@ def _records(
     if not files:
         raise DataError(f"{what}: no .parquet/.jsonl/.arrow annotation files in {folder}")
     for f in files:
-        for where, record, problem in _iter_records(f):
+        for where, record, problem in iter_records(f):
             if problem is not None:
                 raise DataError(f"{where}: {problem}")
             yield where, record
