@@ -262,11 +262,11 @@ def task_present(root: Path, task: V2Task) -> bool:
 def available_tasks(root: str | os.PathLike, requested: Sequence[str] | None = None) -> list[V2Task]:
     """The requested tasks (unknown names are an error; a requested task without data fails when read),
     else every task whose data folder exists under root (missing_tasks lists the others)."""
-    if requested:
-        return [get_task(n) for n in requested]
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"MMEB-V2 data folder not found: {root}")
+    if requested:
+        return [get_task(n) for n in requested]
     found = [t for t in MMEB_V2_TASKS if task_present(root, t)]
     if not found:
         raise DataError(

@@ -83,6 +83,8 @@ def read_video_cls(root: Path, task: V2Task, pool: _Pool) -> list[V2Row]:
         video_id, label = str(get(rec, "video_id", where)), str(get(rec, "pos_text", where))
         if task.eval_type == "local":
             names = [str(n) for n in get(rec, "neg_text", where)]  # type: ignore[union-attr]
+            if label not in names:
+                raise DataError(f"{where}: pos_text {label!r} is not among its candidates neg_text")
         else:
             names = [label]
         for n in names:
