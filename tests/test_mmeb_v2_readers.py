@@ -341,3 +341,63 @@ def test_moment_retrieval_one_positive_and_momentseeker_every_frame(tmp_path) ->
     )
     assert len(load_visual(s.rows[0].query_visual)) == 12  # load_frames: every frame
     assert all(len(load_visual(v)) == 12 for _, v in s.pool.values())
+
+
+@pytest.mark.parametrize(
+    "name,row,frame_dir,video,caption",
+    [
+        (
+            "MSVD",
+            dict(video_id="m1", video="clips/m1.avi", caption=["a cat", "cat"]),
+            "m1",
+            "clips/m1.avi",
+            "a cat",
+        ),
+        ("DiDeMo", dict(video="raw/d1.mp4", caption="a man"), "d1", "d1.mp4", "a man"),
+        ("YouCook2", dict(id="y1", video_path="val/x/y1.mp4", sentence="cut"), "y1", "y1.mp4", "cut"),
+        ("VATEX", dict(videoID="v1", enCap=["a boy", "boy"]), "v1", "v1.mp4", "a boy"),
+    ],
+)
+def test_video_retrieval_fields_per_reader(tmp_path, name, row, frame_dir, video, caption) -> None:
+    task = get_task(name)
+    write_rows(tmp_path / task.data / f"{task.split}.jsonl", [row])
+    write_video(tmp_path / task.video_root / video, _clip())
+    s = load_task(tmp_path, name)
+    assert s.rows[0].query_text == f"{task.instruction} {caption}" and s.rows[0].labels == [frame_dir]
+    assert s.pool[frame_dir][1].paths == (str(tmp_path / task.video_root / video),)
+    write_frames(tmp_path / task.frame_root / frame_dir, _clip(3))  # extracted frames win, as in save_frames
+    assert load_task(tmp_path, name).pool[frame_dir][1].paths == (
+        str(tmp_path / task.frame_root / frame_dir),
+    )
+
+
+def test_videomme_and_activitynetqa_queries_and_candidates(tmp_path) -> None:
+    mme, anet = get_task("Video-MME"), get_task("ActivityNetQA")
+    options = ["A. red", "B. blue", "C. green", "D. black"]
+    write_rows(tmp_path / mme.data / "test.jsonl", [dict(videoID="m", question="Color?", options=options,
+               answer="C", question_id="1", domain="d", sub_category="s")])  # fmt: skip
+    write_rows(tmp_path / anet.data / "test.jsonl", [dict(video_name="abc", question="is it red", answer="no",
+               question_id="1")])  # fmt: skip
+    write_frames(tmp_path / mme.frame_root / "m", _clip())
+    write_frames(tmp_path / anet.frame_root / "v_abc", _clip())
+    s = load_task(tmp_path, "Video-MME")
+    assert s.rows[0].query_text == QA + "Color?\nA. red\nB. blue\nC. green\nD. black"
+    assert s.rows[0].cand_names == options and s.rows[0].labels == ["C. green"]
+    assert [s.pool[o][0] for o in options] == ["red", "blue", "green", "black"]
+    a = load_task(tmp_path, "ActivityNetQA").rows[0]
+    assert a.query_text == QA + "is it red? (A) yes; (B) no." and a.cand_names == ["yes", "no"]
+    assert a.labels == ["no"] and a.query_visual.paths == (str(tmp_path / anet.frame_root / "v_abc"),)
+
+
+def test_a_frame_folder_gives_the_reference_frame_list(tmp_path) -> None:
+    """process_video_frames: natural file order, np.linspace(0, n - 1, 8, dtype=int)."""
+    import numpy as np
+
+    from vlm2vec.eval_v2 import load_visual
+
+    task = get_task("HMDB51")
+    numbered = [Image.new("RGB", (16, 16), (8 * i,) * 3) for i in range(20)]
+    write_frames(tmp_path / task.frame_root / "x", numbered)  # frame_0001.jpg ... frame_0020.jpg
+    write_rows(tmp_path / task.data / "test.jsonl", [dict(video_id="x", pos_text="wave")])
+    frames = load_visual(load_task(tmp_path, "HMDB51").rows[0].query_visual)
+    assert [round(int(np.asarray(f)[0, 0, 0]) / 8) for f in frames] == [0, 2, 5, 8, 10, 13, 16, 19]
