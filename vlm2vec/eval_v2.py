@@ -3,7 +3,9 @@
 Per task (mmeb_v2.load_task): every distinct input (query or pool candidate, keyed by text + visual) is
 embedded once, with the resumable on-disk cache and the rank sharding of eval.py; then each query is
 ranked against the whole deduplicated pool (`global` tasks) or its own candidates (`local`), and scored
-with Hit@1 (image, video) or NDCG@5 with linear gain over graded relevance (visual documents). Every
+with Hit@1 (image, video) or NDCG@5 with linear gain over graded relevance (visual documents): `score` as
+the reference ranks (a tie with a later candidate is a hit), the same with ties as misses beside it
+(score_task; docs/mmeb_v2_parity.md rows O and P). Every
 task is read and checked before anything is embedded, and a backbone that cannot take a task's input
 kind (video) is refused up front. Outputs: scores.json (per task and the group means) and table.md
 (image / video / visdoc sub-groups, their means, overall).
