@@ -145,7 +145,9 @@ def test_evaluate_v2_caches_embeddings_and_writes_the_group_table(tiny_copy, tmp
     assert again.rows == 0  # every embedding came from the cache
     agg = scores["aggregate"]
     assert agg["video"]["n"] == 4 and agg["visdoc"]["n"] == 1 and agg["Overall"]["n"] == 6
+    assert len(scores["missing_tasks"]) == 72 and "K700" in scores["missing_tasks"]  # listed, not dropped
     table = (tmp_path / "out" / "table.md").read_text()
+    assert "No data for 72 tasks: " in table
     for column in ("Video-CLS", "Video-MRET", "ViDoRe-V1", "visdoc (all)", "Overall"):
         assert column in table
     saved = json.loads((tmp_path / "out" / "scores.json").read_text())
