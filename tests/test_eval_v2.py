@@ -316,8 +316,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_copy, tmp_path) -> None:
     assert missing.stderr.strip().splitlines() == [
         f"python -m vlm2vec.eval: error: --model {tmp_path / 'no-such-model'}: no such model directory"
     ]
-    tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
     (tmp_path / "empty").mkdir()
+    not_a_model = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "empty"), "--data", str(root),
+                       "--out", str(tmp_path / "o1"))  # fmt: skip
+    assert not_a_model.returncode == 2 and len(not_a_model.stderr.strip().splitlines()) == 1
+    assert "not a model directory" in not_a_model.stderr
+    tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
     for data, message in ((tmp_path / "empty", "no MMEB-V2 task data found"),
                           (tmp_path / "nowhere", "MMEB-V2 data folder not found")):  # fmt: skip
         proc = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "qwen"), "--data", str(data),

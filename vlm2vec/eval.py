@@ -577,6 +577,9 @@ def preflight(args: argparse.Namespace, tasks: Sequence[str] | None, datasets: S
     model = os.path.expanduser(args.model)
     if not os.path.exists(model) and not _looks_like_hub_id(args.model):
         raise DataError(f"--model {args.model}: no such model directory")
+    marks = ("config.json", "vlm2vec.json", "adapter_config.json")  # a base model, ours, a LoRA adapter
+    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, m)) for m in marks):
+        raise DataError(f"--model {args.model}: not a model directory (no {', '.join(marks)})")
     try:
         if args.benchmark == "mmeb-v2":
             from vlm2vec.mmeb_v2 import available_tasks
@@ -637,6 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=device,
         )
     except (OSError, HFValidationError) as err:  # not a model directory, or a hub id that cannot load
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return _fail(f"--model {args.model}: cannot load the model: {err}".splitlines()[0], rank)
     model.eval()
     try:
