@@ -200,3 +200,42 @@ def test_pdf_without_pages_or_unreadable_leaves_nothing_in_the_cache(tmp_path) -
     with pytest.raises(MediaError, match="row 4: cannot read PDF .*junk.pdf"):
         pdf_pages(tmp_path / "junk.pdf", cache_dir=cache, where="row 4")
     assert list(cache.iterdir()) == []
+
+
+# ----------------------------------------------------------- the MMEB-V2 reference's frame extraction
+def test_extraction_indices_as_the_reference_computes_them():
+    import math
+
+    from vlm2vec.media import cv2_extract_indices, ffmpeg_extract_indices
+
+    assert ffmpeg_extract_indices(40) == list(range(40))
+    assert ffmpeg_extract_indices(100) == [math.floor(i * 100 / 64) for i in range(64)]
+    assert ffmpeg_extract_indices(100)[:6] == [0, 1, 3, 4, 6, 7]
+    assert cv2_extract_indices(100, 100) == list(range(64))  # step = 100 // 64 = 1
+    assert cv2_extract_indices(200, 200) == [3 * k for k in range(64)]
+    assert cv2_extract_indices(40, 40) == list(range(40))  # reads until a read fails
+    assert cv2_extract_indices(200, 150) == [3 * k for k in range(50)]  # the container over-reports
+
+
+def _numbered(n: int) -> list[Image.Image]:
+    """Frames whose gray level is 3 * index: the index survives a lossless codec."""
+    return [Image.new("RGB", (16, 16), (3 * i, 3 * i, 3 * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("extractor", ["ffmpeg", "cv2"])
+def test_a_video_file_is_extracted_to_64_frames_then_sampled_to_8(tmp_path, extractor):
+    from vlm2vec.media import extract_frames, write_video
+
+    path = write_video(tmp_path / "v.mp4", _numbered(80))  # libx264rgb qp 0: lossless
+    extracted = extract_frames(path, extractor)
+    index = [int(np.asarray(f)[0, 0, 0]) // 3 for f in extracted]
+    if extractor == "ffmpeg":  # floor(i * 80 / 64)
+        assert index == [i * 80 // 64 for i in range(64)]
+    else:  # step 80 // 64 = 1: frames 0..63
+        assert index == list(range(64))
+    sampled = load_video(path, 8, extractor=extractor)
+    picks = np.linspace(0, 63, 8, dtype=int).tolist()  # process_video_frames over the 64 saved frames
+    assert [int(np.asarray(f)[0, 0, 0]) // 3 for f in sampled] == [index[p] for p in picks]
+    # without the extraction step the 8 would be sampled over all 80 frames: a different list
+    direct = [int(np.asarray(f)[0, 0, 0]) // 3 for f in load_video(path, 8)]
+    assert direct == np.linspace(0, 79, 8, dtype=int).tolist() != [index[p] for p in picks]

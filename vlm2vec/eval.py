@@ -564,15 +564,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` or `name`: what a hub repo id can be (a path that does not exist is not one)."""
+    return not name.startswith(("/", ".", "~")) and name.count("/") <= 1 and "\\" not in name
+
+
+def preflight(args: argparse.Namespace, tasks: Sequence[str] | None, datasets: Sequence[str] | None) -> None:
+    """Bad input refused before the model loads: a model path that does not exist, a data folder
+    without task data, unknown task names. Raises DataError (one line)."""
+    from vlm2vec.data import DataError
+
+    model = os.path.expanduser(args.model)
+    if not os.path.exists(model) and not _looks_like_hub_id(args.model):
+        raise DataError(f"--model {args.model}: no such model directory")
+    marks = ("config.json", "vlm2vec.json", "adapter_config.json")  # a base model, ours, a LoRA adapter
+    if os.path.isdir(model) and not any(os.path.isfile(os.path.join(model, m)) for m in marks):
+        raise DataError(f"--model {args.model}: not a model directory (no {', '.join(marks)})")
+    try:
+        if args.benchmark == "mmeb-v2":
+            from vlm2vec.mmeb_v2 import available_tasks
+
+            available_tasks(args.data, tasks)
+        else:
+            dataset_names(args.data, datasets)
+    except (ValueError, FileNotFoundError) as err:
+        raise DataError(f"--data {args.data}: {err}") from err
+
+
+def _fail(err: object, rank: int = 0, world_size: int = 1, every_rank: bool = False) -> int:
+    """One line on stderr, exit status 2: how the trainer reports bad input. every_rank: the error may
+    be one rank's own (its shard of the inputs), so each rank says it, tagged."""
+    if every_rank and world_size > 1:
+        print(f"python -m vlm2vec.eval: error (rank {rank}): {err}", file=sys.stderr, flush=True)
+    elif rank == 0:
+        print(f"python -m vlm2vec.eval: error: {err}", file=sys.stderr, flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from vlm2vec.data import DataError
+    from vlm2vec.media import MediaError
+
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be >= 1")
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or datasets
+    try:
+        preflight(args, tasks, datasets)
+    except DataError as err:
+        return _fail(err, int(os.environ.get("RANK", "0")))
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a launcher stopping its ranks, a scheduler) -> SystemExit, so finished work is flushed
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rank, world_size, local_rank = init_distributed()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    from huggingface_hub.errors import HFValidationError
+
     from vlm2vec.model import VLM2Vec
 
     options = {
@@ -581,22 +629,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "max_len": args.max_len,
         "resolution": args.resolution,
     }
-    model = VLM2Vec.from_pretrained(
-        args.model,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
-        pooling=args.pooling,
-        max_len=args.max_len,
-        resolution=args.resolution,
-        attn_implementation=args.attn_implementation,
-        device=device,
-    )
+    try:
+        model = VLM2Vec.from_pretrained(
+            args.model,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            pooling=args.pooling,
+            max_len=args.max_len,
+            resolution=args.resolution,
+            attn_implementation=args.attn_implementation,
+            device=device,
+        )
+    except (OSError, HFValidationError) as err:  # not a model directory, or a hub id that cannot load
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return _fail(f"--model {args.model}: cannot load the model: {err}".splitlines()[0], rank)
     model.eval()
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     try:
         if args.benchmark == "mmeb-v2":
             from vlm2vec.eval_v2 import evaluate_v2, render_v2_report
 
-            tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or datasets
             scores = evaluate_v2(
                 encoder_of(model, args.batch_size), args.data, tasks, out_dir=args.out,
                 cache_dir=args.cache_dir, use_cache=not args.no_cache,
@@ -622,6 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             label=args.label or args.model,
             show_progress=not args.no_progress,
         )
+    except (DataError, MediaError, FileNotFoundError) as err:
+        return _fail(err, rank, world_size, every_rank=True)
     finally:
         import torch.distributed as dist
 
