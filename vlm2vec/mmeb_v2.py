@@ -30,7 +30,7 @@ from vlm2vec.data.errors import DataError
 from vlm2vec.mmeb_tables import MMEB_EVAL_DATASETS
 from vlm2vec.mmeb_v2_doc import read_beir
 from vlm2vec.mmeb_v2_image import read_image_task
-from vlm2vec.mmeb_v2_rows import V2Row, V2Set, V2Task, Visual, CandidatePool
+from vlm2vec.mmeb_v2_rows import CandidatePool, V2Row, V2Set, V2Task, Visual
 from vlm2vec.mmeb_v2_video import (
     read_moment,
     read_momentseeker,

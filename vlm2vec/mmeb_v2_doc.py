@@ -15,7 +15,7 @@ from pathlib import Path
 from vlm2vec.data.errors import DataError
 from vlm2vec.mmeb_tables import IMAGE_PLACEHOLDER as IMG
 from vlm2vec.mmeb_v2_files import get, task_records
-from vlm2vec.mmeb_v2_rows import V2Row, V2Task, Visual, CandidatePool
+from vlm2vec.mmeb_v2_rows import CandidatePool, V2Row, V2Task, Visual
 
 DOC_QUERY = "Find a document image that matches the given query:"
 DOC_TARGET = f"{IMG} Understand the content of the provided document image."

@@ -19,7 +19,7 @@ from vlm2vec.media import IMAGE_SUFFIXES, frame_files
 from vlm2vec.mmeb_tables import IMAGE_PLACEHOLDER as IMG
 from vlm2vec.mmeb_v2_files import get, task_records
 from vlm2vec.mmeb_v2_labels import VIDEO_CLS_LABELS
-from vlm2vec.mmeb_v2_rows import V2Row, V2Task, Visual, CandidatePool
+from vlm2vec.mmeb_v2_rows import CandidatePool, V2Row, V2Task, Visual
 
 VID = "<|video_1|>"
 VIDEO_TARGET = f"{VID} Understand the content of the provided video."
