@@ -1,7 +1,7 @@
 """MMEB-V2 evaluation: `python -m vlm2vec.eval --benchmark mmeb-v2 --model M --data ROOT --out DIR`.
 
 Per task (mmeb_v2.load_task): every distinct input (query or pool candidate, keyed by text + visual) is
-embedded once, with the resumable on-disk cache and the rank sharding of eval.py; then each query is
+embedded once, with the resumable on-disk cache and the rank sharding of embedding.py; then each query is
 ranked against the whole deduplicated pool (`global` tasks) or its own candidates (`local`), and scored
 with Hit@1 (image, video) or NDCG@5 with linear gain over graded relevance (visual documents): `score` as
 the reference ranks (a tie with a later candidate is a hit), the same with ties as misses beside it
@@ -21,18 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
-from vlm2vec.data.errors import DataError
-from vlm2vec.eval import (
-    EmbeddingCache,
-    Encoder,
-    Inputs,
-    _barrier,
-    _dist_rank_world,
-    _gather_to_rank0,
-    embed_inputs,
-)
-from vlm2vec.media import Frames, load_video
+from vlm2vec import distributed
+from vlm2vec.embedding import Encoder, Inputs, cache_root_of, embed_dataset
+from vlm2vec.errors import DataError
+from vlm2vec.media import Frames, load_image, load_video
 from vlm2vec.mmeb_v2 import V2Set, Visual, available_tasks, load_task, missing_tasks
 from vlm2vec.scoring import (
     label_metrics,
@@ -65,10 +59,8 @@ def collect_v2_inputs(task_set: V2Set) -> tuple[Inputs, list[int], dict[str, int
     return Inputs(texts, visuals, queries, []), queries, pool, wheres
 
 
-def load_visual(visual: Visual, where: str = "") -> Any:
+def load_visual(visual: Visual, where: str = "") -> Image.Image | list[Image.Image] | Frames:
     """A Visual as encoder input: a PIL image, a list of them, or Frames (sampled per the task)."""
-    from vlm2vec.data import load_image
-
     label = where
     if visual.kind == "video":
         source = visual.paths[0] if len(visual.paths) == 1 else list(visual.paths)
@@ -163,7 +155,7 @@ def evaluate_v2(
 ) -> dict[str, Any] | None:
     """Evaluate on MMEB-V2 tasks of a local copy; returns the scores on rank 0 (None elsewhere).
     check_inputs(kinds, where): raises for input kinds the model cannot take (family.check_inputs)."""
-    rank, world_size = _dist_rank_world()
+    rank = distributed.rank()
     sets = {}
     for task in available_tasks(root, tasks):  # read and check everything before embedding anything
         task_set = load_task(root, task, max_rows=max_rows)
@@ -177,28 +169,22 @@ def evaluate_v2(
     if missing and rank == 0 and show_progress:
         print(f"MMEB-V2: {len(missing)} of 78 tasks have no data under {root} (listed in scores.json)",
               file=sys.stderr)  # fmt: skip
-    if cache_dir is None and out_dir is not None:
-        cache_dir = Path(out_dir) / "embeddings"
+    cache_root = cache_root_of(cache_dir, out_dir, use_cache)
     results: dict[str, Any] = {}
     started = time.time()
     for name, task_set in sets.items():
         inputs, queries, pool, wheres = collect_v2_inputs(task_set)
-        cache = None
-        if use_cache and cache_dir is not None:
-            cache = EmbeddingCache(Path(cache_dir) / name, fingerprint, inputs.digest(), len(inputs.texts))
-            if rank == 0:
-                cache.prepare()
-            _barrier(world_size)
 
-        def load(visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres) -> Any:
+        def load(
+            visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres
+        ) -> Image.Image | list[Image.Image] | Frames:
             return load_visual(visual, f"task {_name}, {_wheres[i]}")
 
-        done = embed_inputs(
-            inputs, encode, load, cache=cache, batch_size=batch_size, rank=rank, world_size=world_size,
+        done = embed_dataset(
+            inputs, encode, load, cache_dir=cache_root / name if cache_root else None,
+            fingerprint=fingerprint, batch_size=batch_size,
             desc=f"{name} ({len(inputs.texts)} distinct inputs)", show_progress=show_progress,
         )  # fmt: skip
-        _barrier(world_size)
-        done = _gather_to_rank0(done, rank, world_size)
         if rank == 0:
             emb = torch.stack([done[i] for i in range(len(inputs.texts))])
             results[name] = {

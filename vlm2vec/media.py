@@ -1,4 +1,5 @@
-"""Visual inputs beyond one image: videos (frame folders, frame lists, video files) and PDF pages.
+"""Reading visual inputs: a row's images (relative to an image root), videos (frame folders, frame lists,
+video files) and PDF pages. Below both the data package and the evaluations, which read through it.
 
 Frame sampling follows the MMEB-V2 reference: the frames of a video, in natural file-name order, are
 sampled uniformly by index with `np.linspace(0, n - 1, k, dtype=int)` (k = `num_frames`, 8 by
@@ -13,7 +14,8 @@ the folder appears complete or not at all (rendered into a temporary folder, the
 interrupted or failed render leaves nothing half-written that a later run would trust.
 
 Errors are `MediaError` (a ValueError) and start with the caller's `where` (file and row) followed by
-the file that failed.
+the file that failed; the row readers (`load_image`, `load_visual`, `load_frames`) raise `DataError`
+instead, as every other reader of a bad row does.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from vlm2vec.errors import DataError
 
 DEFAULT_NUM_FRAMES = 8
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
@@ -239,6 +243,45 @@ def load_video(
         else:
             raise MediaError(f"{where}: frame {i} must be a PIL image or a path, got {type(frame).__name__}")
     return out
+
+
+# ------------------------------------------------------------------------------------------ row images
+def resolve_path(path: str, image_root: Path | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or image_root is None else image_root / p
+
+
+def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> Image.Image:
+    """Open an image (relative to `image_root`) as RGB; a DataError naming `where` and the file on failure."""
+    full = resolve_path(path, Path(image_root) if image_root is not None else None)
+    try:
+        with Image.open(full) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{where}: cannot read image {full}: {err}") from err
+
+
+def load_visual(
+    paths: str | tuple[str, ...] | None, image_root: str | os.PathLike | None, where: str
+) -> Image.Image | list[Image.Image] | None:
+    """A row's image column as encoder input: None, one image, or a list (several images / pages)."""
+    if paths is None:
+        return None
+    if isinstance(paths, tuple):
+        return [load_image(p, image_root, f"{where}[{k}]") for k, p in enumerate(paths)]
+    return load_image(paths, image_root, where)
+
+
+def load_frames(
+    source: str | None, image_root: str | os.PathLike | None, num_frames: int | None, where: str
+) -> list[Image.Image] | None:
+    """A row's video (frame folder or video file) as sampled frames; a DataError naming `where`."""
+    if source is None:
+        return None
+    try:
+        return load_video(source, num_frames, root=image_root, where=where)
+    except MediaError as err:
+        raise DataError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------ PDF

@@ -19,10 +19,10 @@ Bad input (unreadable file or image, missing column, empty query, placeholder/im
 hard negatives, image tokens cut by max_len) raises `DataError` naming the file and row; with
 `skip_bad_rows=True` the row is skipped and counted in a `BadRows` (warned, never silent).
 
-Modules, each importing only the ones above it::
+Modules, each importing only the ones above it (and, below them all, `vlm2vec.errors` for DataError and
+`vlm2vec.media` for load_image / load_visual / load_frames, the readers of a row's images and videos)::
 
     errors      DataError, BadRows
-    images      load_image / load_visual / load_frames (paths relative to an image root)
     tables      records of .jsonl/.parquet/.arrow files and hub datasets, subsets of a train directory
     rows        one row -> checked TrainExample / EvalExample; collect_rows (the bad-row policy)
     train_sets  TrainData, load_train_data, read_train_file, load_train_mix (layout of a train directory)
@@ -38,7 +38,6 @@ from vlm2vec.data.batches import ContrastiveBatch, TrainBatches
 from vlm2vec.data.collator import ChunkCollator, PreparedBatch, estimate_length
 from vlm2vec.data.errors import BadRows, DataError
 from vlm2vec.data.eval_sets import EvalSet, find_eval_source, load_eval_dataset
-from vlm2vec.data.images import load_frames, load_image, load_visual
 from vlm2vec.data.rows import (
     EVAL_COLUMNS,
     TRAIN_COLUMNS,
@@ -56,6 +55,6 @@ __all__ = [
     "IMAGE_PLACEHOLDER", "VIDEO_PLACEHOLDER", "TRAIN_COLUMNS", "EVAL_COLUMNS", "TABLE_SUFFIXES",
     "DataError", "BadRows", "TrainExample", "TrainData", "load_train_data", "read_train_file",
     "load_train_mix", "parse_sources", "StepSampler", "ContrastiveBatch", "TrainBatches", "ChunkCollator",
-    "PreparedBatch", "EvalExample", "EvalSet", "load_eval_dataset", "find_eval_source", "load_image",
-    "load_visual", "load_frames", "replace_image_token", "estimate_length",
+    "PreparedBatch", "EvalExample", "EvalSet", "load_eval_dataset", "find_eval_source",
+    "replace_image_token", "estimate_length",
 ]  # fmt: skip

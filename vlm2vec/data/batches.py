@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from vlm2vec.data.errors import DataError
-from vlm2vec.data.images import load_frames, load_image, load_visual
 from vlm2vec.data.rows import TrainExample
 from vlm2vec.data.sampler import StepSampler
 from vlm2vec.data.train_sets import TrainData
+from vlm2vec.media import load_frames, load_image, load_visual
 
 
 @dataclass

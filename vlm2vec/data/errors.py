@@ -1,15 +1,16 @@
 """What bad input raises (`DataError`) and what `skip_bad_rows=True` counts instead (`BadRows`).
 
-The lowest module of `vlm2vec.data`: it imports nothing from the rest of the package."""
+The lowest module of `vlm2vec.data`: it imports nothing from the rest of the package. `DataError` itself
+lives in `vlm2vec.errors`, below the media readers (`vlm2vec.media`) that raise it too."""
 
 from __future__ import annotations
 
 import warnings
 from collections import Counter
 
+from vlm2vec.errors import DataError
 
-class DataError(ValueError):
-    """A bad file or row; the message starts with `<file>, row <i>` (or the hub source)."""
+__all__ = ["BadRows", "DataError"]
 
 
 class BadRows:

@@ -13,9 +13,9 @@ from pathlib import Path
 from PIL import Image
 
 from vlm2vec.data.errors import BadRows, DataError
-from vlm2vec.data.images import load_image
 from vlm2vec.data.rows import EvalExample, collect_rows, parse_eval_row
 from vlm2vec.data.tables import TABLE_SUFFIXES, gc_paused, hub_rows, is_hub_name, iter_records, table_files
+from vlm2vec.media import load_image
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, EvalDatasetInfo
 
 

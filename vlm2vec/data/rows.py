@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from vlm2vec.data.errors import BadRows, DataError
-from vlm2vec.data.images import resolve_path
+from vlm2vec.media import resolve_path
 from vlm2vec.mmeb_tables import IMAGE_PLACEHOLDER
 
 VIDEO_PLACEHOLDER = "<|video_1|>"
