@@ -239,3 +239,26 @@ def test_a_video_file_is_extracted_to_64_frames_then_sampled_to_8(tmp_path, extr
     # without the extraction step the 8 would be sampled over all 80 frames: a different list
     direct = [int(np.asarray(f)[0, 0, 0]) // 3 for f in load_video(path, 8)]
     assert direct == np.linspace(0, 79, 8, dtype=int).tolist() != [index[p] for p in picks]
+
+
+def test_row_readers_resolve_against_the_root_and_raise_data_errors(tmp_path) -> None:
+    """load_image / load_visual / load_frames (the row readers data and eval share) open paths relative
+    to the image root and fail with a DataError naming the row and the file."""
+    from vlm2vec.errors import DataError
+    from vlm2vec.media import load_frames, load_image, load_visual, write_frames
+
+    Image.new("RGBA", (6, 4), (10, 20, 30, 255)).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    img = load_image("a.png", tmp_path, "row 1")
+    assert img.mode == "RGB" and img.size == (6, 4)
+    assert load_image(str(tmp_path / "a.png"), "/elsewhere", "row 1").size == (6, 4)  # absolute path
+    pair = load_visual(("a.png", "a.png"), tmp_path, "row 2")
+    assert isinstance(pair, list) and len(pair) == 2 and load_visual(None, tmp_path, "row 2") is None
+    with pytest.raises(DataError, match=r"^row 3\[1\]: cannot read image .*broken.png"):
+        load_visual(("a.png", "broken.png"), tmp_path, "row 3")
+    with pytest.raises(DataError, match=r"^row 4: cannot read image .*missing.png"):
+        load_image("missing.png", tmp_path, "row 4")
+    write_frames(tmp_path / "clip", [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(5)])
+    assert len(load_frames("clip", tmp_path, 3, "row 5")) == 3 and load_frames(None, tmp_path, 3, "r") is None
+    with pytest.raises(DataError, match=r"^row 6: video not found"):
+        load_frames("no-clip", tmp_path, 3, "row 6")
