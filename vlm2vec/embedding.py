@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 
 from vlm2vec import distributed
 from vlm2vec.media import Frames
@@ -36,9 +37,12 @@ Encoder = Callable[..., torch.Tensor]
 """encode(texts, images) -> [N, D] embeddings (images: PIL, a list of PIL, or None per row), called as
 encode(texts, images, videos) when a batch has videos (lists of sampled frames); see `encoder_of`."""
 
-Loader = Callable[[Any, int], Any]
-"""load(source, i) -> the encoder input of input i (a PIL image, a list of them, or `Frames`), from its
-entry in `Inputs.images` (an image path in MMEB, a `Visual` in MMEB-V2)."""
+VisualInput = Image.Image | list[Image.Image] | Frames
+"""What an encoder takes for one row's visual: an image, several images (pages), or a video's frames."""
+
+Loader = Callable[[Any, int], VisualInput]
+"""load(source, i) -> the encoder input of input i, from its entry in `Inputs.images` (an image path in
+MMEB, a `Visual` in MMEB-V2)."""
 
 
 @dataclass
@@ -242,7 +246,11 @@ def embed_dataset(
 def encoder_of(model: VLM2Vec, batch_size: int) -> Encoder:
     """A VLM2Vec as an Encoder (its own inner progress bar off: evaluate shows one per dataset)."""
 
-    def encode(texts: list[str], images: list[Any], videos: list[Any] | None = None) -> torch.Tensor:
+    def encode(
+        texts: list[str],
+        images: list[Image.Image | list[Image.Image] | None],
+        videos: list[Frames | None] | None = None,
+    ) -> torch.Tensor:
         # frames arrive sampled (per task): num_frames=None keeps them all
         return model.encode(
             texts, images, videos, batch_size=batch_size, show_progress=False, num_frames=None

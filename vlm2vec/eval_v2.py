@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from vlm2vec import distributed
-from vlm2vec.embedding import Encoder, Inputs, cache_root_of, embed_dataset
+from vlm2vec.embedding import Encoder, Inputs, VisualInput, cache_root_of, embed_dataset
 from vlm2vec.errors import DataError
 from vlm2vec.media import Frames, load_image, load_video
 from vlm2vec.mmeb_v2 import V2Set, Visual, available_tasks, load_task, missing_tasks
@@ -59,7 +58,7 @@ def collect_v2_inputs(task_set: V2Set) -> tuple[Inputs, list[int], dict[str, int
     return Inputs(texts, visuals, queries, []), queries, pool, wheres
 
 
-def load_visual(visual: Visual, where: str = "") -> Image.Image | list[Image.Image] | Frames:
+def load_visual(visual: Visual, where: str = "") -> VisualInput:
     """A Visual as encoder input: a PIL image, a list of them, or Frames (sampled per the task)."""
     label = where
     if visual.kind == "video":
@@ -175,9 +174,7 @@ def evaluate_v2(
     for name, task_set in sets.items():
         inputs, queries, pool, wheres = collect_v2_inputs(task_set)
 
-        def load(
-            visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres
-        ) -> Image.Image | list[Image.Image] | Frames:
+        def load(visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres) -> VisualInput:
             return load_visual(visual, f"task {_name}, {_wheres[i]}")
 
         done = embed_dataset(
