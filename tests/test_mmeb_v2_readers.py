@@ -312,7 +312,7 @@ def test_vidore_v2_folders_are_the_hub_repos_and_missing_tasks_are_listed(tmp_pa
 
 
 def test_moment_retrieval_one_positive_and_momentseeker_every_frame(tmp_path) -> None:
-    from vlm2vec.eval_v2 import load_visual
+    from vlm2vec.eval_v2 import load_v2_visual
 
     task = get_task("QVHighlight")
     base = tmp_path / task.frame_root / "vid"
@@ -327,7 +327,7 @@ def test_moment_retrieval_one_positive_and_momentseeker_every_frame(tmp_path) ->
     )
     assert row.cand_names == [f"{rel}/negative_0", f"{rel}/positive_0", f"{rel}/positive_1"]
     assert row.labels == [f"{rel}/positive_1"]  # the last positive* folder, as the reference keeps it
-    assert len(load_visual(row.query_visual)) == 8
+    assert len(load_v2_visual(row.query_visual)) == 8
     ms = get_task("MomentSeeker")
     for name in ("a_pos", "a_neg"):
         write_frames(tmp_path / ms.frame_root / "video_frames" / name, _clip(12))
@@ -339,8 +339,8 @@ def test_moment_retrieval_one_positive_and_momentseeker_every_frame(tmp_path) ->
         s.rows[0].query_text
         == "<|video_1|> Find the clip that corresponds to the given sentence and video segment: q"
     )
-    assert len(load_visual(s.rows[0].query_visual)) == 12  # load_frames: every frame
-    assert all(len(load_visual(v)) == 12 for _, v in s.pool.values())
+    assert len(load_v2_visual(s.rows[0].query_visual)) == 12  # load_frames: every frame
+    assert all(len(load_v2_visual(v)) == 12 for _, v in s.pool.values())
 
 
 @pytest.mark.parametrize(
@@ -393,11 +393,11 @@ def test_a_frame_folder_gives_the_reference_frame_list(tmp_path) -> None:
     """process_video_frames: natural file order, np.linspace(0, n - 1, 8, dtype=int)."""
     import numpy as np
 
-    from vlm2vec.eval_v2 import load_visual
+    from vlm2vec.eval_v2 import load_v2_visual
 
     task = get_task("HMDB51")
     numbered = [Image.new("RGB", (16, 16), (8 * i,) * 3) for i in range(20)]
     write_frames(tmp_path / task.frame_root / "x", numbered)  # frame_0001.jpg ... frame_0020.jpg
     write_rows(tmp_path / task.data / "test.jsonl", [dict(video_id="x", pos_text="wave")])
-    frames = load_visual(load_task(tmp_path, "HMDB51").rows[0].query_visual)
+    frames = load_v2_visual(load_task(tmp_path, "HMDB51").rows[0].query_visual)
     assert [round(int(np.asarray(f)[0, 0, 0]) / 8) for f in frames] == [0, 2, 5, 8, 10, 13, 16, 19]

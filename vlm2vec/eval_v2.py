@@ -58,7 +58,7 @@ def collect_v2_inputs(task_set: V2Set) -> tuple[Inputs, list[int], dict[str, int
     return Inputs(texts, visuals, queries, []), queries, pool, wheres
 
 
-def load_visual(visual: Visual, where: str = "") -> VisualInput:
+def load_v2_visual(visual: Visual, where: str = "") -> VisualInput:
     """A Visual as encoder input: a PIL image, a list of them, or Frames (sampled per the task)."""
     label = where
     if visual.kind == "video":
@@ -175,7 +175,7 @@ def evaluate_v2(
         inputs, queries, pool, wheres = collect_v2_inputs(task_set)
 
         def load(visual: Visual, i: int, _name: str = name, _wheres: list[str] = wheres) -> VisualInput:
-            return load_visual(visual, f"task {_name}, {_wheres[i]}")
+            return load_v2_visual(visual, f"task {_name}, {_wheres[i]}")
 
         done = embed_dataset(
             inputs, encode, load, cache_dir=cache_root / name if cache_root else None,
