@@ -17,6 +17,7 @@ def test_without_a_process_group_every_helper_answers_for_one_process():
     assert distributed.init_distributed() == (0, 1, 0)  # no launcher variables: no group
     distributed.barrier()
     assert distributed.all_reduce([1.0, 2.5]).tolist() == [1.0, 2.5]
+    assert distributed.all_mean(torch.tensor(1.5)) == 1.5 and distributed.any_rank(False) is False
     assert distributed.broadcast_from_rank0({"a": 1}) == {"a": 1}
     rows = {3: torch.ones(2)}
     assert distributed.gather_to_rank0(rows) is rows
@@ -35,6 +36,8 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
     distributed.barrier()
     out["sum"] = distributed.all_reduce([rank + 1.0, 10.0]).tolist()
     out["max"] = distributed.all_reduce([float(rank)], torch.distributed.ReduceOp.MAX).tolist()
+    out["mean"] = distributed.all_mean(torch.tensor(float(rank)))
+    out["any"] = (distributed.any_rank(rank == 1), distributed.any_rank(False))
     out["broadcast"] = distributed.broadcast_from_rank0(f"from {rank}")
     rows = {i: torch.full((3,), float(i)) for i in range(rank, 7, 2)}  # a strided shard, as evaluation
     gathered = distributed.gather_to_rank0(rows)
@@ -62,6 +65,7 @@ def test_two_gloo_processes():
         out = results[r]
         assert out["init"] == (r, 2, r) and out["rank_world"] == (r, 2) and out["after"] == (0, 1)
         assert out["sum"] == [3.0, 20.0] and out["max"] == [1.0]
+        assert out["mean"] == 0.5 and out["any"] == (True, False)
         assert out["broadcast"] == "from 0"
     assert results[0]["gathered"] == {i: [float(i)] * 3 for i in range(7)}
     assert results[1]["gathered"] == {}

@@ -72,6 +72,16 @@ def all_reduce(values: list[float] | torch.Tensor, op: Any = dist.ReduceOp.SUM) 
     return values.cpu()
 
 
+def all_mean(value: float | torch.Tensor) -> float:
+    """The mean over the processes of one number (a loss, a rate)."""
+    return float(all_reduce([float(value)])) / world_size()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (e.g. a non-finite loss somewhere)."""
+    return bool(all_reduce([float(flag)]).item() > 0)
+
+
 def broadcast_from_rank0(value: Any) -> Any:
     """Rank 0's `value` (any picklable object) on every process, so all of them take the same branch."""
     if world_size() == 1:
