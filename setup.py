@@ -20,9 +20,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["vlm2vec", "vlm2vec.demo", "vlm2vec.families", "vlm2vec_kernels"],
+    packages=["vlm2vec", "vlm2vec.data", "vlm2vec.demo", "vlm2vec.families", "vlm2vec_kernels"],
     package_dir={
         "vlm2vec": "vlm2vec",
+        "vlm2vec.data": "vlm2vec/data",
         "vlm2vec.demo": "vlm2vec/demo",
         "vlm2vec.families": "vlm2vec/families",
         "vlm2vec_kernels": "kernels/vlm2vec_kernels",

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from vlm2vec.data import DataError
-from vlm2vec.eval import build_parser, evaluate, main
+from vlm2vec.eval import build_parser, main
+from vlm2vec.eval_v1 import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,10 @@ tiny local copy of each task kind, and `python -m vlm2vec.eval --benchmark mmeb-
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,7 +95,7 @@ def test_readers_on_the_tiny_copy(tiny_copy) -> None:
     assert kinds["HMDB51"] == kinds["Video-MME"] == kinds["QVHighlight"] == kinds["MSR-VTT"] == {"video"}
     assert kinds["ViDoRe_arxivqa"] == kinds["ImageNet-1K"] == {"image"}
     hmdb = load_task(root, "HMDB51")
-    assert len(hmdb.pool) == 8  # the label set of labels.txt, not only the labels the rows use
+    assert len(hmdb.pool) == 51  # the reference's HMDB51 label list, not only the labels the rows use
     assert hmdb.rows[1].query_visual.paths[0].endswith("v1.mp4")  # no frame folder: the video file
     doc = load_task(root, "ViDoRe_arxivqa")
     assert doc.rows[0].labels == ["page0", "page1"] and doc.rows[0].rel_scores == [2.0, 1.0]
@@ -103,9 +106,11 @@ def test_reader_errors_name_row_and_file(tiny_copy, tmp_path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
     shutil.rmtree(copy / get_task("MSR-VTT").frame_root / "video1")
-    with pytest.raises(DataError, match=r"test.jsonl, row 1.*video 'video1' not found.*video1"):
+    with pytest.raises(
+        DataError, match=r"test_1k/test-00000-of-00001.parquet, row 1: video .video1. not found.*video1"
+    ):
         load_task(copy, "MSR-VTT")
-    with pytest.raises(DataError, match="ActivityNetQA: annotation folder not found"):
+    with pytest.raises(DataError, match="ActivityNetQA: data folder not found"):
         load_task(copy, "ActivityNetQA")
 
 
@@ -140,14 +145,16 @@ def test_evaluate_v2_caches_embeddings_and_writes_the_group_table(tiny_copy, tmp
     assert again.rows == 0  # every embedding came from the cache
     agg = scores["aggregate"]
     assert agg["video"]["n"] == 4 and agg["visdoc"]["n"] == 1 and agg["Overall"]["n"] == 6
+    assert len(scores["missing_tasks"]) == 72 and "K700" in scores["missing_tasks"]  # listed, not dropped
     table = (tmp_path / "out" / "table.md").read_text()
+    assert "No data for 72 tasks: " in table
     for column in ("Video-CLS", "Video-MRET", "ViDoRe-V1", "visdoc (all)", "Overall"):
         assert column in table
     saved = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert saved["tasks"]["ViDoRe_arxivqa"]["metric"] == "ndcg@5"
 
 
-def test_cli_scores_a_tiny_qwen2_vl_and_refuses_a_family_without_video(tiny_copy, tmp_path) -> None:
+def test_cli_scores_a_tiny_qwen2_vl_and_refuses_a_family_without_video(tiny_copy, tmp_path, capsys) -> None:
     from vlm2vec.backbones import tiny
     from vlm2vec.eval import main
 
@@ -160,8 +167,8 @@ def test_cli_scores_a_tiny_qwen2_vl_and_refuses_a_family_without_video(tiny_copy
     assert set(scores["tasks"]) == set(names)
     assert all(0.0 <= r["score"] <= 1.0 for r in scores["tasks"].values())
     tiny("llava_next").save_pretrained(str(tmp_path / "llava"))
-    with pytest.raises(ValueError, match="MMEB-V2 task .* has video rows, but backbone family 'llava_next'"):
-        main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out2"), *args])
+    assert main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out2"), *args]) == 2
+    assert "MMEB-V2 task HMDB51 has video rows, but backbone family 'llava_next'" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()  # refused before anything was embedded or written
     assert main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out3"), "--tasks",
                  "ViDoRe_arxivqa,ImageNet-1K", *args]) == 0  # fmt: skip
@@ -175,7 +182,8 @@ def test_unreadable_video_names_row_and_file_and_keeps_the_cache_whole(tiny_copy
     shutil.copytree(root, copy)
     (copy / get_task("HMDB51").video_root / "v1.mp4").write_bytes(b"not a video" * 50)
     with pytest.raises(
-        MediaError, match=r"task HMDB51, .*test.jsonl, row 1 .*query: cannot decode video .*v1.mp4"
+        MediaError,
+        match=r"task HMDB51, .*test-00000-of-00001.parquet, row 1 query: cannot decode video .*v1.mp4",
     ):
         evaluate_v2(CountingEncoder(), str(copy), ["HMDB51"], out_dir=tmp_path / "out", show_progress=False,
                     batch_size=1)  # fmt: skip
@@ -210,40 +218,17 @@ def test_cli_two_gloo_processes_match_one_process(tiny_copy, tmp_path) -> None:
     two = json.loads((tmp_path / "two" / "scores.json").read_text())
     one = json.loads((tmp_path / "one" / "scores.json").read_text())
     for name in names:
-        for key in ("score", "hit_at_1", "ndcg_at_5", "mrr", "n_distinct_inputs"):
+        for key in (
+            "score",
+            "score_ties_as_misses",
+            "hit_at_1",
+            "ndcg_at_5",
+            "mrr_ties_as_misses",
+            "n_distinct_inputs",
+        ):
             assert two["tasks"][name][key] == pytest.approx(one["tasks"][name][key], abs=1e-6), (name, key)
     parts = sorted(p.name for p in (tmp_path / "two" / "embeddings" / "QVHighlight").glob("part-*.pt"))
     assert any(p.startswith("part-r0") for p in parts) and any(p.startswith("part-r1") for p in parts)
-
-
-def test_video_qa_readers_word_tasks_as_the_reference(tmp_path) -> None:
-    import random
-
-    from vlm2vec.media import write_frames, write_video
-    from vlm2vec.mmeb_v2 import MVBENCH_VIDEOS
-    from vlm2vec.synthetic import moving_shape, write_rows
-
-    clip = moving_shape("red", "circle", 4, 28, random.Random(0))
-    nextqa = get_task("NExTQA")
-    write_frames(tmp_path / nextqa.frame_root / "123", clip)
-    write_rows(tmp_path / nextqa.data / "MC" / "test.jsonl", [
-        dict(video="123", question="what is moving", answer=1, qid=0, type="CW",
-             a0="a cat", a1="a red ball", a2="a car", a3="a dog", a4="nothing"),
-    ])  # fmt: skip
-    mvbench = get_task("MVBench")
-    write_video(tmp_path / mvbench.video_root / MVBENCH_VIDEOS["moving_direction"] / "v7.mp4", clip)
-    write_rows(tmp_path / mvbench.data / "train.jsonl", [
-        dict(subset="moving_direction", question="Where does it move?", video="v7.mp4",
-             candidates=["left", "right"], answer="right"),
-    ])  # fmt: skip
-    row = load_task(tmp_path, "NExTQA").rows[0]
-    options = "(A) a cat\n(B) a red ball\n(C) a car\n(D) a dog\n(E) nothing"
-    assert row.query_text.endswith(f"Question:  what is moving\nOptions:\n{options}")
-    assert row.query_text.startswith("<|video_1|> Given a video")
-    assert row.cand_names == ["(A) a cat", "(B) a red ball", "(C) a car", "(D) a dog", "(E) nothing"]
-    assert row.labels == ["(B) a red ball"] and row.query_visual.paths[0].endswith("NExTQA/123")
-    mv = load_task(tmp_path, "MVBench").rows[0]
-    assert mv.labels == ["(B) right"] and mv.query_visual.paths[0].endswith("clevrer/video_validation/v7.mp4")
 
 
 def test_momentseeker_reader_text_image_and_video_queries(tmp_path) -> None:
@@ -282,3 +267,72 @@ def test_momentseeker_reader_text_image_and_video_queries(tmp_path) -> None:
     )
     with pytest.raises(DataError, match=r"test.jsonl, row 0.*no frames for clip 'c/missing.mp4'"):
         load_task(tmp_path, "MomentSeeker")
+
+
+def test_score_is_the_reference_ranking_with_ties_as_misses_beside_it() -> None:
+    # one query whose label (candidate a) ties with candidate b: argsort(-scores) keeps a first -> a hit
+    task = get_task("Video-MME")
+    s = V2Set(task, [V2Row("q", None, ["a", "b"], ["a"], where="r0")], {n: (n, None) for n in "ab"})
+    emb = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]])
+    r = score_task(s, emb, [0], {"a": 1, "b": 2})
+    assert r["score"] == r["hit_at_1"] == 1.0
+    assert r["score_ties_as_misses"] == r["hit_at_1_ties_as_misses"] == 0.0
+    # the label after the tied candidate: a miss either way
+    s.rows[0] = V2Row("q", None, ["b", "a"], ["a"], where="r0")
+    assert score_task(s, emb, [0], {"a": 1, "b": 2})["score"] == 0.0
+
+
+def test_graded_ndcg_is_paired_correctly_and_the_reference_pairing_is_reported_beside_it() -> None:
+    # pool p0..p2; query relevant to p0 (grade 1) and p1 (grade 2); ranking p0, p1, p2
+    task = get_task("ViDoRe_arxivqa")
+    row = V2Row("q", None, ["p0", "p1"], ["p0", "p1"], [1.0, 2.0], where="r0")
+    s = V2Set(task, [row], {n: (n, None) for n in ("p0", "p1", "p2")})
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    r = score_task(s, emb, [0], {"p0": 1, "p1": 2, "p2": 3})
+    # DCG = 1/log2(2) + 2/log2(3) = 2.2618595; IDCG = 2 + 1/log2(3) = 2.6309298
+    assert r["score"] == r["ndcg_at_5"] == pytest.approx(2.2618595 / 2.6309298, abs=1e-6)
+    # the reference's set() may swap the grades (p0 -> 2, p1 -> 1: NDCG 1.0); where it does, it is reported
+    assert r.get("ndcg_at_5_reference", r["ndcg_at_5"]) in (pytest.approx(r["ndcg_at_5"]), pytest.approx(1.0))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([repo, os.path.join(repo, "kernels")]),
+    }
+    cmd = [sys.executable, "-m", "vlm2vec.eval", *args]
+    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tiny_copy, tmp_path) -> None:
+    from vlm2vec.backbones import tiny
+
+    root, _ = tiny_copy
+    missing = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "no-such-model"), "--data", str(root),
+                   "--out", str(tmp_path / "o1"))  # fmt: skip
+    assert missing.returncode == 2, missing.stderr
+    assert missing.stderr.strip().splitlines() == [
+        f"python -m vlm2vec.eval: error: --model {tmp_path / 'no-such-model'}: no such model directory"
+    ]
+    (tmp_path / "empty").mkdir()
+    not_a_model = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "empty"), "--data", str(root),
+                       "--out", str(tmp_path / "o1"))  # fmt: skip
+    assert not_a_model.returncode == 2 and len(not_a_model.stderr.strip().splitlines()) == 1
+    assert "not a model directory" in not_a_model.stderr
+    tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
+    for data, message in ((tmp_path / "empty", "no MMEB-V2 task data found"),
+                          (tmp_path / "nowhere", "MMEB-V2 data folder not found")):  # fmt: skip
+        proc = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "qwen"), "--data", str(data),
+                    "--out", str(tmp_path / "o2"))  # fmt: skip
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr
+    unknown = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "qwen"), "--data", str(root),
+                   "--tasks", "Kinetics-700", "--out", str(tmp_path / "o3"))  # fmt: skip
+    assert unknown.returncode == 2 and "the reference names it K700" in unknown.stderr
+    assert len(unknown.stderr.strip().splitlines()) == 1
+    v1 = _cli(
+        "--model", str(tmp_path / "qwen"), "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o4")
+    )
+    assert v1.returncode == 2 and len(v1.stderr.strip().splitlines()) == 1, v1.stderr

@@ -200,3 +200,65 @@ def test_pdf_without_pages_or_unreadable_leaves_nothing_in_the_cache(tmp_path) -
     with pytest.raises(MediaError, match="row 4: cannot read PDF .*junk.pdf"):
         pdf_pages(tmp_path / "junk.pdf", cache_dir=cache, where="row 4")
     assert list(cache.iterdir()) == []
+
+
+# ----------------------------------------------------------- the MMEB-V2 reference's frame extraction
+def test_extraction_indices_as_the_reference_computes_them():
+    import math
+
+    from vlm2vec.media import cv2_extract_indices, ffmpeg_extract_indices
+
+    assert ffmpeg_extract_indices(40) == list(range(40))
+    assert ffmpeg_extract_indices(100) == [math.floor(i * 100 / 64) for i in range(64)]
+    assert ffmpeg_extract_indices(100)[:6] == [0, 1, 3, 4, 6, 7]
+    assert cv2_extract_indices(100, 100) == list(range(64))  # step = 100 // 64 = 1
+    assert cv2_extract_indices(200, 200) == [3 * k for k in range(64)]
+    assert cv2_extract_indices(40, 40) == list(range(40))  # reads until a read fails
+    assert cv2_extract_indices(200, 150) == [3 * k for k in range(50)]  # the container over-reports
+
+
+def _numbered(n: int) -> list[Image.Image]:
+    """Frames whose gray level is 3 * index: the index survives a lossless codec."""
+    return [Image.new("RGB", (16, 16), (3 * i, 3 * i, 3 * i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("extractor", ["ffmpeg", "cv2"])
+def test_a_video_file_is_extracted_to_64_frames_then_sampled_to_8(tmp_path, extractor):
+    from vlm2vec.media import extract_frames, write_video
+
+    path = write_video(tmp_path / "v.mp4", _numbered(80))  # libx264rgb qp 0: lossless
+    extracted = extract_frames(path, extractor)
+    index = [int(np.asarray(f)[0, 0, 0]) // 3 for f in extracted]
+    if extractor == "ffmpeg":  # floor(i * 80 / 64)
+        assert index == [i * 80 // 64 for i in range(64)]
+    else:  # step 80 // 64 = 1: frames 0..63
+        assert index == list(range(64))
+    sampled = load_video(path, 8, extractor=extractor)
+    picks = np.linspace(0, 63, 8, dtype=int).tolist()  # process_video_frames over the 64 saved frames
+    assert [int(np.asarray(f)[0, 0, 0]) // 3 for f in sampled] == [index[p] for p in picks]
+    # without the extraction step the 8 would be sampled over all 80 frames: a different list
+    direct = [int(np.asarray(f)[0, 0, 0]) // 3 for f in load_video(path, 8)]
+    assert direct == np.linspace(0, 79, 8, dtype=int).tolist() != [index[p] for p in picks]
+
+
+def test_row_readers_resolve_against_the_root_and_raise_data_errors(tmp_path) -> None:
+    """load_image / load_visual / load_frames (the row readers data and eval share) open paths relative
+    to the image root and fail with a DataError naming the row and the file."""
+    from vlm2vec.errors import DataError
+    from vlm2vec.media import load_frames, load_image, load_visual, write_frames
+
+    Image.new("RGBA", (6, 4), (10, 20, 30, 255)).save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    img = load_image("a.png", tmp_path, "row 1")
+    assert img.mode == "RGB" and img.size == (6, 4)
+    assert load_image(str(tmp_path / "a.png"), "/elsewhere", "row 1").size == (6, 4)  # absolute path
+    pair = load_visual(("a.png", "a.png"), tmp_path, "row 2")
+    assert isinstance(pair, list) and len(pair) == 2 and load_visual(None, tmp_path, "row 2") is None
+    with pytest.raises(DataError, match=r"^row 3\[1\]: cannot read image .*broken.png"):
+        load_visual(("a.png", "broken.png"), tmp_path, "row 3")
+    with pytest.raises(DataError, match=r"^row 4: cannot read image .*missing.png"):
+        load_image("missing.png", tmp_path, "row 4")
+    write_frames(tmp_path / "clip", [Image.new("RGB", (8, 8), (i * 20, 0, 0)) for i in range(5)])
+    assert len(load_frames("clip", tmp_path, 3, "row 5")) == 3 and load_frames(None, tmp_path, 3, "r") is None
+    with pytest.raises(DataError, match=r"^row 6: video not found"):
+        load_frames("no-clip", tmp_path, 3, "row 6")

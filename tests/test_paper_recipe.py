@@ -53,7 +53,8 @@ def test_every_config_tokenises_every_subset_at_its_image_settings(path, shapes)
     """Rows of all 20 MMEB-train subsets' shapes, both sides, prepared by a tiny model at the config's image
     settings and max_len: no row is refused, image tokens are all there, text keeps min(its length,
     max_len) tokens, and the long texts of the 256-token configs are cut to exactly 256."""
-    from vlm2vec.data import load_image, load_train_data
+    from vlm2vec.data import load_train_data
+    from vlm2vec.media import load_image
 
     config = _config(path)
     model = tiny_at(config)
@@ -324,8 +325,8 @@ def test_palette_images_are_resized_before_rgb_conversion(tmp_path):
     """The reference opens the file, resizes it in its own mode (a palette image: nearest neighbour, Pillow's
     rule) and converts to RGB in the processor; converting first and resizing bicubically gives other
     pixels."""
-    from vlm2vec.data import load_image
     from vlm2vec.families._common import images_of
+    from vlm2vec.media import load_image
 
     rng = np.random.default_rng(0)
     rgb = Image.fromarray((rng.random((30, 40, 3)) * 255).astype(np.uint8))
@@ -347,8 +348,8 @@ def test_palette_images_are_resized_before_rgb_conversion(tmp_path):
 def test_transparent_palette_pixels_become_white_as_the_reference_processors_convert(tmp_path):
     """Qwen2-VL / LLaVA-NeXT: the reference's transformers processors (4.46 `convert_to_rgb`) composite
     transparency onto white after the resize; Phi-3.5-V's processor converts plainly."""
-    from vlm2vec.data import load_image
     from vlm2vec.families._common import images_of
+    from vlm2vec.media import load_image
 
     rng = np.random.default_rng(1)
     paletted = Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).quantize(8)

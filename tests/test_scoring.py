@@ -161,3 +161,35 @@ def test_markdown_table_layout():
     assert lines[2] == "| ours | - | - | 12.3 | - | - | - | 50.0 |"
     assert len(lines) == 2 + 1 + len(PAPER_RESULTS)
     assert "| 60.1 |" in lines[3]
+
+
+# ------------------------------------------------------------------ MMEB-V2, as the reference scores it
+def test_reference_ranking_breaks_ties_by_candidate_order():
+    from vlm2vec.scoring import reference_metrics, reference_ranking
+
+    scores = [[0.5, 0.5, 0.1], [0.2, 0.7, 0.7], [0.3, 0.3, 0.3]]
+    assert reference_ranking(scores).tolist() == [[0, 1, 2], [1, 2, 0], [0, 1, 2]]
+    names = ["a", "b", "c"]
+    preds = [[names[j] for j in row] for row in reference_ranking(scores)]
+    # labels: a (tied first -> hit), c (tied with b, after it -> miss), b (three-way tie, after a -> miss)
+    m = reference_metrics(preds, [["a"], ["c"], ["b"]], [None, None, None])
+    assert m["hit_at_1"] == pytest.approx(1 / 3)
+    # binary NDCG@5: 1, 1/log2(3), 1/log2(3)
+    assert m["ndcg_at_5"] == m["ndcg_at_5_reference"] == pytest.approx((1 + 2 / 1.5849625) / 3, abs=1e-6)
+
+
+def test_reference_ndcg_pairs_grades_with_the_deduplicated_label_order():
+    from vlm2vec.scoring import reference_metrics
+
+    # labels d1 (grade 2), d2 (grade 1); ranking d2, x, d1
+    pred, labels, grades = [["d2", "x", "d1"]], [["d1", "d2"]], [[2.0, 1.0]]
+    # correct: DCG = 1/log2(2) + 2/log2(4) = 2.0; IDCG = 2 + 1/log2(3) = 2.6309298
+    ours = reference_metrics(pred, labels, grades, label_order=lambda ls: list(ls))
+    assert ours["ndcg_at_5"] == ours["ndcg_at_5_reference"] == pytest.approx(2.0 / 2.6309298, abs=1e-6)
+    # set() put d2 first: the reference pairs d2 with 2 and d1 with 1: DCG = 2 + 1/2 = 2.5
+    swapped = reference_metrics(pred, labels, grades, label_order=lambda ls: list(reversed(ls)))
+    assert swapped["ndcg_at_5"] == pytest.approx(2.0 / 2.6309298, abs=1e-6)
+    assert swapped["ndcg_at_5_reference"] == pytest.approx(2.5 / 2.6309298, abs=1e-6)
+    # the default is the reference's list(set(...)): one of the two, by the process's hash seed
+    default = reference_metrics(pred, labels, grades)["ndcg_at_5_reference"]
+    assert default in (pytest.approx(2.0 / 2.6309298), pytest.approx(2.5 / 2.6309298))

@@ -1,22 +1,27 @@
-"""Visual inputs beyond one image: videos (frame folders, frame lists, video files) and PDF pages.
+"""Reading visual inputs: a row's images (relative to an image root), videos (frame folders, frame lists,
+video files) and PDF pages. Below both the data package and the evaluations, which read through it.
 
 Frame sampling follows the MMEB-V2 reference: the frames of a video, in natural file-name order, are
 sampled uniformly by index with `np.linspace(0, n - 1, k, dtype=int)` (k = `num_frames`, 8 by
 default); a video with at most k frames keeps all of them. A video file (mp4, webm, ...) is decoded
 with PyAV and sampled the same way over its decoded frames, so a frame folder written from a video
-and the video itself give the same frames (up to codec loss).
+and the video itself give the same frames (up to codec loss). MMEB-V2 evaluation instead reproduces the
+reference's two-step extraction of a video file (`extract_frames`: 64 frames at the reference's ffmpeg
+or cv2 indices, then the sampling above over those 64).
 
 PDF pages render with pypdfium2 into a cache folder named by the file's content and the resolution;
 the folder appears complete or not at all (rendered into a temporary folder, then renamed), so an
 interrupted or failed render leaves nothing half-written that a later run would trust.
 
 Errors are `MediaError` (a ValueError) and start with the caller's `where` (file and row) followed by
-the file that failed.
+the file that failed; the row readers (`load_image`, `load_visual`, `load_frames`) raise `DataError`
+instead, as every other reader of a bad row does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -28,10 +33,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlm2vec.errors import DataError
+
 DEFAULT_NUM_FRAMES = 8
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PDF_DPI = 144
+MAX_FRAMES_SAVED = 64  # the reference's `max_frames_saved` (experiments/public/eval/video.yaml)
+EXTRACTORS = ("ffmpeg", "cv2")
 
 VideoSource = str | os.PathLike | Sequence[Any]
 """A frame folder, a video file, or a list of frames (PIL images or image paths)."""
@@ -131,16 +140,73 @@ def decode_video(path: str | os.PathLike, num_frames: int | None, where: str = "
     return [frames[i] for i in wanted]
 
 
+# ------------------------------------------------------------------ the reference's frame extraction
+def ffmpeg_extract_indices(total: int, max_frames: int = MAX_FRAMES_SAVED) -> list[int]:
+    """Frames the reference's `save_frames` keeps (src/utils/vision_utils/vision_utils.py): every frame
+    when the video has at most `max_frames`, else floor(i * (total / max_frames)) for i < max_frames, over
+    the decoded frames (ffprobe -count_frames, then ffmpeg select eq(n, i)). Same float expression."""
+    if total <= max_frames:
+        return list(range(total))
+    step = total / max_frames
+    return [math.floor(i * step) for i in range(max_frames)]
+
+
+def cv2_extract_indices(reported: int, decodable: int, max_frames: int = MAX_FRAMES_SAVED) -> list[int]:
+    """Frames the reference's video-QA readers keep (videomme/nextqa/egoschema/mvbench/activitynetqa
+    _dataset.py): step = max(1, CAP_PROP_FRAME_COUNT // max_frames), frames 0, step, 2*step, ... until
+    `max_frames` are saved or a read fails (the index reaches the frames that decode)."""
+    step = max(1, reported // max_frames)
+    return [k * step for k in range(max_frames) if k * step < decodable]
+
+
+def _decoded_count(container: Any) -> int:
+    return sum(1 for _ in container.decode(video=0))
+
+
+def extract_frames(path: str | os.PathLike, extractor: str, where: str = "video") -> list[Image.Image]:
+    """The frames the reference extracts from a video file before sampling (`extractor` "ffmpeg": the
+    video classification / retrieval readers; "cv2": the video-QA readers), decoded with PyAV at the
+    same frame indices. The reference stores them as JPEG files; here they stay in memory (no JPEG loss).
+    cv2's CAP_PROP_FRAME_COUNT is the container's frame count; where the container has none, the decoded
+    count stands in for it."""
+    import av
+
+    if extractor not in EXTRACTORS:
+        raise ValueError(f"extractor must be one of {EXTRACTORS}, got {extractor!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"{where}: video file not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{where}: {path} has no video stream")
+            reported = container.streams.video[0].frames
+            decodable = _decoded_count(container)
+        if not decodable:
+            raise MediaError(f"{where}: video {path} has no decodable frames")
+        if extractor == "ffmpeg":
+            wanted = ffmpeg_extract_indices(decodable)
+        else:
+            wanted = cv2_extract_indices(reported or decodable, decodable)
+        frames = _decode_at(path, wanted)
+    except av.FFmpegError as err:
+        raise MediaError(f"{where}: cannot decode video {path}: {err}") from err
+    return [frames[i] for i in wanted]
+
+
 def load_video(
     source: VideoSource,
     num_frames: int | None = DEFAULT_NUM_FRAMES,
     *,
     root: str | os.PathLike | None = None,
     where: str = "video",
+    extractor: str | None = None,
 ) -> list[Image.Image]:
     """Sampled frames (RGB PIL images) of a frame folder, a video file or a list of frames.
 
-    Relative paths resolve against `root`. A list is sampled like a folder's sorted frames (the caller
+    extractor ("ffmpeg" / "cv2"): a video file is first reduced to the reference's 64 extracted frames
+    (`extract_frames`), which are then sampled like a frame folder. Relative paths resolve against `root`.
+    A list is sampled like a folder's sorted frames (the caller
     gives them in temporal order)."""
     if isinstance(source, str | os.PathLike):
         path = Path(source)
@@ -153,6 +219,9 @@ def load_video(
                     f"{where}: frame folder {path} has no image files ({'/'.join(IMAGE_SUFFIXES)})"
                 )
             return [_open_rgb(files[i], where) for i in sample_indices(len(files), num_frames)]
+        if is_video_file(path) and extractor is not None:  # the reference: extract, then sample
+            frames = extract_frames(path, extractor, where)
+            return [frames[i] for i in sample_indices(len(frames), num_frames)]
         if is_video_file(path):
             return decode_video(path, num_frames, where)
         if not path.exists():
@@ -174,6 +243,47 @@ def load_video(
         else:
             raise MediaError(f"{where}: frame {i} must be a PIL image or a path, got {type(frame).__name__}")
     return out
+
+
+# ------------------------------------------------------------------------------------------ row images
+def resolve_path(path: str, image_root: Path | None) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() or image_root is None else image_root / p
+
+
+def load_image(path: str, image_root: str | os.PathLike | None, where: str) -> Image.Image:
+    """Open an image (relative to `image_root`), decoded in its own mode; a DataError naming `where` and the
+    file on failure. The encoder resizes it to a resolution preset first and converts it to RGB after, as
+    the reference does (a palette image resized as a palette: nearest neighbour)."""
+    full = resolve_path(path, Path(image_root) if image_root is not None else None)
+    try:
+        with Image.open(full) as img:
+            return img.copy()  # decoded; a plain Image (palette and transparency kept)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"{where}: cannot read image {full}: {err}") from err
+
+
+def load_visual(
+    paths: str | tuple[str, ...] | None, image_root: str | os.PathLike | None, where: str
+) -> Image.Image | list[Image.Image] | None:
+    """A row's image column as encoder input: None, one image, or a list (several images / pages)."""
+    if paths is None:
+        return None
+    if isinstance(paths, tuple):
+        return [load_image(p, image_root, f"{where}[{k}]") for k, p in enumerate(paths)]
+    return load_image(paths, image_root, where)
+
+
+def load_frames(
+    source: str | None, image_root: str | os.PathLike | None, num_frames: int | None, where: str
+) -> list[Image.Image] | None:
+    """A row's video (frame folder or video file) as sampled frames; a DataError naming `where`."""
+    if source is None:
+        return None
+    try:
+        return load_video(source, num_frames, root=image_root, where=where)
+    except MediaError as err:
+        raise DataError(str(err)) from err
 
 
 # ------------------------------------------------------------------------------------------------ PDF

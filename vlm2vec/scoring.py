@@ -13,10 +13,11 @@ ties at the top). hit@5 and MRR use the strict rank too.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
@@ -301,3 +302,61 @@ def v2_markdown_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
         cells = [_cell(100 * agg[k]["mean"]) if k in agg else "-" for k in keys]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- MMEB-V2 as the reference scores it
+def reference_ranking(scores: np.ndarray) -> np.ndarray:
+    """Candidate order per query as the reference ranks (VLM2Vec eval.py: np.argsort(-scores) over
+    float32 dot products): best first, equal scores in candidate order. numpy's default sort is not
+    guaranteed stable for long rows; `kind="stable"` is what it does on short ones, and makes the order
+    deterministic. So a tie between the label and a candidate after it counts as a hit."""
+    return np.argsort(-np.asarray(scores, dtype=np.float32), axis=-1, kind="stable")
+
+
+def _reference_label_order(labels: Sequence[str]) -> list[str]:
+    """RankingMetrics.evaluate (src/utils/eval_utils/metrics.py): `list(set(labels))`."""
+    return list(set(labels))
+
+
+def _ndcg(prediction: Sequence[str], label_rels: Mapping[str, float], k: int) -> float:
+    gains = [label_rels.get(item, 0) for item in prediction[:k]]
+    ideal = sorted(label_rels.values(), reverse=True)[:k]
+    idcg = dcg(ideal) if ideal else 1.0
+    return dcg(gains) / idcg if idcg > 0 else 0.0
+
+
+def reference_metrics(
+    predictions: Sequence[Sequence[str]],
+    labels: Sequence[Sequence[str]],
+    rel_scores: Sequence[Sequence[float] | None],
+    *,
+    k: int = 5,
+    label_order: Callable[[Sequence[str]], list[str]] = _reference_label_order,
+) -> dict[str, float]:
+    """Hit@1 and NDCG@k (linear gain) of ranked candidate names, as RankingMetrics computes them.
+
+    ndcg_at_k pairs each label with its own grade. ndcg_at_k_reference is the reference's number: it
+    de-duplicates the labels with `label_order` (list(set(...)): an order that depends on the string
+    hash seed of the process) but keeps the grades in the old order, so with graded labels a grade can
+    land on another document. Equal to ndcg_at_k for binary labels."""
+    if not predictions:
+        raise ValueError("no queries to score")
+    hits, ndcg, ndcg_ref = [], [], []
+    for pred, labs, rels in zip(predictions, labels, rel_scores):
+        unique = label_order(labs)
+        hits.append(1.0 if pred[:1] and pred[0] in unique else 0.0)
+        if rels is None:
+            binary = dict.fromkeys(unique, 1.0)
+            ndcg.append(_ndcg(pred, binary, k))
+            ndcg_ref.append(ndcg[-1])
+            continue
+        if len(rels) != len(labs):
+            raise ValueError(f"{len(labs)} labels but {len(rels)} relevance grades")
+        ndcg.append(_ndcg(pred, dict(zip(labs, rels)), k))
+        ndcg_ref.append(_ndcg(pred, dict(zip(unique, rels)), k))
+    n = len(predictions)
+    return {
+        "hit_at_1": sum(hits) / n,
+        f"ndcg_at_{k}": sum(ndcg) / n,
+        f"ndcg_at_{k}_reference": sum(ndcg_ref) / n,
+    }

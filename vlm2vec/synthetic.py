@@ -333,12 +333,14 @@ def moving_shape(color: str, shape: str, n_frames: int, size: int, rng: random.R
 def write_tiny_mmeb_v2(
     root: str | Path, *, rows: int = 3, frames: int = 6, size: int = 32, seed: int = 0
 ) -> list[str]:
-    """A tiny local MMEB-V2 copy in the published layout (vlm2vec/mmeb_v2.py), one task per kind:
-    ImageNet-1K (image, local), HMDB51 (video classification, global; half the videos only as mp4),
-    MSR-VTT (video retrieval, global), QVHighlight (moment retrieval, local), Video-MME (video QA,
-    local), ViDoRe_arxivqa (BEIR document retrieval with graded qrels, NDCG@5). Returns the task names."""
+    """A tiny local MMEB-V2 copy in the forms the reference reads (vlm2vec/mmeb_v2.py), one task per
+    kind: ImageNet-1K (MMEB_Test_Instruct rows as a hub parquet, local), HMDB51 (video classification,
+    global over the reference's 51 labels; every other video only as an mp4), MSR-VTT (config test_1k,
+    global), QVHighlight (moment retrieval, local), Video-MME (video QA, local), ViDoRe_arxivqa (BEIR
+    configs with graded qrels, NDCG@5). Returns the task names."""
     from vlm2vec.media import write_frames, write_video
     from vlm2vec.mmeb_v2 import get_task
+    from vlm2vec.mmeb_v2_labels import HMDB51_LABELS
 
     root = Path(root)
     rng = random.Random(f"{seed}/mmeb-v2")
@@ -353,19 +355,23 @@ def write_tiny_mmeb_v2(
         else:
             write_frames(root / task.frame_root / video_id, clip)
 
-    # image: MMEB-eval rows, ground truth first
-    image_rows = _eval_rows("ShapeClassification", rows, 4, root / "image-tasks", size, seed)
-    write_rows(root / "image-tasks" / "ImageNet-1K.jsonl", image_rows)
-    # video classification (global over the label set)
-    labels = [_label(c, s) for c, s in classes]
+    # image: MMEB_Test_Instruct rows (hub layout <config>/test-*.parquet), images under image-tasks/
+    image_rows = []
+    for row in _eval_rows("ShapeClassification", rows, 4, root / "image-tasks", size, seed):
+        image_rows.append(dict(qry_inst="<|image_1|> Represent the given image for classification",
+                               qry_text="", qry_img_path=row["qry_img_path"], tgt_inst="",
+                               tgt_text=row["tgt_text"], tgt_img_path=row["tgt_img_path"]))  # fmt: skip
+    write_rows(
+        root / get_task("ImageNet-1K").data / "ImageNet-1K" / "test-00000-of-00001.parquet", image_rows
+    )
+    # video classification (global over the reference's label list); videos named by label
     cls_rows = []
     for k in range(rows):
         c, s = classes[k % len(classes)]
         video("HMDB51", f"v{k}", c, s, as_file=k % 2 == 1)
-        cls_rows.append({"video_id": f"v{k}", "pos_text": _label(c, s)})
-    write_rows(root / "video-tasks/HMDB51/test.jsonl", cls_rows)
-    (root / "video-tasks/HMDB51/labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-    # video retrieval (global over the videos)
+        cls_rows.append({"video_id": f"v{k}", "pos_text": HMDB51_LABELS[k % len(HMDB51_LABELS)]})
+    write_rows(root / get_task("HMDB51").data / "data" / "test-00000-of-00001.parquet", cls_rows)
+    # video retrieval (global over the videos), config test_1k
     ret_rows = []
     for k in range(rows):
         c, s = classes[(k + 1) % len(classes)]
@@ -373,7 +379,7 @@ def write_tiny_mmeb_v2(
         ret_rows.append(
             {"video_id": f"video{k}", "video": f"video{k}.mp4", "caption": f"a {c} {s} moves right"}
         )
-    write_rows(root / "video-tasks/MSR-VTT/test.jsonl", ret_rows)
+    write_rows(root / get_task("MSR-VTT").data / "test_1k" / "test-00000-of-00001.parquet", ret_rows)
     # moment retrieval: per video a query video and its clips (positive + negatives)
     mret_rows = []
     for k in range(rows):
@@ -386,8 +392,8 @@ def write_tiny_mmeb_v2(
                 root / base / f"vid{k}" / f"negative_{j}", moving_shape(oc, os_, frames // 2, size, rng)
             )
         mret_rows.append({"query": f"the {c} {s}", "video_path": f"videos/vid{k}.mp4"})
-    write_rows(root / "video-tasks/QVHighlight/test.jsonl", mret_rows)
-    # video QA: multiple choice over the options
+    write_rows(root / get_task("QVHighlight").data / "test.jsonl", mret_rows)
+    # video QA: multiple choice over the options ("A. text"), answer a letter
     qa_rows = []
     for k in range(rows):
         c, s = classes[k % len(classes)]
@@ -396,9 +402,10 @@ def write_tiny_mmeb_v2(
         rng.shuffle(options)
         qa_rows.append({"videoID": f"qa{k}", "question": "What color is the moving shape?",
                         "options": [f"{'ABCD'[j]}. {o}" for j, o in enumerate(options)],
-                        "answer": "ABCD"[options.index(c)]})  # fmt: skip
-    write_rows(root / "video-tasks/Video-MME/test.jsonl", qa_rows)
-    # document retrieval, BEIR layout with graded relevance; pages as PNG bytes (the hub's Image feature)
+                        "answer": "ABCD"[options.index(c)], "question_id": f"{k:03d}-1",
+                        "domain": "synthetic", "sub_category": "color"})  # fmt: skip
+    write_rows(root / get_task("Video-MME").data / "test.jsonl", qa_rows)
+    # document retrieval: BEIR configs as a hub snapshot; pages as PNG bytes (the hub's Image feature)
     import io
 
     doc = root / get_task("ViDoRe_arxivqa").data
@@ -409,12 +416,11 @@ def write_tiny_mmeb_v2(
         draw_shape(c, s if s != "square" else "triangle", size * 2, rng).save(buf, "PNG")
         corpus.append({"corpus-id": f"page{j}", "image": {"bytes": buf.getvalue(), "path": None}})
     for k in range(rows):
-        queries.append({"query-id": f"q{k}", "query": f"which page shows the {labels[k % len(labels)]}?"})
+        queries.append({"query-id": f"q{k}", "query": f"which page shows the {_label(*classes[k])}?"})
         qrels += [{"query-id": f"q{k}", "corpus-id": f"page{k}", "score": 2},
                   {"query-id": f"q{k}", "corpus-id": f"page{k + 1}", "score": 1}]  # fmt: skip
-    write_rows(doc / "corpus" / "test.parquet", corpus)
-    write_rows(doc / "queries" / "test.jsonl", queries)
-    write_rows(doc / "qrels" / "test.jsonl", qrels)
+    for config, table in (("corpus", corpus), ("queries", queries), ("qrels", qrels)):
+        write_rows(doc / config / "test-00000-of-00001.parquet", table)
     return ["ImageNet-1K", "HMDB51", "MSR-VTT", "QVHighlight", "Video-MME", "ViDoRe_arxivqa"]
 
 

@@ -1,7 +1,7 @@
-"""Evaluation inside training (`--eval_data DIR`): the model being trained, scored by vlm2vec.eval on all
-ranks together, plus the two baselines it must beat, computed once and cached.
+"""Evaluation inside training (`--eval_data DIR`): the model being trained, scored by the MMEB evaluation
+(vlm2vec.eval_v1) on all ranks together, plus the two baselines it must beat, computed once and cached.
 
-Why every rank: `vlm2vec.eval.evaluate` splits the embedding work over the ranks and meets them in
+Why every rank: `vlm2vec.eval_v1.evaluate` splits the embedding work over the ranks and meets them in
 barriers / a gather, so each rank enters the same evaluations in the same order (the trainer calls
 these functions at the same steps everywhere). Under ZeRO 0-2 each rank embeds its shard alone; under
 ZeRO-3 every forward pass gathers weights with collectives, so there every rank embeds every input in
@@ -14,37 +14,51 @@ import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
+from PIL import Image
+
+from vlm2vec import distributed
+from vlm2vec.embedding import encoder_of
+from vlm2vec.eval_v1 import DATASET_META_FILE, evaluate, summary_row
+from vlm2vec.media import load_image
+from vlm2vec.probe import RidgeProbe, has_frozen_features
+from vlm2vec.scoring import markdown_table
+
+if TYPE_CHECKING:
+    from vlm2vec.data import TrainData
+    from vlm2vec.model import VLM2Vec
 
 BASELINES_FILE = "baselines.json"
 EVAL_BATCH = 64
 
 
-def weights_fingerprint(model: Any, label: str, skip: str | None = None) -> str:
-    """Identity of an in-memory model: a hash of every trainable weight (names containing `skip` left
-    out) and `label`."""
-    h = hashlib.sha256(label.encode())
+def trained_parameters(model: VLM2Vec) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter), sorted by name, of what training changes: every trainable parameter, and every
+    parameter of a module the family trains in full (`family.modules_to_save`, e.g. the demo's
+    projector), the frozen copy peft keeps of such a module (`original_module`) included."""
+    saved = [f".{m}." for m in model.family.modules_to_save]
     for name, p in sorted(model.named_parameters()):
-        if (p.requires_grad or "projector" in name) and not (skip and skip in name):
+        if p.requires_grad or any(m in f".{name}." for m in saved):
+            yield name, p
+
+
+def weights_fingerprint(model: VLM2Vec, label: str, skip: str | None = None) -> str:
+    """Identity of an in-memory model: a hash of its trained weights (`trained_parameters`; names
+    containing `skip` left out) and `label`."""
+    h = hashlib.sha256(label.encode())
+    for name, p in trained_parameters(model):
+        if not (skip and skip in name):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def _gathered(model: Any, zero_stage: int) -> Any:
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
 @contextlib.contextmanager
-def _eval_mode(model: Any):
+def _eval_mode(model: VLM2Vec) -> Iterator[None]:
     """Eval mode, no grad; train mode again afterwards."""
     was_training = model.training
     with torch.no_grad():
@@ -55,27 +69,19 @@ def _eval_mode(model: Any):
             model.train(was_training)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def evaluate_model(
-    model: Any, eval_data: str, out_dir: str, label: str, zero_stage: int = 0, show_progress: bool = False
+    model: VLM2Vec, eval_data: str, out_dir: str, label: str, zero_stage: int = 0, show_progress: bool = False
 ) -> dict[str, Any] | None:
     """Scores of `model` as it is now on every task of `eval_data` (rank 0; None elsewhere); scores.json
     and table.md in out_dir, exactly what `python -m vlm2vec.eval` writes for the saved model."""
-    from vlm2vec.eval import encoder_of, evaluate
-
     with _eval_mode(model):  # ZeRO-3: each forward gathers weights, so every rank embeds everything
         return evaluate(encoder_of(model, EVAL_BATCH), eval_data, out_dir=out_dir, use_cache=False,
                         batch_size=EVAL_BATCH, label=label, show_progress=show_progress,
                         shard=zero_stage != 3)  # fmt: skip
 
 
-def probe_pairs(data: Any) -> tuple[list[Any], list[str]]:
+def probe_pairs(data: TrainData) -> tuple[list[Image.Image], list[str]]:
     """(image, text) pairs of the training rows whose query is an image alone and target a text."""
-    from vlm2vec.data import load_image
-
     images, texts, seen = [], [], set()
     for rows in data.subsets.values():
         for ex in rows:
@@ -90,24 +96,22 @@ def probe_pairs(data: Any) -> tuple[list[Any], list[str]]:
     return images, texts
 
 
-def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: int = 0,
+def baselines(model: VLM2Vec, data: TrainData, eval_data: str, out_dir: str, zero_stage: int = 0,
               show_progress: bool = False) -> dict[str, dict[str, Any]]:  # fmt: skip
     """{"untrained": scores, "probe": scores} of the model before training (rank 0; {} elsewhere).
     Cached in out_dir/baselines.json under a key of the weights and the data: computed once."""
-    from vlm2vec.eval import evaluate
-    from vlm2vec.probe import RidgeProbe, has_frozen_features
-
-    with _gathered(model, zero_stage):  # LoRA starts as the identity: its random A changes nothing yet
+    # LoRA starts as the identity: its random A changes nothing yet, so the key leaves it out
+    with distributed.gathered_parameters(model.parameters(), zero_stage):
         key = weights_fingerprint(model, f"{os.path.abspath(eval_data)}|{data.sizes()}", skip="lora_")
     path = Path(out_dir) / BASELINES_FILE
-    cached = [None]
-    if _rank() == 0 and path.is_file():
+    rank = distributed.rank()
+    cached = None
+    if rank == 0 and path.is_file():
         stored = json.loads(path.read_text())
-        cached = [stored["results"] if stored.get("key") == key else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(cached, src=0)  # every rank takes the same branch
-    if cached[0] is not None:
-        return cached[0] if _rank() == 0 else {}
+        cached = stored["results"] if stored.get("key") == key else None
+    cached = distributed.broadcast_from_rank0(cached)  # every rank takes the same branch
+    if cached is not None:
+        return cached if rank == 0 else {}
     results = {"untrained": evaluate_model(model, eval_data, f"{out_dir}/untrained", "untrained model",
                                            zero_stage, show_progress)}  # fmt: skip
     if has_frozen_features(model):
@@ -118,7 +122,7 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
                 label=f"frozen-feature ridge probe (lambda {probe.lam:g})", show_progress=show_progress,
                 shard=zero_stage != 3,
             )  # fmt: skip
-    if _rank() != 0:
+    if rank != 0:
         return {}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"key": key, "results": results}, indent=2) + "\n")
@@ -128,8 +132,6 @@ def baselines(model: Any, data: Any, eval_data: str, out_dir: str, zero_stage: i
 def headline(eval_data: str, results: dict[str, dict[str, Any]]) -> str:
     """The run's last line: P@1 of each model on the first task of eval_data's datasets.json (where
     there is one; else the first task evaluated), named by its `description` there."""
-    from vlm2vec.eval import DATASET_META_FILE
-
     meta_file = Path(eval_data) / DATASET_META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     scored = next(iter(results.values()))["datasets"]
@@ -142,9 +144,6 @@ def headline(eval_data: str, results: dict[str, dict[str, Any]]) -> str:
 
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: P@1 (%) per task for each model, the MMEB summary columns after."""
-    from vlm2vec.eval import summary_row
-    from vlm2vec.scoring import markdown_table
-
     names = list(next(iter(results.values()))["datasets"])
     lines = ["| Model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for res in results.values():
