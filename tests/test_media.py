@@ -250,7 +250,8 @@ def test_row_readers_resolve_against_the_root_and_raise_data_errors(tmp_path) ->
     Image.new("RGBA", (6, 4), (10, 20, 30, 255)).save(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
     img = load_image("a.png", tmp_path, "row 1")
-    assert img.mode == "RGB" and img.size == (6, 4)
+    # decoded in its own mode: the encoder resizes to a preset, then converts to RGB (reference order)
+    assert img.mode == "RGBA" and img.size == (6, 4)
     assert load_image(str(tmp_path / "a.png"), "/elsewhere", "row 1").size == (6, 4)  # absolute path
     pair = load_visual(("a.png", "a.png"), tmp_path, "row 2")
     assert isinstance(pair, list) and len(pair) == 2 and load_visual(None, tmp_path, "row 2") is None
