@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from . import torch_engine
 from .distributed import gather_sizes, world_and_rank
-from .engine import Targets, accumulation_dtype
-from .fused import FusedCall, FusedInfoNCE
+from .engine import Layout, LossCall
+from .fused import fused_loss
 from .recompute import recompute_loss
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -164,8 +164,10 @@ def _select_engine(backend: str, query: Tensor) -> ModuleType:
     return triton_engine
 
 
-def _checked(query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend):
-    """All argument checks; returns (temperature, targets, targets range-checked, engine)."""
+def _checked(
+    query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend
+) -> tuple[float | Tensor, LossCall]:
+    """All argument checks and the row layout; returns (temperature, the call for a path)."""
     _check_embeddings(query, candidates)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
@@ -174,21 +176,33 @@ def _checked(query, candidates, temperature, normalize, targets, symmetric, redu
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     tau = _checked_temperature(temperature, query.device)
-    return (tau, *_checked_targets(targets, query, candidates), _select_engine(backend, query))
+    targets, targets_checked = _checked_targets(targets, query, candidates)
+    call = LossCall(
+        engine=_select_engine(backend, query),
+        normalize=normalize,
+        targets=targets,
+        targets_checked=targets_checked,
+        tau_checked=not isinstance(tau, Tensor) or _reads_values_on_host(tau),
+        symmetric=symmetric,
+        reduction=reduction,
+        layout=_layout(query, candidates, group),
+    )
+    return tau, call
 
 
-def _layout(query: Tensor, candidates: Tensor, group: dist.ProcessGroup | None):
-    """(world, rank, query offset, candidate offset, global query count, (query counts, candidate
-    counts)) of this rank's rows in the gathered batch; one host read of the row counts."""
+def _layout(query: Tensor, candidates: Tensor, group: dist.ProcessGroup | None) -> Layout:
+    """This rank's rows in the gathered batch; one host read of the row counts."""
     n_q, n_c = query.shape[0], candidates.shape[0]
     if group is None:
-        return 1, 0, 0, 0, n_q, ([n_q], [n_c])
+        return Layout(None, 1, 0, 0, 0, n_q, [n_q], [n_c])
     world, rank = world_and_rank(group)
     sizes = gather_sizes([n_q, n_c, query.shape[1]], group, query.device)
     if len({s[2] for s in sizes}) != 1:
         raise ValueError(f"embedding size D differs across ranks: {[s[2] for s in sizes]}")
     counts_q, counts_c = [s[0] for s in sizes], [s[1] for s in sizes]
-    return world, rank, sum(counts_q[:rank]), sum(counts_c[:rank]), sum(counts_q), (counts_q, counts_c)
+    return Layout(
+        group, world, rank, sum(counts_q[:rank]), sum(counts_c[:rank]), sum(counts_q), counts_q, counts_c
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,36 +276,12 @@ def contrastive_loss(
         loss = contrastive_loss(q, c, 0.02)                  # c = [pos_0, neg_0_1, pos_1, neg_1_1, ...]
         loss = contrastive_loss(q, c, tau, targets=t, symmetric=True, group=dist.group.WORLD)
     """
-    tau, targets, targets_checked, engine = _checked(
+    tau, call = _checked(
         query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend
     )
-    world, rank, q_offset, c_offset, global_n_q, counts = _layout(query, candidates, group)
-    tau_checked = not isinstance(tau, Tensor) or _reads_values_on_host(tau)
     if symmetric or reduction == "none":
-        layout = (world, q_offset, c_offset, global_n_q, counts)
-        return recompute_loss(
-            query, candidates, tau, engine=engine, normalize=normalize, targets=targets,
-            targets_checked=targets_checked, tau_checked=tau_checked, symmetric=symmetric,
-            reduction=reduction, group=group, layout=layout,
-        )  # fmt: skip
-    tau_input = None
-    if isinstance(tau, Tensor):
-        tau_input = tau.to(query.device, accumulation_dtype(query.dtype))
-    grad = torch.is_grad_enabled()
-    needs = tuple(grad and x is not None and x.requires_grad for x in (query, candidates, tau_input))
-    stride = candidates.shape[0] // query.shape[0] if targets is None else 0
-    call = FusedCall(
-        engine=engine,
-        normalize=normalize,
-        targets=Targets(targets, c_offset, stride, checked=targets_checked),
-        weight=(world / global_n_q) if reduction == "mean" else float(world),
-        temperature=None if tau_input is not None else tau,
-        group=group,
-        rank=rank,
-        counts=counts[1],
-        needs=needs,
-    )
-    return FusedInfoNCE.apply(query, candidates, tau_input, call)
+        return recompute_loss(query, candidates, tau, call)
+    return fused_loss(query, candidates, tau, call)
 
 
 class ContrastiveLoss(nn.Module):
