@@ -1,10 +1,10 @@
 """GPU readiness without a GPU: every shipped kernel configuration compiles for the H100 (sm_90).
 
 Runs bench/sm90_report.py (a developer tool, outside the shipped package) in a subprocess with
-TRITON_INTERPRET=0 (under the interpreter that conftest selects, `@triton.jit` gives no compiler). Checks Hopper HGMMA in every dot kernel's
-SASS, no register spills, shared memory within the SM, and that nothing shipped is left out.
-The report table is printed with capture disabled and written to the pytest temp dir, so it shows
-in CI logs with or without `-s`.
+TRITON_INTERPRET=0 (under the interpreter that conftest selects, `@triton.jit` gives no compiler).
+Checks Hopper HGMMA in every dot kernel's SASS, no register spills, shared memory within the SM, and
+that nothing shipped is left out. The report table is printed with capture disabled and written to
+the pytest temp dir, so it shows in CI logs with or without `-s`.
 """
 
 import json
