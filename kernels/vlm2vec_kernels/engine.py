@@ -90,6 +90,13 @@ class LossCall:
     symmetric: bool
     reduction: str
     layout: Layout
+    # the v3 options (extended.py); `extended` says whether any of them is in use
+    dims: tuple[int, ...] = ()  # Matryoshka prefix lengths, increasing (D alone without them)
+    dim_weights: tuple[float, ...] = (1.0,)
+    candidate_ids: Tensor | None = None  # int64 [Bc] local candidate ids
+    positives: str = "mask"
+    margin: float | None = None
+    extended: bool = False
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

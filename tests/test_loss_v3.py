@@ -1,0 +1,231 @@
+"""The v3 options of contrastive_loss (Matryoshka prefixes, candidate ids with the three positive
+modes, the false-negative margin, symmetric) against the float64 reference written row by row
+(`reference_contrastive_loss`), plus their FLOP counts.
+
+Fresh random inputs each run (seed in every failure message): odd D, prefixes that are multiples of
+no block size, duplicate ids scattered over the whole candidate set (so they span the tiny chunks
+forced here), rows whose every candidate but the target is masked; loss and the gradients of query,
+candidates and a tensor temperature, for every reduction.
+"""
+
+import secrets
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from vlm2vec_kernels import contrastive_loss, extended, reference_contrastive_loss, torch_engine
+
+N_Q, K, D = 23, 2, 45
+N_C = N_Q * (1 + K) + 4  # explicit targets: some candidates are nobody's positive
+
+
+class Seeded:
+    def __init__(self) -> None:
+        self.seed = secrets.randbits(31)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+
+@pytest.fixture
+def gen():
+    return Seeded()
+
+
+@pytest.fixture
+def tiny_chunks(monkeypatch):
+    """Chunks of 5 query rows (23 = 4 * 5 + 3): running sums, buffers and gradients cross chunks."""
+    monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 5 * N_C)
+
+
+def make_batch(gen, dtype=torch.float32, n_ids=None):
+    """Queries, candidates (each positive = query + noise), explicit targets and candidate ids with
+    duplicates spread over all rows (n_ids distinct values)."""
+    g = gen.generator
+    q = torch.randn(N_Q, D, generator=g)
+    c = torch.randn(N_C, D, generator=g)
+    targets = torch.randperm(N_C, generator=g)[:N_Q]
+    c[targets] = q + 1.5 * torch.randn(N_Q, D, generator=g)
+    ids = torch.randint(0, n_ids or N_C // 3, (N_C,), generator=g)
+    return q.to(dtype), c.to(dtype), targets, ids
+
+
+def run(q, c, tau, upstream, backend="torch", reference_targets=None, **options):
+    """(loss, dq, dc, dtau) of the library (float32 tau) and of the float64 reference (with
+    `reference_targets` when the library call uses the default layout)."""
+    out = []
+    for name in ("lib", "ref"):
+        dtype = torch.float64 if name == "ref" else q.dtype
+        q_ = q.detach().to(dtype).requires_grad_()
+        c_ = c.detach().to(dtype).requires_grad_()
+        tau_ = torch.tensor(tau, dtype=torch.float64 if name == "ref" else torch.float32, requires_grad=True)
+        if name == "ref":
+            ref_options = dict(options, positives=options.get("positives") or "mask")
+            if reference_targets is not None:
+                ref_options["targets"] = reference_targets
+            loss = reference_contrastive_loss(q_, c_, tau_, **ref_options)
+        else:
+            loss = contrastive_loss(q_, c_, tau_, backend=backend, **options)
+        grads = torch.autograd.grad(loss, (q_, c_, tau_), upstream.to(loss.dtype) if loss.dim() else None)
+        out.append((loss, *grads))
+    return out
+
+
+def assert_close(got, want, seed, tol=(1e-4, 5e-5)):
+    loss_tol, grad_tol = tol
+    for name, x, ref in zip(("loss", "dq", "dc", "dtau"), got, want):
+        assert torch.isfinite(x).all(), f"{name} not finite (seed {seed})"
+        atol = (loss_tol if name == "loss" else grad_tol) * max(ref.abs().max().item(), 1e-6)
+        torch.testing.assert_close(
+            x.double(), ref, rtol=loss_tol if name == "loss" else grad_tol, atol=atol,
+            msg=lambda m, n=name: f"{n}: {m} (seed {seed})",
+        )  # fmt: skip
+
+
+OPTIONS = {
+    "matryoshka": dict(matryoshka_dims=[7, 20, 45]),
+    "matryoshka-without-D-weighted": dict(matryoshka_dims=[5, 33], matryoshka_weights=[0.5, 2.0]),
+    "ids-mask": dict(positives="mask"),
+    "ids-any": dict(positives="any"),
+    "ids-each": dict(positives="each"),
+    "margin": dict(false_negative_margin=0.05),
+    "ids-each-margin-matryoshka": dict(positives="each", false_negative_margin=0.0, matryoshka_dims=[11, 45]),
+    "ids-any-margin-matryoshka": dict(positives="any", false_negative_margin=-0.1, matryoshka_dims=[3, 29]),
+}
+
+
+# (normalize, symmetric, reduction) per option set: every reduction, both directions, raw dot products
+VARIANTS = [(True, False, "mean"), (True, True, "none"), (False, True, "sum"), (True, False, "none")]
+
+
+@pytest.mark.parametrize(
+    "normalize, symmetric, reduction",
+    VARIANTS,
+    ids=[f"{'norm' if n else 'raw'}-{'symmetric' if s else 'onedir'}-{r}" for n, s, r in VARIANTS],
+)
+@pytest.mark.parametrize("case", OPTIONS.keys())
+def test_torch_engine_matches_reference(gen, tiny_chunks, case, normalize, symmetric, reduction):
+    q, c, targets, ids = make_batch(gen)
+    if not normalize:
+        q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
+    options = dict(
+        OPTIONS[case], normalize=normalize, targets=targets, symmetric=symmetric, reduction=reduction
+    )
+    if case.startswith("ids"):
+        options["candidate_ids"] = ids
+    upstream = torch.randn(N_Q, generator=gen.generator)
+    got, want = run(q, c, 0.1, upstream, **options)
+    assert_close(got, want, gen.seed)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", ["matryoshka", "ids-each", "ids-any-margin-matryoshka"])
+def test_symmetric_second_pass_matches_reference(gen, tiny_chunks, monkeypatch, case, reduction):
+    """Batches whose logits do not fit one chunk (SYMMETRIC_ONE_PASS_ELEMENTS; here all of them) run
+    the reverse direction as a chunked pass of its own."""
+    monkeypatch.setattr(extended, "SYMMETRIC_ONE_PASS_ELEMENTS", 0)
+    q, c, targets, ids = make_batch(gen)
+    options = dict(OPTIONS[case], normalize=True, targets=targets, symmetric=True, reduction=reduction)
+    if case.startswith("ids"):
+        options["candidate_ids"] = ids
+    got, want = run(q, c, 0.1, torch.randn(N_Q, generator=gen.generator), **options)
+    assert_close(got, want, gen.seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_inputs_round_once(gen, tiny_chunks, dtype):
+    q, c, targets, ids = make_batch(gen, dtype)
+    options = dict(normalize=True, targets=targets, symmetric=True, reduction="mean", candidate_ids=ids,
+                   positives="any", matryoshka_dims=[9, 45], false_negative_margin=0.1)  # fmt: skip
+    got, want = run(q, c, 0.1, None, **options)
+    assert got[1].dtype == got[2].dtype == dtype
+    assert_close(got, want, gen.seed, tol=(1e-4, 8e-3))
+
+
+@pytest.mark.parametrize("mode", ["mask", "any", "each"])
+def test_rows_with_every_negative_masked(gen, tiny_chunks, mode):
+    """A margin below -2 (cosines lie in [-1, 1]) drops every negative: each row keeps only its
+    positives. "mask" then has loss 0 (the target alone), "any" too (its positives are the whole
+    denominator), "each" has log 1 per positive; all gradients vanish. Rows whose ids make every
+    candidate a positive behave the same."""
+    q, c, targets, ids = make_batch(gen, n_ids=4)
+    options = dict(normalize=True, targets=targets, symmetric=False, reduction="none", candidate_ids=ids,
+                   positives=mode, false_negative_margin=-2.5)  # fmt: skip
+    got, want = run(q, c, 0.1, torch.ones(N_Q), **options)
+    assert_close(got, want, gen.seed)
+    assert got[0].abs().max() < 1e-6 and got[1].abs().max() < 1e-6 and got[2].abs().max() < 1e-6
+    same = torch.zeros(N_C, dtype=torch.long)  # one item: every candidate is every row's positive
+    options.update(candidate_ids=same, false_negative_margin=None)
+    got, want = run(q, c, 0.1, torch.ones(N_Q), **options)
+    assert_close(got, want, gen.seed)
+
+
+def test_default_layout_and_tensor_temperature_combine(gen, tiny_chunks):
+    """Hard negatives in the default layout (no targets), ids, symmetric, Matryoshka."""
+    q = torch.randn(N_Q, D, generator=gen.generator)
+    c = torch.randn(N_Q * 3, D, generator=gen.generator)
+    ids = torch.randint(0, 20, (N_Q * 3,), generator=gen.generator)
+    positives = torch.arange(N_Q) * 3
+    options = dict(normalize=True, symmetric=True, reduction="mean", candidate_ids=ids, positives="mask",
+                   matryoshka_dims=[13, 45], targets=None)  # fmt: skip
+    got, want = run(q, c, 0.05, None, reference_targets=positives, **options)
+    assert_close(got, want, gen.seed)
+
+
+def test_plain_call_is_unchanged_by_the_defaults(gen):
+    """matryoshka_dims=[D] with weight 1, no ids, no margin: the same loss as the existing paths."""
+    q, c, targets, _ = make_batch(gen)
+    for symmetric in (False, True):
+        a = contrastive_loss(q, c, 0.1, targets=targets, symmetric=symmetric)
+        b = contrastive_loss(q, c, 0.1, targets=targets, symmetric=symmetric, matryoshka_dims=[D])
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_backend_takes_the_options(gen, tiny_chunks):
+    """backend="triton" (the interpreter here) with every option: the v3 pass runs in torch ops on the
+    inputs' device, so the result is the reference's."""
+    pytest.importorskip("triton")
+    q, c, targets, ids = make_batch(gen)
+    options = dict(normalize=True, targets=targets, symmetric=True, reduction="sum", candidate_ids=ids,
+                   positives="each", matryoshka_dims=[9, 45], false_negative_margin=0.1)  # fmt: skip
+    got, want = run(q, c, 0.1, None, backend="triton", **options)
+    assert_close(got, want, gen.seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs (fwd + bwd, counted by FlopCounterMode)
+
+
+def _flops(B, d, **options):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, d, generator=gen).requires_grad_()
+    c = torch.randn(B, d, generator=gen).requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        contrastive_loss(q, c, 0.05, backend="torch", **options).backward()
+    return counter.get_total_flops() / (B * B * d)
+
+
+def test_matryoshka_takes_one_pass_over_D():
+    """Dims (64, 128, 256, 512, 1536) at D = 1536: <= 6.5 B^2 D (a loop over the dims: 9.75)."""
+    B, d = 256, 1536
+    dims = [64, 128, 256, 512, 1536]
+    ratio = _flops(B, d, matryoshka_dims=dims)
+    print(f"matryoshka: {ratio:.3f} B^2 D")
+    assert 6.0 <= ratio <= 6.5, ratio
+
+
+def test_symmetric_takes_one_pass():
+    """symmetric=True (B <= 16,384 on one process): the reverse rows are columns of the forward
+    logits: 6 B^2 D, with Matryoshka prefixes and ids too."""
+    B, d = 256, 192
+    ids = torch.randint(0, 50, (B,), generator=torch.Generator().manual_seed(1))
+    for options in (dict(matryoshka_dims=[64, 192]), dict(candidate_ids=ids, false_negative_margin=0.1)):
+        ratio = _flops(B, d, symmetric=True, **options)
+        print(f"symmetric {list(options)}: {ratio:.3f} B^2 D")
+        assert 6.0 <= ratio <= 6.1, (options, ratio)
+
+
+def test_ids_and_margin_add_no_gemm():
+    B, d = 256, 192
+    ids = torch.randint(0, 50, (B,), generator=torch.Generator().manual_seed(1))
+    for mode in ("mask", "any", "each"):
+        ratio = _flops(B, d, candidate_ids=ids, positives=mode, false_negative_margin=0.1)
+        assert 6.0 <= ratio <= 6.1, (mode, ratio)
