@@ -43,6 +43,8 @@ def row_loss_grad(
 ) -> tuple[Tensor, Tensor | None]:
     """(L [R], E [R, N] or None) for logits l [R, N], target [R] columns, same [R, N] (the P_i mask, or
     None for {t_i}); margin in logit units (margin / tau) or None."""
+    if same is None and margin is None:  # plain InfoNCE (every mode is): one fused softmax, no masks
+        return _plain(l, target, want_grad)
     onehot = torch.zeros_like(l, dtype=torch.bool).scatter_(1, target[:, None], True)
     positives = onehot if same is None else same | onehot
     l_t = l.gather(1, target[:, None])
@@ -73,3 +75,15 @@ def row_loss_grad(
         grad = _softmax(l, negatives, lse_neg).mul_(u.sum(1, keepdim=True)).sub_(u)
         return loss, grad
     raise ValueError(f"positives must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+
+
+def _plain(l: Tensor, target: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """L_i = logsumexp_j l_ij - l_it and E = softmax(l) - Y. The lse comes from two row maxima, as in
+    torch_engine.xent: the softmax's largest entry is 1 / sum_j exp(l_ij - max_j l_ij)."""
+    l_t = l.gather(1, target[:, None])[:, 0]
+    row_max = l.amax(1)
+    probs = torch.softmax(l, 1)
+    loss = row_max.sub_(probs.amax(1).log_()).sub_(l_t)
+    if not want_grad:
+        return loss, None
+    return loss, probs.scatter_add_(1, target[:, None], torch.full_like(l_t[:, None], -1.0))
