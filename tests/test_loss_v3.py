@@ -214,10 +214,11 @@ def test_matryoshka_takes_one_pass_over_D():
 
 def test_symmetric_takes_one_pass():
     """symmetric=True (B <= 16,384 on one process): the reverse rows are columns of the forward
-    logits: 6 B^2 D, with Matryoshka prefixes and ids too."""
+    logits: 6 B^2 D, plain (the recompute path took 16) and with Matryoshka prefixes and ids."""
     B, d = 256, 192
     ids = torch.randint(0, 50, (B,), generator=torch.Generator().manual_seed(1))
-    for options in (dict(matryoshka_dims=[64, 192]), dict(candidate_ids=ids, false_negative_margin=0.1)):
+    cases = (dict(), dict(matryoshka_dims=[64, 192]), dict(candidate_ids=ids, false_negative_margin=0.1))
+    for options in cases:
         ratio = _flops(B, d, symmetric=True, **options)
         print(f"symmetric {list(options)}: {ratio:.3f} B^2 D")
         assert 6.0 <= ratio <= 6.1, (options, ratio)

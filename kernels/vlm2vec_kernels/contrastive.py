@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from . import torch_engine
 from .distributed import gather_sizes, world_and_rank
 from .engine import Layout, LossCall
-from .extended import extended_loss
+from .extended import extended_loss, fits_one_pass
 from .fused import fused_loss
 from .recompute import recompute_loss
 
@@ -370,11 +370,14 @@ def contrastive_loss(
 
     Engines and paths: a scalar one-directional loss (mean/sum, symmetric=False, the training case)
     computes its gradients during the forward (`fused.py`: 6 B^2 D FLOPs; the backward only scales
-    them by grad_output). symmetric=True and reduction="none" take the recompute path
-    (`recompute.py`: the backward recomputes the logits). Extra memory beyond the returned gradients:
-    one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most of it inside the not yet
-    written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32 gradient buffers for 16-bit
-    inputs + O(B) vectors; `group` adds the gathered candidates.
+    them by grad_output). A scalar symmetric loss on one process whose logits fit 2**28 elements
+    (B <= 16,384 at K = 0) computes both directions in one pass over all of them (`extended.py`:
+    6 B^2 D FLOPs, the logits held once, torch ops on either backend). Other symmetric losses and
+    reduction="none" take the recompute path (`recompute.py`: the backward recomputes the logits,
+    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction. Extra memory
+    beyond the returned gradients: one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most
+    of it inside the not yet written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32
+    gradient buffers for 16-bit inputs + O(B) vectors; `group` adds the gathered candidates.
 
     Example::
 
@@ -388,8 +391,9 @@ def contrastive_loss(
     )
     margin = false_negative_margin
     v3 = _checked_v3(query, candidates, matryoshka_dims, matryoshka_weights, candidate_ids, positives, margin)
-    if v3["extended"]:
-        return extended_loss(query, candidates, tau, dataclasses.replace(call, **v3))
+    call = dataclasses.replace(call, **v3)
+    if v3["extended"] or (symmetric and reduction != "none" and fits_one_pass(call, query, candidates)):
+        return extended_loss(query, candidates, tau, call)
     if symmetric or reduction == "none":
         return recompute_loss(query, candidates, tau, call)
     return fused_loss(query, candidates, tau, call)

@@ -32,7 +32,7 @@ from . import torch_engine
 from .distributed import all_gather_rows, reduce_scatter_rows
 from .engine import NORM_EPS, LossCall, Targets, accumulation_dtype
 from .row_losses import row_loss_grad
-from .rows import clamp_targets, guard_infinite_candidates_, inverse_temperature, nan_where
+from .rows import clamp_targets, guard_infinite_candidates_, inverse_norm, inverse_temperature, nan_where
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,22 @@ class _Direction:
 
 def _prefix_inverse_norms(x: Tensor, bounds: list[int], acc: torch.dtype) -> Tensor:
     """[K, rows] inverse norms of every prefix x[:, :d_k], from running sums of squares."""
+    if len(bounds) == 2:
+        return inverse_norm(x[:, : bounds[1]]).unsqueeze(0)
     out = torch.empty(len(bounds) - 1, x.shape[0], dtype=acc, device=x.device)
     total = torch.zeros(x.shape[0], dtype=acc, device=x.device)
     for k in range(len(bounds) - 1):
         total = total + x[:, bounds[k] : bounds[k + 1]].to(acc).square().sum(1)
         out[k] = total.sqrt().clamp_min(NORM_EPS).reciprocal()
     return out
+
+
+def _add_or_set(out: Tensor, value: Tensor, weight: float, first: bool) -> None:
+    """out (+)= weight * value: the first term writes, the later ones add."""
+    if first:
+        torch.mul(value, weight, out=out)
+    else:
+        out.add_(value, alpha=weight)
 
 
 def _projection_coef(es: Tensor, r: Tensor) -> Tensor:
@@ -91,16 +101,17 @@ def _direction_pass(
         nan_where(a, d.bad[None, :].expand_as(a))
     margin = None if call.margin is None else call.margin * inv_tau
     want = row_weight is not None
-    losses = torch.zeros(n_rows, dtype=acc, device=x.device)
+    # every buffer is written before it is added to (no zero fills: each is an op on the CPU)
+    losses = torch.empty(n_rows, dtype=acc, device=x.device)
     dx = torch.empty(n_rows, dim, dtype=acc, device=x.device) if want else None
-    dy = torch.zeros(n_cols, dim, dtype=acc, device=x.device) if want else None
-    coef_x = torch.zeros(n_dims, n_rows, dtype=acc, device=x.device) if want else None
-    coef_y = torch.zeros(n_dims, n_cols, dtype=acc, device=x.device) if want else None
-    dtau = torch.zeros((), dtype=acc, device=x.device) if want else None
+    dy = torch.empty(n_cols, dim, dtype=acc, device=x.device) if want else None
+    coef_x = torch.empty(n_dims, n_rows, dtype=acc, device=x.device) if want else None
+    coef_y = torch.empty(n_dims, n_cols, dtype=acc, device=x.device) if want else None
+    dtau = None
     step = n_rows if reverse is not None else torch_engine._chunk_rows(n_rows, n_cols)
     reverse_losses = None
     if reverse is not None:
-        reverse_losses = torch.zeros(n_rows, dtype=acc, device=x.device)
+        reverse_losses = torch.empty(n_rows, dtype=acc, device=x.device)
         reverse_same = None
         if reverse.row_ids is not None:
             reverse_same = reverse.row_ids[:, None] == reverse.col_ids[None, :]
@@ -123,14 +134,15 @@ def _direction_pass(
             l.mul_(a[k, rows, None])
             if ry is not None:
                 l.mul_(ry[k])
+            first = k == n_dims - 1
             loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want)
-            losses[rows] += call.dim_weights[k] * loss_k
+            _add_or_set(losses[rows], loss_k, call.dim_weights[k], first)
             if reverse is not None:
                 r = l[:, d.target].T  # [positives, queries]
                 if reverse.bad is not None:
                     nan_where(r, reverse.bad[:, None].expand_as(r))
                 r_loss, r_grad = row_loss_grad(r, reverse.target, reverse_same, call.positives, margin, want)
-                reverse_losses += call.dim_weights[k] * r_loss
+                _add_or_set(reverse_losses, r_loss, call.dim_weights[k], first)
             if not want:
                 continue
             grad.mul_((call.dim_weights[k] * row_weight[rows])[:, None])
@@ -138,20 +150,23 @@ def _direction_pass(
                 grad.index_add_(1, d.target, r_grad.mul_((call.dim_weights[k] * row_weight)[:, None]).T)
             el = grad * l
             es_rows = el.sum(1)
-            dtau -= es_rows.sum() * inv_tau
+            term = es_rows.sum() * (-inv_tau)
+            dtau = term if dtau is None else dtau.add_(term)
             if rx is not None:
                 coef_x[k, rows] = _projection_coef(es_rows, rx[k, rows])
-                coef_y[k] += _projection_coef(el.sum(0), ry[k])
+                _add_or_set(coef_y[k], _projection_coef(el.sum(0), ry[k]), 1.0, start == 0)
             grad.mul_(a[k, rows, None])
             if ry is not None:
                 grad.mul_(ry[k])
             held = grad if held is None else grad.add_(held)  # H^k = sum_{m >= k} E^m a^m b^m
             seg = slice(bounds[k], bounds[k + 1])
             torch.mm(held, y[:, seg], out=dx[rows, seg])
-            torch.addmm(dy[:, seg], held.T, x_rows[:, seg], out=dy[:, seg])
+            torch.addmm(dy[:, seg], held.T, x_rows[:, seg], beta=0 if start == 0 else 1, out=dy[:, seg])
     if not want:
         return losses, reverse_losses, None, None, None
-    dx[:, bounds[-1] :] = 0  # columns beyond the largest prefix take no part
+    if bounds[-1] < dim:  # columns beyond the largest prefix take no part
+        dx[:, bounds[-1] :] = 0
+        dy[:, bounds[-1] :] = 0
     if rx is not None:  # the prefix normalisations: segment k takes the terms of every prefix m >= k
         for k in reversed(range(n_dims)):
             seg = slice(bounds[k], bounds[k + 1])
@@ -173,6 +188,12 @@ def _fits_one_pass(n_rows: int, n_cols: int, call: LossCall) -> bool:
     return n_rows * n_cols * len(call.dims) <= SYMMETRIC_ONE_PASS_ELEMENTS
 
 
+def fits_one_pass(call: LossCall, query: Tensor, candidates: Tensor) -> bool:
+    """Whether a symmetric call runs both directions in one pass here (one process, all logits held):
+    then this path does 6 B^2 D FLOPs against the recompute path's 16."""
+    return call.layout.group is None and _fits_one_pass(query.shape[0], candidates.shape[0], call)
+
+
 @dataclass(frozen=True)
 class _Plan:
     call: LossCall
@@ -180,9 +201,12 @@ class _Plan:
     needs: tuple[bool, bool, bool]  # gradients wanted for (query, candidates, temperature)
 
 
-def _directions(q: Tensor, c: Tensor, call: LossCall) -> tuple[list[_Direction], Tensor, Tensor | None]:
+def _directions(
+    q: Tensor, c: Tensor, call: LossCall, one_pass: bool
+) -> tuple[list[_Direction], Tensor, Tensor | None]:
     """The directions of the loss, the gathered candidates' row of each local query's positive, and the
-    local queries' rows among the gathered queries (symmetric under a group) or None."""
+    local queries' rows among the gathered queries (symmetric under a group) or None. `one_pass`: the
+    reverse direction reads its logits from the forward ones (its rows are not gathered)."""
     layout = call.layout
     n_q, n_c = q.shape[0], c.shape[0]
     stride = n_c // n_q if call.targets is None else 0
@@ -206,7 +230,8 @@ def _directions(q: Tensor, c: Tensor, call: LossCall) -> tuple[list[_Direction],
             query_ids = all_gather_rows(row_ids, layout.counts_q, layout.group)
         local = slice(layout.q_offset, layout.q_offset + n_q)
     own = torch.arange(layout.q_offset, layout.q_offset + n_q, device=q.device)
-    reverse = _Direction(c_all.index_select(0, target), q_all, own, bad, row_ids, query_ids)
+    positive_rows = c_all if one_pass else c_all.index_select(0, target)  # one pass: not read
+    reverse = _Direction(positive_rows, q_all, own, bad, row_ids, query_ids)
     return [forward, reverse], target, local
 
 
@@ -215,12 +240,12 @@ def _run(q: Tensor, c: Tensor, tau: Tensor | None, plan: _Plan, weight: float | 
     call = plan.call
     acc = accumulation_dtype(q.dtype)
     inv_tau = inverse_temperature(plan.temperature if tau is None else tau, acc, call.tau_checked)
-    directions, target, local = _directions(q, c, call)
+    one_pass = call.symmetric and fits_one_pass(call, q, c)
+    directions, target, local = _directions(q, c, call, one_pass)
     h = 0.5 if call.symmetric else 1.0
     row_weight = None
     if weight is not None:
         row_weight = torch.as_tensor(weight, dtype=acc, device=q.device).mul(h).expand(q.shape[0])
-    one_pass = call.symmetric and local is None and _fits_one_pass(q.shape[0], directions[0].y.shape[0], call)
     if one_pass:
         losses, rev_losses, dq, dc_all, dtau = _direction_pass(
             directions[0], call, inv_tau, row_weight, reverse=directions[1]
