@@ -12,8 +12,9 @@ import secrets
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
-from vlm2vec_kernels import contrastive_loss, extended, reference_contrastive_loss, torch_engine
+from vlm2vec_kernels import contrastive, contrastive_loss, extended, reference_contrastive_loss, torch_engine
 
 N_Q, K, D = 23, 2, 45
 N_C = N_Q * (1 + K) + 4  # explicit targets: some candidates are nobody's positive
@@ -230,3 +231,61 @@ def test_ids_and_margin_add_no_gemm():
     for mode in ("mask", "any", "each"):
         ratio = _flops(B, d, candidate_ids=ids, positives=mode, false_negative_margin=0.1)
         assert 6.0 <= ratio <= 6.1, (mode, ratio)
+
+
+# ----------------------------------------------------------------------------------------------------
+# host syncs
+
+
+class _Syncs(TorchDispatchMode):
+    """Counts the aten ops that read a value back to the host."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in ("aten._local_scalar_dense", "aten.item"):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_v3_options_read_nothing_back(gen, monkeypatch, backend, reduction):
+    """With the GPU's value checks (a tensor temperature and targets not read), every option together
+    runs without a host sync, forward and backward, and gives the host-checked result exactly."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    q, c, targets, ids = make_batch(gen)
+    q.requires_grad_()
+    tau = torch.tensor(0.1, requires_grad=True)
+    options = dict(targets=targets, symmetric=True, reduction=reduction, candidate_ids=ids, positives="each",
+                   matryoshka_dims=[9, 30, 45], false_negative_margin=0.1, backend=backend)  # fmt: skip
+    upstream = torch.rand(N_Q) if reduction == "none" else None
+    host = contrastive_loss(q, c, tau, **options)
+    host_grads = torch.autograd.grad(host, (q, tau), upstream)
+    monkeypatch.setattr(contrastive, "_reads_values_on_host", lambda tensor: False)
+    with _Syncs() as syncs:
+        device = contrastive_loss(q, c, tau, **options)
+        device_grads = torch.autograd.grad(device, (q, tau), upstream)
+    assert syncs.count == 0
+    torch.testing.assert_close(device, host, rtol=0, atol=0)
+    for got, want in zip(device_grads, host_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("symmetric", [False, True], ids=["onedir", "symmetric"])
+def test_unchecked_out_of_range_targets_make_their_rows_nan(gen, monkeypatch, symmetric):
+    """Targets not read on the host (a GPU): an out-of-range target makes its row NaN (ids and all)."""
+    monkeypatch.setattr(contrastive, "_reads_values_on_host", lambda tensor: False)
+    q, c, targets, ids = make_batch(gen)
+    targets[[3, 11]] = torch.tensor([-1, N_C])
+    options = dict(targets=targets, symmetric=symmetric, candidate_ids=ids, positives="any",
+                   matryoshka_dims=[9, 45], false_negative_margin=0.1)  # fmt: skip
+    losses = contrastive_loss(q, c, 0.1, reduction="none", **options)
+    bad = torch.zeros(N_Q, dtype=torch.bool)
+    bad[[3, 11]] = True
+    assert torch.isnan(losses[bad]).all() and torch.isfinite(losses[~bad]).all()
+    assert torch.isnan(contrastive_loss(q, c, 0.1, **options))

@@ -49,15 +49,13 @@ class _Direction:
 
 
 def _prefix_inverse_norms(x: Tensor, bounds: list[int], acc: torch.dtype) -> Tensor:
-    """[K, rows] inverse norms of every prefix x[:, :d_k], from running sums of squares."""
+    """[K, rows] inverse norms of every prefix x[:, :d_k]: the running sum of squares along D, read at
+    each d_k (a handful of ops for all prefixes)."""
     if len(bounds) == 2:
         return inverse_norm(x[:, : bounds[1]]).unsqueeze(0)
-    out = torch.empty(len(bounds) - 1, x.shape[0], dtype=acc, device=x.device)
-    total = torch.zeros(x.shape[0], dtype=acc, device=x.device)
-    for k in range(len(bounds) - 1):
-        total = total + x[:, bounds[k] : bounds[k + 1]].to(acc).square().sum(1)
-        out[k] = total.sqrt().clamp_min(NORM_EPS).reciprocal()
-    return out
+    ends = torch.tensor(bounds[1:], device=x.device) - 1
+    sums = x[:, : bounds[-1]].to(acc).square().cumsum(1).index_select(1, ends)
+    return sums.T.sqrt().clamp_min_(NORM_EPS).reciprocal_()
 
 
 def _add_or_set(out: Tensor, value: Tensor, weight: float, first: bool) -> None:
@@ -97,8 +95,6 @@ def _direction_pass(
     else:
         rx = ry = None
         a = torch.ones(n_dims, n_rows, dtype=acc, device=x.device) * inv_tau
-    if d.bad is not None:
-        nan_where(a, d.bad[None, :].expand_as(a))
     margin = None if call.margin is None else call.margin * inv_tau
     want = row_weight is not None
     # every buffer is written before it is added to (no zero fills: each is an op on the CPU)
@@ -136,6 +132,11 @@ def _direction_pass(
                 l.mul_(ry[k])
             first = k == n_dims - 1
             loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want)
+            if d.bad is not None:  # an out-of-range target: its row's loss and gradient are NaN (the
+                # logits stay finite: in one pass they are also the reverse direction's columns)
+                nan_where(loss_k, d.bad[rows])
+                if grad is not None:
+                    nan_where(grad, d.bad[rows, None].expand_as(grad))
             _add_or_set(losses[rows], loss_k, call.dim_weights[k], first)
             if reverse is not None:
                 r = l[:, d.target].T  # [positives, queries]
