@@ -67,14 +67,33 @@ def run(q, c, tau, upstream, backend="torch", reference_targets=None, **options)
             loss = contrastive_loss(q_, c_, tau_, backend=backend, **options)
         grads = torch.autograd.grad(loss, (q_, c_, tau_), upstream.to(loss.dtype) if loss.dim() else None)
         out.append((loss, *grads))
+    out.append(_dtau_scale(q, c, tau, upstream, reference_targets, options))
     return out
 
 
-def assert_close(got, want, seed, tol=(1e-4, 5e-5)):
+def _dtau_scale(q, c, tau, upstream, reference_targets, options) -> float:
+    """sum_i |w_i| |dloss_i/dtau| (w_i: row i's weight in the loss), from one temperature per row: the
+    scale of the temperature gradient's terms, which cancel in the sum (as in test_loss_torch)."""
+    row_taus = torch.full((q.shape[0], 1), tau, dtype=torch.float64, requires_grad=True)
+    per_row = dict(options, reduction="sum", positives=options.get("positives") or "mask")
+    if reference_targets is not None:
+        per_row["targets"] = reference_targets
+    loss = reference_contrastive_loss(q.double(), c.double(), row_taus, **per_row)
+    (row_dtau,) = torch.autograd.grad(loss, row_taus)
+    weights = {"mean": 1 / q.shape[0], "sum": 1.0}.get(options["reduction"])
+    weights = upstream.double().abs() if weights is None else weights
+    return (weights * row_dtau[:, 0].abs()).sum().item()
+
+
+def assert_close(got, want, dtau_scale, seed, tol=(1e-4, 5e-5)):
+    """Loss and gradients within tol of the reference's largest element; the temperature gradient
+    within 1e-4 (or the gradient tolerance, if larger) of the magnitude of its terms."""
     loss_tol, grad_tol = tol
     for name, x, ref in zip(("loss", "dq", "dc", "dtau"), got, want):
         assert torch.isfinite(x).all(), f"{name} not finite (seed {seed})"
         atol = (loss_tol if name == "loss" else grad_tol) * max(ref.abs().max().item(), 1e-6)
+        if name == "dtau":
+            atol = max(1e-4, grad_tol) * max(dtau_scale, 1e-6)
         torch.testing.assert_close(
             x.double(), ref, rtol=loss_tol if name == "loss" else grad_tol, atol=atol,
             msg=lambda m, n=name: f"{n}: {m} (seed {seed})",
@@ -113,8 +132,8 @@ def test_torch_engine_matches_reference(gen, tiny_chunks, case, normalize, symme
     if case.startswith("ids"):
         options["candidate_ids"] = ids
     upstream = torch.randn(N_Q, generator=gen.generator)
-    got, want = run(q, c, 0.1, upstream, **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.1, upstream, **options)
+    assert_close(got, want, dtau_scale, gen.seed)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -127,8 +146,8 @@ def test_symmetric_second_pass_matches_reference(gen, tiny_chunks, monkeypatch, 
     options = dict(OPTIONS[case], normalize=True, targets=targets, symmetric=True, reduction=reduction)
     if case.startswith("ids"):
         options["candidate_ids"] = ids
-    got, want = run(q, c, 0.1, torch.randn(N_Q, generator=gen.generator), **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.1, torch.randn(N_Q, generator=gen.generator), **options)
+    assert_close(got, want, dtau_scale, gen.seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -136,9 +155,9 @@ def test_16bit_inputs_round_once(gen, tiny_chunks, dtype):
     q, c, targets, ids = make_batch(gen, dtype)
     options = dict(normalize=True, targets=targets, symmetric=True, reduction="mean", candidate_ids=ids,
                    positives="any", matryoshka_dims=[9, 45], false_negative_margin=0.1)  # fmt: skip
-    got, want = run(q, c, 0.1, None, **options)
+    got, want, dtau_scale = run(q, c, 0.1, None, **options)
     assert got[1].dtype == got[2].dtype == dtype
-    assert_close(got, want, gen.seed, tol=(1e-4, 8e-3))
+    assert_close(got, want, dtau_scale, gen.seed, tol=(1e-4, 8e-3))
 
 
 @pytest.mark.parametrize("mode", ["mask", "any", "each"])
@@ -150,13 +169,13 @@ def test_rows_with_every_negative_masked(gen, tiny_chunks, mode):
     q, c, targets, ids = make_batch(gen, n_ids=4)
     options = dict(normalize=True, targets=targets, symmetric=False, reduction="none", candidate_ids=ids,
                    positives=mode, false_negative_margin=-2.5)  # fmt: skip
-    got, want = run(q, c, 0.1, torch.ones(N_Q), **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.1, torch.ones(N_Q), **options)
+    assert_close(got, want, dtau_scale, gen.seed)
     assert got[0].abs().max() < 1e-6 and got[1].abs().max() < 1e-6 and got[2].abs().max() < 1e-6
     same = torch.zeros(N_C, dtype=torch.long)  # one item: every candidate is every row's positive
     options.update(candidate_ids=same, false_negative_margin=None)
-    got, want = run(q, c, 0.1, torch.ones(N_Q), **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.1, torch.ones(N_Q), **options)
+    assert_close(got, want, dtau_scale, gen.seed)
 
 
 def test_default_layout_and_tensor_temperature_combine(gen, tiny_chunks):
@@ -167,8 +186,8 @@ def test_default_layout_and_tensor_temperature_combine(gen, tiny_chunks):
     positives = torch.arange(N_Q) * 3
     options = dict(normalize=True, symmetric=True, reduction="mean", candidate_ids=ids, positives="mask",
                    matryoshka_dims=[13, 45], targets=None)  # fmt: skip
-    got, want = run(q, c, 0.05, None, reference_targets=positives, **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.05, None, reference_targets=positives, **options)
+    assert_close(got, want, dtau_scale, gen.seed)
 
 
 def test_plain_call_is_unchanged_by_the_defaults(gen):
@@ -187,8 +206,8 @@ def test_triton_backend_takes_the_options(gen, tiny_chunks):
     q, c, targets, ids = make_batch(gen)
     options = dict(normalize=True, targets=targets, symmetric=True, reduction="sum", candidate_ids=ids,
                    positives="each", matryoshka_dims=[9, 45], false_negative_margin=0.1)  # fmt: skip
-    got, want = run(q, c, 0.1, None, backend="triton", **options)
-    assert_close(got, want, gen.seed)
+    got, want, dtau_scale = run(q, c, 0.1, None, backend="triton", **options)
+    assert_close(got, want, dtau_scale, gen.seed)
 
 
 # ----------------------------------------------------------------------------------------------------
