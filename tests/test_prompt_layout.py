@@ -225,3 +225,16 @@ def test_phi3_v_image_row_matches_the_reference() -> None:
     chunks = [tok(c)["input_ids"] for c in ["", TEXT]]
     expected = [tok.bos_token_id] + chunks[0][1:] + [model.processor.image_token_id] * 757 + chunks[1][1:]
     assert inputs["input_ids"][0].tolist() == expected
+
+
+@pytest.mark.parametrize("flag", [[], ["--prompt_layout", "native"]])
+def test_training_records_the_layout_it_used(tmp_path, flag: list[str]) -> None:
+    from vlm2vec.config import load_config
+    from vlm2vec.train import build_model
+
+    config = load_config(["--model_name", "tiny:qwen2_vl", "--lora", "true", *flag], validate=False)
+    model = build_model(config)
+    layout = "native" if flag else "reference"  # new runs default to the paper's (reference) layout
+    assert model.settings.prompt_layout == layout
+    model.save_pretrained(str(tmp_path))
+    assert VLM2Vec.from_pretrained(str(tmp_path)).settings.prompt_layout == layout
