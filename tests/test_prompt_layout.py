@@ -238,3 +238,17 @@ def test_training_records_the_layout_it_used(tmp_path, flag: list[str]) -> None:
     assert model.settings.prompt_layout == layout
     model.save_pretrained(str(tmp_path))
     assert VLM2Vec.from_pretrained(str(tmp_path)).settings.prompt_layout == layout
+
+
+@pytest.mark.parametrize("layout", ["reference", "native"])
+@pytest.mark.parametrize("name", QWEN_FAMILIES)
+def test_qwen_count_tokens_equals_the_prepared_length_in_both_layouts(name: str, layout: str) -> None:
+    model = released_qwen(name, layout)
+    frames = [image(64, 64, k) for k in range(3)]
+    for text, img, video in [
+        (f"<|image_1|>{TEXT}", image(60, 100), None),
+        (f"<|image_1|>{TEXT}", image(20, 300), None),
+        ("<|video_1|> clip", None, frames),
+    ]:
+        prepared = model.prepare([text], [img], videos=[video] if video else None)
+        assert model.count_tokens(text, img, video) == prepared["input_ids"].shape[1]
