@@ -151,6 +151,9 @@ def test_qwen_defaults_follow_the_reference() -> None:
     assert get_family("qwen3_vl").default_settings.prompt_layout == "native"  # no reference recipe
     assert tiny("qwen2_vl").settings.prompt_layout == "reference"
     assert tiny("llava_next").settings.prompt_layout == "reference"
+    model = tiny("qwen3_vl")
+    model.settings = ProcessorSettings("low")  # a layout left open resolves to the family's, on assignment
+    assert model.settings.prompt_layout == "native" and model.settings.resolution == "low"
     with pytest.raises(ValueError, match="prompt_layout"):
         ProcessorSettings(prompt_layout="chat")
 

@@ -146,9 +146,7 @@ class VLM2Vec(nn.Module):
         self.normalize = normalize
         self.max_len = max_len
         self.padding_side = padding_side
-        self.settings = copy.deepcopy(settings or family.default_settings)
-        if self.settings.prompt_layout is None:  # resolved here, so save_pretrained records it
-            self.settings.prompt_layout = family.default_settings.prompt_layout or "reference"
+        self.settings = settings or family.default_settings
         self.base_path = base_path
         self._dummy_inputs: dict[str, torch.Tensor] | None = None  # built on first use
         if freeze_vision and self.vision_tower is not None:
@@ -156,6 +154,19 @@ class VLM2Vec(nn.Module):
         self.train(backbone.training)  # follow the backbone (transformers loads models in eval mode)
 
     # ----------------------------------------------------------------------------------------- views
+    @property
+    def settings(self) -> ProcessorSettings:
+        """Image / prompt settings `prepare` runs with (saved in vlm2vec.json)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: ProcessorSettings) -> None:
+        # a copy whose prompt layout is resolved (None -> the family's), so save_pretrained records it
+        value = copy.deepcopy(value)
+        if value.prompt_layout is None:
+            value.prompt_layout = self.family.default_settings.prompt_layout or "reference"
+        self._settings = value
+
     @property
     def hf_model(self) -> nn.Module:
         """The unwrapped backbone (peft layers, if any, are injected in place and still run)."""
