@@ -55,14 +55,13 @@ def test_builtin_families_are_registered_with_their_facts() -> None:
         fam = get_family(name)
         assert fam.name == name and name in FAMILIES
         assert fam.padding_side in ("left", "right") and fam.lora_targets
-    assert get_family("qwen2_vl").image_token == "<|vision_start|><|image_pad|><|vision_end|>"
+    # the reference's bare pad (VLM2Vec's layout; the wrapped one is prompt_layout="native")
+    assert get_family("qwen2_vl").image_token == "<|image_pad|>"
     assert get_family("llava_next").image_token == "<image>"
     assert get_family("phi3_v").image_token == "<|image_1|>"
     assert get_family("phi3_v").default_settings.num_crops == 4
     q = get_family("qwen2_vl").default_settings
-    assert (
-        (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (256 * 28 * 28, 1280 * 28 * 28)
-    )
+    assert (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (4 * 28 * 28, 1280 * 28 * 28)
     assert get_family("qwen3_vl").default_settings.max_pixels == 1280 * 32 * 32  # same token budget, patch 16
     assert RESOLUTIONS["low"] == (336, 336) and RESOLUTIONS["high"] == (1344, 1344)
     with pytest.raises(ValueError, match="unknown backbone family"):
@@ -172,13 +171,14 @@ def test_max_len_cutting_image_tokens_raises_and_text_is_truncated(models: dict,
     n_image_row = model.prepare([texts[2]], [images[2]])["input_ids"].shape[1]
     old = model.max_len
     try:
-        model.max_len = 4
-        with pytest.raises(ValueError, match="row 0.*max_len=4"):
+        # 3: below the 4 image tokens of a 56x56 Qwen image in the (default) bare-pad layout
+        model.max_len = 3
+        with pytest.raises(ValueError, match="row 0.*max_len=3"):
             model.prepare(texts, images)
         with pytest.raises(ValueError, match="row 2"):  # the error names the offending row
             model.prepare([texts[1], texts[3], texts[2]], [None, None, images[2]])
         cut = model.prepare([texts[1]])
-        assert cut["input_ids"].shape[1] == 4  # text-only rows are truncated, not rejected
+        assert cut["input_ids"].shape[1] == 3  # text-only rows are truncated, not rejected
         model.max_len = n_image_row
         model.prepare([texts[2]], [images[2]])  # exactly fits
     finally:
