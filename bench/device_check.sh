@@ -105,7 +105,7 @@ run_tune() {
 run_dry() {
   phase tests_engine 150 $ENGINE_TESTS
   phase bench_grid 120 $LOSS_BENCH --device cpu --quick --sizes 256,512 --dims 64
-  [ -n "$LOSS_TESTS" ] && phase tests_loss 90 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
+  [ -n "$LOSS_TESTS" ] && phase tests_loss 180 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
     --junitxml "$OUT/junit_loss.xml"
 }
 

@@ -329,12 +329,22 @@ def run_big(device: str, dtype, B: int, D: int) -> dict:
 # engine sweep (GPU): kernels alone, variants of tiles / splits / backward path
 
 
+# Tile alternatives timed by `--sweep` on a GPU beside the shipped ones (vlm2vec_kernels.triton_common
+# GPU_CONFIGS); the fastest go into VLM2VEC_TRITON_CONFIG (results in bench/results/h100/).
+SWEEP_CANDIDATES: dict[str, list[str]] = {
+    "lse": ["128x128x64w8s3", "128x256x64w8s4", "256x128x64w8s3"],
+    "probs": ["128x256x64w8s3", "128x128x64w8s3", "256x128x64w8s4"],
+}
+
+
 def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
     """Recompute-path engine calls to time at one size: forward tile/split variants, the gradient."""
     from functools import partial
 
-    cls = eng.operand_class(q.dtype)
-    wide, narrow = eng.GPU_CONFIGS[("lse", cls)], eng.GPU_CONFIGS[("lse_narrow", cls)]
+    from vlm2vec_kernels.triton_common import GPU_CONFIGS, TileConfig, operand_class
+
+    cls = operand_class(q.dtype)
+    wide, narrow = GPU_CONFIGS[("lse", cls)], GPU_CONFIGS[("lse_narrow", cls)]
     B, D = q.shape
     cases = {
         "row_lse default": partial(eng.row_lse, q, c, rs, cs),
@@ -344,11 +354,11 @@ def _sweep_cases(eng, q, c, rs, cs, lse, w) -> dict:
         "softmax_grad gemm": partial(eng.softmax_grad, q, c, rs, cs, lse, w),
     }
     if B >= 16384:  # tile candidates matter where the kernels are compute-bound
-        for spec in eng.SWEEP_CANDIDATES["lse"]:
-            cfg = eng.TileConfig.parse(spec)
+        for spec in SWEEP_CANDIDATES["lse"]:
+            cfg = TileConfig.parse(spec)
             cases[f"row_lse lse={spec}"] = partial(eng.row_lse, q, c, rs, cs, config=cfg)
-        for spec in eng.SWEEP_CANDIDATES["probs"]:
-            cfg = eng.TileConfig.parse(spec)
+        for spec in SWEEP_CANDIDATES["probs"]:
+            cfg = TileConfig.parse(spec)
             cases[f"softmax_grad gemm probs={spec}"] = partial(
                 eng.softmax_grad, q, c, rs, cs, lse, w, config=cfg
             )
@@ -359,20 +369,21 @@ def _fused_sweep_cases(eng, q, c) -> dict:
     """Gradients-in-the-forward variants, each timed as the whole fwd+bwd of the public function:
     chunk bounds (CHUNK_ELEMENTS, MIN_CHUNK_ROWS) and the row kernel's launch shape."""
     from vlm2vec_kernels import contrastive_loss
+    from vlm2vec_kernels.triton_common import ROW_CONFIGS, RowConfig
 
     qg, cg = q.detach().clone().requires_grad_(), c.detach().clone().requires_grad_()
 
     def case(chunk=None, min_rows=None, xent=None):
         def run():
-            saved = eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"]
+            saved = eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, ROW_CONFIGS["xent"]
             eng.CHUNK_ELEMENTS = chunk or saved[0]
             eng.MIN_CHUNK_ROWS = min_rows or saved[1]
-            eng.ROW_CONFIGS["xent"] = xent or saved[2]
+            ROW_CONFIGS["xent"] = xent or saved[2]
             try:
                 qg.grad = cg.grad = None
                 contrastive_loss(qg, cg, temperature=TAU, backend="triton").backward()
             finally:
-                eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, eng.ROW_CONFIGS["xent"] = saved
+                eng.CHUNK_ELEMENTS, eng.MIN_CHUNK_ROWS, ROW_CONFIGS["xent"] = saved
 
         return run
 
@@ -382,7 +393,7 @@ def _fused_sweep_cases(eng, q, c) -> dict:
     for rows in (1024, 16384):
         cases[f"fused min_rows={rows}"] = case(min_rows=rows)
     for block_r, max_block, warps in ((1, 1024, 4), (2, 512, 4), (8, 1024, 8), (4, 512, 4)):
-        shape = eng.RowConfig(block_r, max_block, warps)
+        shape = RowConfig(block_r, max_block, warps)
         cases[f"fused xent={block_r}x{max_block}w{warps}"] = case(xent=shape)
     return cases
 
@@ -390,7 +401,7 @@ def _fused_sweep_cases(eng, q, c) -> dict:
 def best_configs(sweep_rows: list[dict]) -> str:
     """VLM2VEC_TRITON_CONFIG value naming the fastest lse and probs tiles at the largest swept B
     (the defaults count as candidates)."""
-    from vlm2vec_kernels import triton_engine as eng
+    from vlm2vec_kernels.triton_common import GPU_CONFIGS
 
     rows = [r for r in sweep_rows if r.get("p50_ms") not in ("", None)]
     if not rows:
@@ -402,7 +413,7 @@ def best_configs(sweep_rows: list[dict]) -> str:
         ("probs", "softmax_grad gemm", "softmax_grad gemm probs="),
     ):
         timed = {r["case"]: float(r["p50_ms"]) for r in rows if int(r["B"]) == top}
-        options = {eng.GPU_CONFIGS[(role, "16bit")].spec(): timed.get(default_case)}
+        options = {GPU_CONFIGS[(role, "16bit")].spec(): timed.get(default_case)}
         options.update({case[len(prefix) :]: t for case, t in timed.items() if case.startswith(prefix)})
         options = {k: v for k, v in options.items() if v is not None}
         if options:

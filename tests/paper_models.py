@@ -34,7 +34,11 @@ def family_of_config(config: TrainConfig) -> str:
 
 def settings_of(config: TrainConfig) -> ProcessorSettings:
     return ProcessorSettings(
-        config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops
+        config.image_resolution or "native",
+        config.min_pixels,
+        config.max_pixels,
+        config.num_crops,
+        config.prompt_layout,
     )
 
 

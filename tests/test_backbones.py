@@ -55,14 +55,13 @@ def test_builtin_families_are_registered_with_their_facts() -> None:
         fam = get_family(name)
         assert fam.name == name and name in FAMILIES
         assert fam.padding_side in ("left", "right") and fam.lora_targets
-    assert get_family("qwen2_vl").image_token == "<|vision_start|><|image_pad|><|vision_end|>"
+    # the reference's bare pad (VLM2Vec's layout; the wrapped one is prompt_layout="native")
+    assert get_family("qwen2_vl").image_token == "<|image_pad|>"
     assert get_family("llava_next").image_token == "<image>"
     assert get_family("phi3_v").image_token == "<|image_1|>"
     assert get_family("phi3_v").default_settings.num_crops == 4
     q = get_family("qwen2_vl").default_settings
-    assert (
-        (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (256 * 28 * 28, 1280 * 28 * 28)
-    )
+    assert (q.min_pixels, q.max_pixels) == (QWEN_MIN_PIXELS, QWEN_MAX_PIXELS) == (4 * 28 * 28, 1280 * 28 * 28)
     assert get_family("qwen3_vl").default_settings.max_pixels == 1280 * 32 * 32  # same token budget, patch 16
     assert RESOLUTIONS["low"] == (336, 336) and RESOLUTIONS["high"] == (1344, 1344)
     with pytest.raises(ValueError, match="unknown backbone family"):

@@ -20,6 +20,7 @@ The Triton case runs under the interpreter on CPU tensors here; on a GPU machine
 import os
 import secrets
 import socket
+import time
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ import torch.multiprocessing as mp
 from vlm2vec_kernels import contrastive_loss, reference_contrastive_loss
 
 WORLD = 2
+SPAWN_TIMEOUT_S = 600  # a hung collective fails the test instead of the CI job
 _GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 TRITON_DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")
 
@@ -94,6 +96,25 @@ def make_cases(seed: int) -> list[dict]:
                 backend="torch",
             )
         )
+    # the v3 options (extended.py): ids all-gathered with the candidates, duplicates across ranks
+    v3_specs = [  # name, the case it extends, options
+        ("v3-K2-symmetric-mean-matryoshka-ids-any-margin", 2,
+         dict(matryoshka_dims=[5, 17, 24], positives="any", false_negative_margin=0.05)),
+        ("v3-K1-symmetric-none-ids-each", 4, dict(positives="each")),
+        ("v3-K2-mean-ids-each-margin", 1, dict(positives="each", false_negative_margin=0.0)),
+        ("v3-uneven-targets-symmetric-sum-matryoshka-mask-margin", 8,
+         dict(matryoshka_dims=[7, 20], matryoshka_weights=[0.5, 1.5], positives="mask",
+              false_negative_margin=0.0)),
+        ("v3-bf16-uneven-targets-mean-matryoshka", 10, dict(matryoshka_dims=[9, 24])),
+        ("v3-uneven-targets-sum-raw-matryoshka-ids-mask", 11,
+         dict(matryoshka_dims=[3, 24], positives="mask")),
+    ]  # fmt: skip
+    for name, base, options in v3_specs:
+        case = dict(cases[base], name=name)
+        if "positives" in options:
+            case["ids"] = torch.randint(0, sum(case["c_rows"]) // 3, (sum(case["c_rows"]),), generator=gen)
+        case["v3"] = options
+        cases.append(case)
     if _triton_importable():  # the Triton engine under the interpreter, small: both paths
         cases.append(dict(cases[2], name="triton-K2-symmetric-mean", backend="triton"))
         cases.append(dict(cases[1], name="triton-K2-mean", backend="triton"))
@@ -128,6 +149,9 @@ def _worker(rank: int, port: int, seed: int, out_dir: str) -> None:
                 requires_grad=True,
             )
             targets = None if case["local_targets"] is None else case["local_targets"][rank].to(device)
+            v3 = dict(case.get("v3", {}))
+            if "ids" in case:
+                v3["candidate_ids"] = case["ids"][rows_c].to(device)
             loss = contrastive_loss(
                 q,
                 c,
@@ -138,6 +162,7 @@ def _worker(rank: int, port: int, seed: int, out_dir: str) -> None:
                 reduction=case["reduction"],
                 group=dist.group.WORLD,
                 backend=case["backend"],
+                **v3,
             )
             upstream = None
             if case["reduction"] == "none":
@@ -180,7 +205,13 @@ def _free_port() -> int:
 def distributed_run(tmp_path_factory):
     seed = secrets.randbits(31)
     out_dir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(_free_port(), seed, out_dir), nprocs=WORLD, join=True)
+    workers = mp.spawn(_worker, args=(_free_port(), seed, out_dir), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not workers.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} gloo workers did not finish within {SPAWN_TIMEOUT_S} s (seed {seed})")
     ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     return seed, {case["name"]: case for case in make_cases(seed)}, ranks
 
@@ -195,6 +226,9 @@ def _global_truth(case: dict) -> tuple:
     c = case["c"].double().requires_grad_()
     tau = torch.tensor(case["tau"], dtype=torch.float64, requires_grad=True)
     options = dict(normalize=case["normalize"], targets=case["global_targets"], symmetric=case["symmetric"])
+    options.update(case.get("v3", {}))
+    if "ids" in case:
+        options["candidate_ids"] = case["ids"]
     loss = reference_contrastive_loss(q, c, tau, reduction=case["reduction"], **options)
     upstream = case["upstream"].double() if case["reduction"] == "none" else None
     loss.backward(upstream)

@@ -140,6 +140,100 @@ CASES = {
         "group must be a torch.distributed.ProcessGroup",
         dict(group="world"),
     ),
+    # v3 options
+    "matryoshka dims not increasing": (
+        ValueError,
+        r"matryoshka_dims must be strictly increasing, got \[4, 2\]",
+        dict(matryoshka_dims=[4, 2]),
+    ),
+    "matryoshka dims repeated": (
+        ValueError,
+        r"strictly increasing, got \[2, 2\]",
+        dict(matryoshka_dims=[2, 2]),
+    ),
+    "matryoshka dim above D": (
+        ValueError,
+        r"must lie in \[1, D=8\], got \[4, 9\]",
+        dict(matryoshka_dims=[4, 9]),
+    ),
+    "matryoshka dim zero": (
+        ValueError,
+        r"must lie in \[1, D=8\], got \[0, 4\]",
+        dict(matryoshka_dims=[0, 4]),
+    ),
+    "matryoshka dims empty": (
+        TypeError,
+        "matryoshka_dims must be a non-empty sequence",
+        dict(matryoshka_dims=[]),
+    ),
+    "matryoshka dims floats": (TypeError, "matryoshka_dims must hold ints", dict(matryoshka_dims=[2.0, 4.0])),
+    "matryoshka dims as an int": (TypeError, "non-empty sequence of ints, got 4", dict(matryoshka_dims=4)),
+    "matryoshka weights wrong length": (
+        ValueError,
+        r"one weight per dim \(2\), got 3",
+        dict(matryoshka_dims=[2, 8], matryoshka_weights=[1.0, 1.0, 1.0]),
+    ),
+    "matryoshka weight negative": (
+        ValueError,
+        r"finite and >= 0, got \[1.0, -0.5\]",
+        dict(matryoshka_dims=[2, 8], matryoshka_weights=[1.0, -0.5]),
+    ),
+    "matryoshka weight nan": (
+        ValueError,
+        "finite and >= 0",
+        dict(matryoshka_dims=[2, 8], matryoshka_weights=[1.0, float("nan")]),
+    ),
+    "matryoshka weights without dims": (
+        ValueError,
+        "matryoshka_weights needs matryoshka_dims",
+        dict(matryoshka_weights=[1.0]),
+    ),
+    "candidate ids int32": (
+        TypeError,
+        "candidate_ids must have dtype torch.int64, got torch.int32",
+        dict(candidate_ids=torch.arange(12, dtype=torch.int32)),
+    ),
+    "candidate ids float": (
+        TypeError,
+        "candidate_ids must have dtype torch.int64, got torch.float32",
+        dict(candidate_ids=torch.zeros(12)),
+    ),
+    "candidate ids wrong length": (
+        ValueError,
+        r"candidate_ids must have shape \(12,\).*got \(4,\)",
+        dict(candidate_ids=torch.arange(4)),
+    ),
+    "candidate ids 2-D": (
+        ValueError,
+        r"candidate_ids must have shape \(12,\).*got \(12, 1\)",
+        dict(candidate_ids=torch.arange(12)[:, None]),
+    ),
+    "candidate ids a list": (
+        TypeError,
+        "candidate_ids must be an int64 torch.Tensor, got list",
+        dict(candidate_ids=list(range(12))),
+    ),
+    "candidate ids on another device": (
+        ValueError,
+        "candidate_ids is on meta",
+        dict(candidate_ids=torch.arange(12, device="meta")),
+    ),
+    "unknown positives mode": (
+        ValueError,
+        "positives must be one of 'mask', 'any', 'each', got 'all'",
+        dict(candidate_ids=torch.arange(12), positives="all"),
+    ),
+    "positives without ids": (ValueError, "positives='any' needs candidate_ids", dict(positives="any")),
+    "margin not a number": (
+        TypeError,
+        "false_negative_margin must be a float or None, got str",
+        dict(false_negative_margin="0.1"),
+    ),
+    "margin infinite": (
+        ValueError,
+        "false_negative_margin must be finite, got inf",
+        dict(false_negative_margin=float("inf")),
+    ),
 }
 
 
@@ -188,3 +282,5 @@ def test_valid_call_with_the_same_inputs_succeeds():
     loss = call()
     assert loss.shape == () and torch.isfinite(loss)
     assert call(targets=torch.tensor([0, 3, 6, 11]), temperature=torch.tensor([0.05])).shape == ()
+    v3 = dict(matryoshka_dims=[2, 8], matryoshka_weights=[1.0, 0.5], candidate_ids=torch.arange(12) % 5)
+    assert torch.isfinite(call(**v3, positives="each", false_negative_margin=0.1))

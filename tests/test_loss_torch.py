@@ -18,7 +18,8 @@ import secrets
 import pytest
 import torch
 import vlm2vec_kernels
-from vlm2vec_kernels import recompute, torch_engine
+from vlm2vec_kernels import rows as row_ops
+from vlm2vec_kernels import torch_engine
 from vlm2vec_kernels.reference import reference_contrastive_loss
 
 
@@ -65,8 +66,7 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 7 * 111)
     monkeypatch.setattr(torch_engine, "SPARE_BUDGET", 0.0)  # gradient chunks: query-gradient tail, then
     monkeypatch.setattr(torch_engine, "MIN_SPARE_ROWS", 2)  # spare chunks of 2 rows for the last rows
-    monkeypatch.setattr(recompute, "ROW_BLOCK_ELEMENTS", 5 * 40)
-    monkeypatch.setattr(torch_engine, "ROW_BLOCK_ELEMENTS", 5 * 40)
+    monkeypatch.setattr(row_ops, "ROW_BLOCK_ELEMENTS", 5 * 40)
     if TRITON is not None:  # chunks of 8 query rows (37 = 4 * 8 + 5)
         monkeypatch.setattr(TRITON, "CHUNK_ELEMENTS", 8 * 111)
         monkeypatch.setattr(TRITON, "MIN_CHUNK_ROWS", 8)
@@ -399,7 +399,7 @@ GRADCHECK_LAYOUTS = {"K1": (4, 1, False), "targets": (4, 2, True)}
 @pytest.mark.parametrize("layout", GRADCHECK_LAYOUTS.keys())
 def test_gradcheck_torch_path(gen, monkeypatch, layout, normalize, symmetric, reduction):
     monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 3 * 12)  # blocks of 3 rows: 4 = 3 + 1
-    monkeypatch.setattr(recompute, "ROW_BLOCK_ELEMENTS", 3 * 5)
+    monkeypatch.setattr(row_ops, "ROW_BLOCK_ELEMENTS", 3 * 5)
     n_q, k, explicit = GRADCHECK_LAYOUTS[layout]
     q, c, targets = make_batch(gen, n_q, k, 5, torch.float64, explicit)
     tau = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)

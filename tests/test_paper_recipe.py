@@ -79,7 +79,7 @@ def test_every_config_tokenises_every_subset_at_its_image_settings(path, shapes)
 def _expected_image_tokens(config) -> int | None:
     family = family_of_config(config)
     if family == "qwen2_vl" and config.image_resolution == "high":
-        return 1225 + 2  # 1344x1344 within 1280*28*28 pixels: 980x980 / 28^2; + vision start/end marks
+        return 1225  # 1344x1344 within 1280*28*28 pixels: 980x980 / 28^2 (bare pads, the reference layout)
     if family == "llava_next" and config.image_resolution == "high":
         return 2928  # 576 base + 48x48 anyres grid + 48 row ends (672x672 pinpoint)
     if family == "phi3_v":
@@ -110,20 +110,20 @@ def _run_main(args: list[str], tmp_path) -> subprocess.CompletedProcess:
 
 def test_a_config_whose_rows_cannot_fit_is_refused_at_startup(tmp_path, shapes):
     """One line, exit 2, before any step: a tiny Qwen2-VL (512 positions) at the paper's high resolution
-    (1,227 tokens per image) cannot hold an image row; a chunk token budget below one image neither."""
+    (1,225 tokens per image) cannot hold an image row; a chunk token budget below one image neither."""
     common = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(shapes), "--image_dir", str(shapes),
               "--subset_name", "ImageNet_1K", "--image_resolution", "high", "--min_pixels", "200704",
               "--max_pixels", "1003520", "--per_device_train_batch_size", "2"]  # fmt: skip
     proc = _run_main(common, tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if "error" in line]  # (hub warnings aside)
-    assert len(lines) == 1 and "1227 tokens" in lines[0] and "512 positions" in lines[0], proc.stderr
+    assert len(lines) == 1 and "1225 tokens" in lines[0] and "512 positions" in lines[0], proc.stderr
     assert not os.path.exists(tmp_path / "run" / "train_log.jsonl")
     budget = ["--image_resolution", "low", "--max_len", "64", "--gc_max_visual_tokens", "200"]
     proc = _run_main([*common, *budget], tmp_path)
     lines = [line for line in proc.stderr.splitlines() if "error" in line]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert "258 tokens, more than --gc_max_visual_tokens 200" in lines[0], proc.stderr
+    assert "256 tokens, more than --gc_max_visual_tokens 200" in lines[0], proc.stderr
 
 
 # --------------------------------------------------------------------------------------- training

@@ -1,18 +1,21 @@
 """GPU readiness without a GPU: every shipped kernel configuration compiles for the H100 (sm_90).
 
-Runs vlm2vec_kernels/sm90_report.py in a subprocess with TRITON_INTERPRET=0 (under the interpreter that
-conftest selects, `@triton.jit` gives no compiler). Checks Hopper HGMMA in every dot kernel's
-SASS, no register spills, shared memory within the SM, and that nothing shipped is left out.
-The report table is printed with capture disabled and written to the pytest temp dir, so it shows
-in CI logs with or without `-s`.
+Runs bench/sm90_report.py (a developer tool, outside the shipped package) in a subprocess with
+TRITON_INTERPRET=0 (under the interpreter that conftest selects, `@triton.jit` gives no compiler).
+Checks Hopper HGMMA in every dot kernel's SASS, no register spills, shared memory within the SM, and
+that nothing shipped is left out. The report table is printed with capture disabled and written to
+the pytest temp dir, so it shows in CI logs with or without `-s`.
 """
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from vlm2vec_kernels.triton_engine import GPU_CONFIGS
+from vlm2vec_kernels.triton_common import GPU_CONFIGS
+
+REPORT = Path(__file__).resolve().parents[1] / "bench" / "sm90_report.py"
 
 SHARED_LIMIT = 228 * 1024
 
@@ -21,7 +24,7 @@ def test_every_shipped_kernel_compiles_for_h100(tmp_path, capsys):
     report = tmp_path / "sm90_report.json"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "vlm2vec_kernels.sm90_report", "--json", str(report)],
+        [sys.executable, str(REPORT), "--json", str(report)],
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,8 @@ import random
 import pytest
 import torch
 from vlm2vec_kernels import triton_engine as engine
-from vlm2vec_kernels.triton_engine import TileConfig
+from vlm2vec_kernels import triton_recompute
+from vlm2vec_kernels.triton_common import TileConfig
 
 _GPU_OK = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = os.environ.get("VLM2VEC_TEST_DEVICE", "cuda" if _GPU_OK else "cpu")
@@ -59,13 +60,16 @@ def rng():
 
 
 @pytest.fixture(autouse=True)
-def poison_buffers(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN: lanes a kernel forgets to write show up."""
-
-    def poisoned(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(engine, "_new_buffer", poisoned)
+def poison_buffers():
+    """Every buffer the launchers allocate starts as NaN: lanes a kernel forgets to write show up.
+    torch's deterministic mode fills uninitialised memory (torch.empty) with NaN; warn_only keeps the
+    ops that have no deterministic CUDA version running."""
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def make_inputs(gen, M, N, D, dtype, *, zero_weights=True):
@@ -206,22 +210,22 @@ def test_p_blocks_stay_bounded():
     """The gemm path never holds more than its budget of P, nor all of B x B once B > 2 * 4096."""
     budget = 2**31
     for B in (1024, 16384, 65536, 2**20):
-        rows, cols = engine.p_block_shape(B, B, 2, 256, budget)
+        rows, cols = triton_recompute.p_block_shape(B, B, 2, 256, budget)
         assert 2 * rows * cols * 2 <= budget, (B, rows, cols)
         assert rows == B or rows % 256 == 0
-        if B > 2 * engine.MIN_GEMM_ROWS:
+        if B > 2 * triton_recompute.MIN_GEMM_ROWS:
             assert rows * cols <= B * B // 4, (B, rows, cols)
-    assert engine.p_block_shape(1024, 1024, 2, 256) == (1024, 1024)  # small batches: one block
-    assert engine.p_block_shape(100, 300, 4, 32, block_rows=48, block_cols=64) == (48, 64)
+    assert triton_recompute.p_block_shape(1024, 1024, 2, 256) == (1024, 1024)  # small batches: one block
+    assert triton_recompute.p_block_shape(100, 300, 4, 32, block_rows=48, block_cols=64) == (48, 64)
 
 
 def test_split_count_fills_the_gpu_and_stays_bounded():
     dev = torch.device("cpu")
     cfg = TileConfig(128, 64, 64, 4, 3)
-    splits, per = engine.choose_splits(1024, 1024, cfg, dev)
+    splits, per = triton_recompute.choose_splits(1024, 1024, cfg, dev)
     assert splits * per >= 1024 // 64 and (splits - 1) * per < 1024 // 64  # every tile, no empty split
-    splits, _ = engine.choose_splits(2**20, 2**20, cfg, dev)
-    assert splits <= engine.MAX_SPLITS
+    splits, _ = triton_recompute.choose_splits(2**20, 2**20, cfg, dev)
+    assert splits <= triton_recompute.MAX_SPLITS
 
 
 def test_bad_arguments_are_named():

@@ -34,12 +34,27 @@ STORED_VIDEO_PLACEHOLDER = "<|video_1|>"
 INPUT_KINDS = ("image", "multi_image", "video")
 """What a row's visual part can be beyond text: one image, several images, one video (sampled frames)."""
 
-RESOLUTIONS: dict[str, tuple[int, int] | None] = {"low": (336, 336), "high": (1344, 1344), "native": None}
-"""Image resolution presets (VLM2Vec paper): images are resized to this (width, height) before the
-family's image processor runs; `native` keeps the image size (Qwen: dynamic, bounded by min/max pixels)."""
+RESOLUTIONS: dict[str, tuple[int, int] | None] = {
+    "low": (336, 336),
+    "mid": (672, 672),
+    "high": (1344, 1344),
+    "native": None,
+}
+"""Image resolution presets: images are resized to this (width, height) before the family's image
+processor runs; `native` keeps the image size (Qwen: dynamic, bounded by min/max pixels). low/high are the
+paper's 336/1344; `mid` is the reference code's 672 (its `low` is 128x128, not offered: see
+docs/reference_parity.md)."""
 
-QWEN_MIN_PIXELS = 256 * 28 * 28
+QWEN_MIN_PIXELS = 4 * 28 * 28
+"""The reference's Qwen2-VL lower bound (V2.0 `resize_min_pixels` default, main src/arguments.py:45)."""
 QWEN_MAX_PIXELS = 1280 * 28 * 28
+
+PROMPT_LAYOUTS = ("reference", "native")
+"""How a family writes an image / video into the token row. `reference`: as VLM2Vec trained its released
+checkpoints (Qwen: a bare run of `<|image_pad|>` / `<|video_pad|>`, no vision start/end, so the reference's
+`get_rope_index` finds no vision start and every token gets plain 1-D positions). `native`: the backbone's
+own chat layout (Qwen: `<|vision_start|>pads<|vision_end|>` with M-RoPE 3-D positions). LLaVA-NeXT and
+Phi-3.5-V write the same tokens either way."""
 
 Quantization = Literal["nf4"] | None
 PaddingSide = Literal["left", "right"]
@@ -78,16 +93,20 @@ class ProcessorSettings:
     """Image-processing knobs that are not part of the checkpoint (kept in vlm2vec.json).
 
     resolution: a key of RESOLUTIONS. min_pixels / max_pixels: Qwen dynamic-resolution bounds.
-    num_crops: Phi-3.5-V HD crops (the paper uses 4)."""
+    num_crops: Phi-3.5-V HD crops (the paper uses 4). prompt_layout: one of PROMPT_LAYOUTS, or None for
+    the family's default (`VLM2Vec` resolves it, so a saved model records the layout it used)."""
 
     resolution: str = "native"
     min_pixels: int | None = None
     max_pixels: int | None = None
     num_crops: int | None = None
+    prompt_layout: str | None = None
 
     def __post_init__(self) -> None:
         if self.resolution not in RESOLUTIONS:
             raise ValueError(f"resolution must be one of {sorted(RESOLUTIONS)}, got {self.resolution!r}")
+        if self.prompt_layout is not None and self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"prompt_layout must be one of {PROMPT_LAYOUTS}, got {self.prompt_layout!r}")
         if self.num_crops is not None and self.num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {self.num_crops}")
 
@@ -96,7 +115,8 @@ class ProcessorSettings:
         return RESOLUTIONS[self.resolution]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("resolution", "min_pixels", "max_pixels", "num_crops")}
+        keys = ("resolution", "min_pixels", "max_pixels", "num_crops", "prompt_layout")
+        return {k: getattr(self, k) for k in keys}
 
 
 def _no_vision_tower(hf_model: nn.Module) -> nn.Module | None:

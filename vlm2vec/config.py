@@ -26,7 +26,8 @@ import yaml
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 POOLINGS = ("last", "mean", "eos")  # eos: the reference's name for last-token pooling (read as last)
-RESOLUTIONS = ("low", "high", "native")
+RESOLUTIONS = ("low", "mid", "high", "native")
+PROMPT_LAYOUTS = ("reference", "native")
 REPORT_TO = ("tensorboard", "none")
 TINY_PREFIX = "tiny:"
 DEMO_MODEL = "demo:emoji"  # the default model: EfficientNet-Lite0 + MiniLM (vlm2vec/demo/family.py)
@@ -109,11 +110,17 @@ class TrainConfig:
         "are never cut; longer text keeps its first max_len tokens",
     )
     image_resolution: str | None = _opt(
-        None, "resize images first: low 336x336, high 1344x1344, native", choices=RESOLUTIONS
+        None, "resize images first: low 336x336, mid 672x672, high 1344x1344, native", choices=RESOLUTIONS
     )
     num_crops: int | None = _opt(None, "Phi-3.5-V HD crops (paper: 4)")
     min_pixels: int | None = _opt(None, "Qwen dynamic resolution lower bound", aliases=("resize_min_pixels",))
     max_pixels: int | None = _opt(None, "Qwen dynamic resolution upper bound", aliases=("resize_max_pixels",))
+    prompt_layout: str | None = _opt(
+        None,
+        "image tokens in the row: reference (bare Qwen pads, 1-D positions, as VLM2Vec trained; the default "
+        "of Qwen2/2.5-VL) or native (Qwen's vision start/end wrapping, M-RoPE); recorded in the saved model",
+        choices=PROMPT_LAYOUTS,
+    )
     attn_implementation: str = _opt(
         "auto",
         "attention kernel: auto (flash_attention_2 on CUDA when "

@@ -73,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None, help="override the saved max token length")
     p.add_argument(
         "--resolution",
-        choices=("low", "high", "native"),
+        choices=("low", "mid", "high", "native"),
         default=None,
-        help="image resolution preset (low 336 px, high 1344 px, native)",
+        help="image resolution preset (low 336 px, mid 672 px, high 1344 px, native; default: the saved "
+        "model's, or a released checkpoint's own, vlm2vec/released.py)",
+    )
+    p.add_argument(
+        "--prompt-layout",
+        choices=("reference", "native"),
+        default=None,
+        help="override the saved prompt layout (reference: bare Qwen image pads as VLM2Vec trained)",
     )
     p.add_argument(
         "--attn-implementation", default=None, help="sdpa, eager, flash_attention_2 (default auto)"
@@ -143,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pooling": args.pooling,
         "max_len": args.max_len,
         "resolution": args.resolution,
+        "prompt_layout": args.prompt_layout,
     }
     try:
         model = VLM2Vec.from_pretrained(
@@ -151,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             pooling=args.pooling,
             max_len=args.max_len,
             resolution=args.resolution,
+            prompt_layout=args.prompt_layout,
             attn_implementation=args.attn_implementation,
             device=device,
         )
@@ -158,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown()
         return _fail(f"--model {args.model}: cannot load the model: {err}".splitlines()[0], rank)
     model.eval()
+    # the settings the model runs with (recorded, a released checkpoint's, or overridden) key the cache
+    options["settings"] = model.settings.to_dict()
     try:
         if args.benchmark == "mmeb-v2":
             scores = evaluate_v2(

@@ -146,7 +146,7 @@ class VLM2Vec(nn.Module):
         self.normalize = normalize
         self.max_len = max_len
         self.padding_side = padding_side
-        self.settings = settings or copy.deepcopy(family.default_settings)
+        self.settings = settings or family.default_settings
         self.base_path = base_path
         self._dummy_inputs: dict[str, torch.Tensor] | None = None  # built on first use
         if freeze_vision and self.vision_tower is not None:
@@ -154,6 +154,19 @@ class VLM2Vec(nn.Module):
         self.train(backbone.training)  # follow the backbone (transformers loads models in eval mode)
 
     # ----------------------------------------------------------------------------------------- views
+    @property
+    def settings(self) -> ProcessorSettings:
+        """Image / prompt settings `prepare` runs with (saved in vlm2vec.json)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: ProcessorSettings) -> None:
+        # a copy whose prompt layout is resolved (None -> the family's), so save_pretrained records it
+        value = copy.deepcopy(value)
+        if value.prompt_layout is None:
+            value.prompt_layout = self.family.default_settings.prompt_layout or "reference"
+        self._settings = value
+
     @property
     def hf_model(self) -> nn.Module:
         """The unwrapped backbone (peft layers, if any, are injected in place and still run)."""
@@ -433,12 +446,14 @@ class VLM2Vec(nn.Module):
         return self
 
     def load_adapter(self, directory: str, is_trainable: bool = False) -> VLM2Vec:
-        """Attach a saved peft adapter (adapter_config.json + weights) to the base backbone."""
-        from peft import PeftModel
+        """Attach a saved peft adapter (adapter_config.json + adapter_model.safetensors or .bin) to the
+        base backbone; keys saved under older transformers module names are renamed, and a weight that
+        stays unloaded raises ValueError naming it (vlm2vec/adapters.py)."""
+        from vlm2vec.adapters import load_adapter
 
         if self.is_peft:
             raise ValueError("the backbone already has a LoRA adapter")
-        self.backbone = PeftModel.from_pretrained(self.backbone, directory, is_trainable=is_trainable)
+        self.backbone = load_adapter(self.backbone, directory, is_trainable=is_trainable)
         return self
 
     def merge_lora(self) -> VLM2Vec:
@@ -513,22 +528,35 @@ class VLM2Vec(nn.Module):
         num_crops: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        prompt_layout: str | None = None,
         device: str | torch.device | None = None,
         is_trainable: bool = False,
         freeze_vision: bool = True,
     ) -> VLM2Vec:
         """Load a base model (hub id or directory) and, if the directory holds one, its LoRA adapter.
 
-        Explicit arguments override what vlm2vec.json recorded. quantization="nf4" loads the base with
-        bitsandbytes 4-bit NF4 weights (QLoRA). attn_implementation None/"auto": flash_attention_2 on
-        CUDA when flash_attn imports, else sdpa."""
+        Settings come from, in increasing priority: the family's defaults; for a directory without
+        vlm2vec.json that is a released VLM2Vec checkpoint (its hub id, or a local copy named like it),
+        that checkpoint's settings (vlm2vec/released.py); what vlm2vec.json recorded; explicit arguments.
+        A vlm2vec.json written before prompt layouts were recorded means the `native` layout (what this
+        code wrote then). quantization="nf4" loads the base with bitsandbytes 4-bit NF4 weights (QLoRA).
+        attn_implementation None/"auto": flash_attention_2 on CUDA when flash_attn imports, else sdpa.
+        An adapter saved under older transformers module names is renamed on load (vlm2vec/adapters.py)."""
         if quantization not in (None, "nf4"):
             raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
+        from vlm2vec.released import released_checkpoint
+
         path = os.fspath(path_or_id)
         meta: dict[str, Any] = {}
         if os.path.isfile(os.path.join(path, META_FILE)):
             with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
                 meta = json.load(f)
+            meta.setdefault("settings", {}).setdefault("prompt_layout", "native")
+        released = None if meta else released_checkpoint(path)
+        if released is not None:
+            meta = released.meta()
+        if released is not None and not os.path.isdir(path):
+            path = released.download()  # an adapter repo has no config.json: read it as a directory
         adapter_dir = path if os.path.isfile(os.path.join(path, "adapter_config.json")) else None
         base_path = path
         if adapter_dir is not None:
@@ -551,6 +579,7 @@ class VLM2Vec(nn.Module):
             "num_crops": num_crops,
             "min_pixels": min_pixels,
             "max_pixels": max_pixels,
+            "prompt_layout": prompt_layout,
         }
         settings = ProcessorSettings(**{**recorded, **{k: v for k, v in explicit.items() if v is not None}})
         attn = resolve_attn_implementation(attn_implementation, device)

@@ -244,15 +244,16 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
         )
     elif config.model_name.startswith(TINY_PREFIX):
         settings = ProcessorSettings(
-            config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops
-        )
+            config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops,
+            config.prompt_layout,
+        )  # fmt: skip
         model = tiny(config.family, settings=settings, **common)
     else:
         model = VLM2Vec.from_pretrained(
             config.model_name, family=config.family, dtype=dtype,
             attn_implementation=config.attn_implementation, quantization=config.quantization,
             resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels, **common,
+            max_pixels=config.max_pixels, prompt_layout=config.prompt_layout, **common,
         )  # fmt: skip
     if config.lora and not model.is_peft:
         targets = lora_targets(config, model)

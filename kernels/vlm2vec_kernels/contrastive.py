@@ -13,9 +13,11 @@ out-of-range target makes the loss and the gradients NaN, as non-finite embeddin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -24,11 +26,13 @@ from torch import Tensor, nn
 
 from . import torch_engine
 from .distributed import gather_sizes, world_and_rank
-from .engine import Targets, accumulation_dtype
-from .fused import FusedCall, FusedInfoNCE
+from .engine import Layout, LossCall
+from .extended import extended_loss, fits_one_pass
+from .fused import fused_loss
 from .recompute import recompute_loss
 
 REDUCTIONS = ("mean", "sum", "none")
+POSITIVES = ("mask", "any", "each")
 BACKENDS = ("auto", "triton", "torch")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -138,6 +142,81 @@ def _checked_targets(targets: Tensor | None, query: Tensor, candidates: Tensor) 
     return targets, True
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _checked_v3(
+    query: Tensor,
+    candidates: Tensor,
+    dims: Sequence[int] | None,
+    weights: Sequence[float] | None,
+    ids: Tensor | None,
+    positives: str | None,
+    margin: float | None,
+) -> dict:
+    """The v3 options as LossCall fields (dims, dim_weights, candidate_ids, positives, margin,
+    extended); every bad value raises here, before any work."""
+    D = query.shape[1]
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims")
+        dims_t, weights_t = (D,), (1.0,)
+    else:
+        if isinstance(dims, (str, bytes, Tensor)) or not isinstance(dims, Sequence) or not dims:
+            raise TypeError(f"matryoshka_dims must be a non-empty sequence of ints, got {dims!r}")
+        if not all(_is_int(d) for d in dims):
+            raise TypeError(f"matryoshka_dims must hold ints, got {list(dims)!r}")
+        dims_t = tuple(int(d) for d in dims)
+        if any(b <= a for a, b in zip(dims_t, dims_t[1:])):
+            raise ValueError(f"matryoshka_dims must be strictly increasing, got {list(dims_t)}")
+        if dims_t[0] < 1 or dims_t[-1] > D:
+            raise ValueError(f"matryoshka_dims must lie in [1, D={D}], got {list(dims_t)}")
+        if weights is None:
+            weights_t = (1.0,) * len(dims_t)
+        else:
+            if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+                raise TypeError(f"matryoshka_weights must be a sequence of floats, got {weights!r}")
+            if len(weights) != len(dims_t):
+                raise ValueError(
+                    f"matryoshka_weights must have one weight per dim ({len(dims_t)}), got {len(weights)}"
+                )
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+                raise TypeError(f"matryoshka_weights must hold numbers, got {list(weights)!r}")
+            weights_t = tuple(float(w) for w in weights)
+            if any(not math.isfinite(w) or w < 0 for w in weights_t):
+                raise ValueError(f"matryoshka_weights must be finite and >= 0, got {list(weights_t)}")
+    if ids is not None:
+        if not isinstance(ids, Tensor):
+            raise TypeError(f"candidate_ids must be an int64 torch.Tensor, got {type(ids).__name__}")
+        if ids.dtype != torch.int64:
+            raise TypeError(f"candidate_ids must have dtype torch.int64, got {ids.dtype}")
+        if ids.shape != (candidates.shape[0],):
+            raise ValueError(
+                f"candidate_ids must have shape ({candidates.shape[0]},) (one per candidates row), "
+                f"got {tuple(ids.shape)}"
+            )
+        if ids.device != candidates.device:
+            raise ValueError(f"candidate_ids is on {ids.device} but candidates are on {candidates.device}")
+    if positives is not None:
+        _check_choice("positives", positives, POSITIVES)
+        if ids is None:
+            raise ValueError(f"positives={positives!r} needs candidate_ids")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise TypeError(f"false_negative_margin must be a float or None, got {type(margin).__name__}")
+        if not math.isfinite(margin):
+            raise ValueError(f"false_negative_margin must be finite, got {margin}")
+    return {
+        "dims": dims_t,
+        "dim_weights": weights_t,
+        "candidate_ids": ids,
+        "positives": positives or "mask",
+        "margin": None if margin is None else float(margin),
+        "extended": dims is not None or ids is not None or margin is not None,
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # engines
 
@@ -164,8 +243,10 @@ def _select_engine(backend: str, query: Tensor) -> ModuleType:
     return triton_engine
 
 
-def _checked(query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend):
-    """All argument checks; returns (temperature, targets, targets range-checked, engine)."""
+def _checked(
+    query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend
+) -> tuple[float | Tensor, LossCall]:
+    """All argument checks and the row layout; returns (temperature, the call for a path)."""
     _check_embeddings(query, candidates)
     _check_choice("reduction", reduction, REDUCTIONS)
     _check_choice("backend", backend, BACKENDS)
@@ -174,21 +255,33 @@ def _checked(query, candidates, temperature, normalize, targets, symmetric, redu
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     tau = _checked_temperature(temperature, query.device)
-    return (tau, *_checked_targets(targets, query, candidates), _select_engine(backend, query))
+    targets, targets_checked = _checked_targets(targets, query, candidates)
+    call = LossCall(
+        engine=_select_engine(backend, query),
+        normalize=normalize,
+        targets=targets,
+        targets_checked=targets_checked,
+        tau_checked=not isinstance(tau, Tensor) or _reads_values_on_host(tau),
+        symmetric=symmetric,
+        reduction=reduction,
+        layout=_layout(query, candidates, group),
+    )
+    return tau, call
 
 
-def _layout(query: Tensor, candidates: Tensor, group: dist.ProcessGroup | None):
-    """(world, rank, query offset, candidate offset, global query count, (query counts, candidate
-    counts)) of this rank's rows in the gathered batch; one host read of the row counts."""
+def _layout(query: Tensor, candidates: Tensor, group: dist.ProcessGroup | None) -> Layout:
+    """This rank's rows in the gathered batch; one host read of the row counts."""
     n_q, n_c = query.shape[0], candidates.shape[0]
     if group is None:
-        return 1, 0, 0, 0, n_q, ([n_q], [n_c])
+        return Layout(None, 1, 0, 0, 0, n_q, [n_q], [n_c])
     world, rank = world_and_rank(group)
     sizes = gather_sizes([n_q, n_c, query.shape[1]], group, query.device)
     if len({s[2] for s in sizes}) != 1:
         raise ValueError(f"embedding size D differs across ranks: {[s[2] for s in sizes]}")
     counts_q, counts_c = [s[0] for s in sizes], [s[1] for s in sizes]
-    return world, rank, sum(counts_q[:rank]), sum(counts_c[:rank]), sum(counts_q), (counts_q, counts_c)
+    return Layout(
+        group, world, rank, sum(counts_q[:rank]), sum(counts_c[:rank]), sum(counts_q), counts_q, counts_c
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,6 +299,11 @@ def contrastive_loss(
     reduction: str = "mean",
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    matryoshka_dims: Sequence[int] | None = None,
+    matryoshka_weights: Sequence[float] | None = None,
+    candidate_ids: Tensor | None = None,
+    positives: str | None = None,
+    false_negative_margin: float | None = None,
 ) -> Tensor:
     """InfoNCE loss of queries against candidates, never materialising the Bq x Bc logit matrix.
 
@@ -244,6 +342,27 @@ def contrastive_loss(
             under TRITON_INTERPRET=1), "torch". The float64 reference for tests is
             `vlm2vec_kernels.reference_contrastive_loss`.
 
+    v3 options (any of them runs the loss through `extended.py`; docs/loss_v3.md has the math):
+        matryoshka_dims: increasing prefix lengths d_k in [1, D]. The loss becomes
+            sum_k w_k * L(q[:, :d_k], c[:, :d_k]), each prefix re-normalised when `normalize`, each L
+            the loss the other options define, reduced as `reduction` says. D counts only if listed.
+            All prefixes come from one pass over D (6 B^2 d_K FLOPs fwd+bwd).
+        matryoshka_weights: w_k, one per dim, finite and >= 0 (default all 1.0).
+        candidate_ids: int64 [Bc]; candidates with equal ids are the same item. P_i = the candidates
+            sharing the id of query i's target (the target included). With `group`, ids are gathered
+            with the candidates.
+        positives: what P_i means (needs candidate_ids; default "mask"):
+            "mask": the target is the one positive; the other members of P_i leave the denominator.
+            "any": L_i = -log sum_{p in P_i} exp(s_ip) + log sum_j exp(s_ij).
+            "each": L_i = mean_{p in P_i} [-s_ip + log(exp(s_ip) + sum_{j not in P_i} exp(s_ij))].
+        false_negative_margin: candidates j outside P_i whose similarity (cosine, or dot without
+            `normalize`; before the temperature) exceeds the target's by more than this leave row i's
+            denominator (no gradient through the choice).
+        With `symmetric`, the reverse direction scores each positive against every query; its
+        positives are the queries whose targets share the positive's id. On one process it reads its
+        logits from the forward ones (one chunk while B x Bc x len(dims) <= 2**28: 6 B^2 D FLOPs);
+        larger batches and `group` run it as a second pass (12 B^2 D).
+
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or [Bq] for reduction="none". Logits,
         softmax, sums and the positive logit run in fp32; input gradients come back in the input
@@ -251,47 +370,33 @@ def contrastive_loss(
 
     Engines and paths: a scalar one-directional loss (mean/sum, symmetric=False, the training case)
     computes its gradients during the forward (`fused.py`: 6 B^2 D FLOPs; the backward only scales
-    them by grad_output). symmetric=True and reduction="none" take the recompute path
-    (`recompute.py`: the backward recomputes the logits). Extra memory beyond the returned gradients:
-    one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most of it inside the not yet
-    written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32 gradient buffers for 16-bit
-    inputs + O(B) vectors; `group` adds the gathered candidates.
+    them by grad_output). A scalar symmetric loss on one process whose logits fit 2**28 elements
+    (B <= 16,384 at K = 0) computes both directions in one pass over all of them (`extended.py`:
+    6 B^2 D FLOPs, the logits held once, torch ops on either backend). Other symmetric losses and
+    reduction="none" take the recompute path (`recompute.py`: the backward recomputes the logits,
+    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction. Extra memory
+    beyond the returned gradients: one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most
+    of it inside the not yet written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32
+    gradient buffers for 16-bit inputs + O(B) vectors; `group` adds the gathered candidates.
 
     Example::
 
         loss = contrastive_loss(q, c, 0.02)                  # c = [pos_0, neg_0_1, pos_1, neg_1_1, ...]
         loss = contrastive_loss(q, c, tau, targets=t, symmetric=True, group=dist.group.WORLD)
+        loss = contrastive_loss(q, c, 0.02, matryoshka_dims=[64, 256, 1536], candidate_ids=item_ids,
+                                positives="any", false_negative_margin=0.1)
     """
-    tau, targets, targets_checked, engine = _checked(
+    tau, call = _checked(
         query, candidates, temperature, normalize, targets, symmetric, reduction, group, backend
     )
-    world, rank, q_offset, c_offset, global_n_q, counts = _layout(query, candidates, group)
-    tau_checked = not isinstance(tau, Tensor) or _reads_values_on_host(tau)
+    margin = false_negative_margin
+    v3 = _checked_v3(query, candidates, matryoshka_dims, matryoshka_weights, candidate_ids, positives, margin)
+    call = dataclasses.replace(call, **v3)
+    if v3["extended"] or (symmetric and reduction != "none" and fits_one_pass(call, query, candidates)):
+        return extended_loss(query, candidates, tau, call)
     if symmetric or reduction == "none":
-        layout = (world, q_offset, c_offset, global_n_q, counts)
-        return recompute_loss(
-            query, candidates, tau, engine=engine, normalize=normalize, targets=targets,
-            targets_checked=targets_checked, tau_checked=tau_checked, symmetric=symmetric,
-            reduction=reduction, group=group, layout=layout,
-        )  # fmt: skip
-    tau_input = None
-    if isinstance(tau, Tensor):
-        tau_input = tau.to(query.device, accumulation_dtype(query.dtype))
-    grad = torch.is_grad_enabled()
-    needs = tuple(grad and x is not None and x.requires_grad for x in (query, candidates, tau_input))
-    stride = candidates.shape[0] // query.shape[0] if targets is None else 0
-    call = FusedCall(
-        engine=engine,
-        normalize=normalize,
-        targets=Targets(targets, c_offset, stride, checked=targets_checked),
-        weight=(world / global_n_q) if reduction == "mean" else float(world),
-        temperature=None if tau_input is not None else tau,
-        group=group,
-        rank=rank,
-        counts=counts[1],
-        needs=needs,
-    )
-    return FusedInfoNCE.apply(query, candidates, tau_input, call)
+        return recompute_loss(query, candidates, tau, call)
+    return fused_loss(query, candidates, tau, call)
 
 
 class ContrastiveLoss(nn.Module):

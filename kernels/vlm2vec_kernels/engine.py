@@ -1,7 +1,10 @@
 """The interface both engines implement (`torch_engine`, `triton_engine`) and what they share.
 
-An engine is a module with these functions; `contrastive.py` picks one per call and never asks what
-it can do. Notation: q [M, D] query rows, c [N, D] candidate rows,
+An engine is a module with these functions and one constant; `contrastive.py` picks one per call and
+never asks which it is. OPERANDS_IN_INPUT_DTYPE: the engine runs its GEMMs in the operands' dtype, so
+the recompute path hands it rows in the input dtype (not the fp32 copies it gathers across ranks).
+
+Notation: q [M, D] query rows, c [N, D] candidate rows,
 s_ij = a_i rc_j <q_i, c_j> with a_i = rq_i / tau (rq, rc: inverse L2 norms, or 1 without
 normalisation), P = softmax_j(s), Y_ij = 1 where j is row i's target.
 
@@ -26,9 +29,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 NORM_EPS = 1e-12  # as torch.nn.functional.normalize
@@ -53,6 +58,47 @@ class Targets:
         return self.index + self.offset if self.offset else self.index
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank's rows sit in the batch the loss scores: the rows gathered over `group` in rank
+    order (ranks may hold different counts), or the local rows alone (group None, world 1)."""
+
+    group: dist.ProcessGroup | None
+    world: int
+    rank: int
+    q_offset: int  # this rank's first query row in the gathered queries
+    c_offset: int  # this rank's first candidate row in the gathered candidates
+    global_n_q: int
+    counts_q: list[int]
+    counts_c: list[int]
+
+    def scale(self, reduction: str) -> float:
+        """d(returned loss) / d(sum of this rank's row losses): averaging the returned value over the
+        ranks gives the global loss."""
+        return {"mean": self.world / self.global_n_q, "sum": float(self.world), "none": 1.0}[reduction]
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """Everything about one checked `contrastive_loss` call except the tensors it differentiates."""
+
+    engine: ModuleType
+    normalize: bool
+    targets: Tensor | None  # int64 [Bq] local candidate rows, or None for the default layout
+    targets_checked: bool  # their range was checked on the host (else folded into NaN rows)
+    tau_checked: bool  # a tensor temperature's value was checked on the host
+    symmetric: bool
+    reduction: str
+    layout: Layout
+    # the v3 options (extended.py); `extended` says whether any of them is in use
+    dims: tuple[int, ...] = ()  # Matryoshka prefix lengths, increasing (D alone without them)
+    dim_weights: tuple[float, ...] = (1.0,)
+    candidate_ids: Tensor | None = None  # int64 [Bc] local candidate ids
+    positives: str = "mask"
+    margin: float | None = None
+    extended: bool = False
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -67,6 +113,8 @@ def inverse(tau: float, dtype: torch.dtype) -> float:
 @runtime_checkable
 class Engine(Protocol):
     """See the module docstring for the math of each function."""
+
+    OPERANDS_IN_INPUT_DTYPE: bool
 
     def inverse_norms(self, q: Tensor, c: Tensor) -> tuple[Tensor, Tensor]: ...
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .distributed import all_gather_rows, reduce_scatter_rows
-from .engine import Targets
+from .engine import LossCall, Targets, accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -86,3 +86,24 @@ class FusedInfoNCE(torch.autograd.Function):
             grads = _run(query, candidates, tau, ctx.call)[1]
         dtypes = [query.dtype, candidates.dtype, grads[2].dtype if grads[2] is not None else None]
         return *ctx.call.engine.scale_grads(grads, grad_out, dtypes), None
+
+
+def fused_loss(query: Tensor, candidates: Tensor, tau: float | Tensor, call: LossCall) -> Tensor:
+    """The loss of one checked call (scalar, one direction) through `FusedInfoNCE`."""
+    layout = call.layout
+    tau_input = tau.to(query.device, accumulation_dtype(query.dtype)) if isinstance(tau, Tensor) else None
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and x is not None and x.requires_grad for x in (query, candidates, tau_input))
+    stride = candidates.shape[0] // query.shape[0] if call.targets is None else 0
+    fused = FusedCall(
+        engine=call.engine,
+        normalize=call.normalize,
+        targets=Targets(call.targets, layout.c_offset, stride, checked=call.targets_checked),
+        weight=layout.scale(call.reduction),
+        temperature=None if tau_input is not None else tau,
+        group=layout.group,
+        rank=layout.rank,
+        counts=layout.counts_c,
+        needs=needs,
+    )
+    return FusedInfoNCE.apply(query, candidates, tau_input, fused)

@@ -13,12 +13,23 @@ Accumulation happens in fp32 (fp64 for fp64 inputs); q and c may be any float dt
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .engine import NORM_EPS, Targets, accumulation_dtype, inverse
+from .engine import Targets, accumulation_dtype
+from .rows import (
+    clamp_targets,
+    guard_infinite_candidates_,
+    inverse_norm,
+    inverse_temperature,
+    nan_where,
+    project_,
+    row_dots,
+)
+
+# The recompute path may hand this engine fp32 copies of 16-bit rows (gathered across ranks): it
+# accumulates in fp32 whatever the operands' dtype, so it takes them as they are.
+OPERANDS_IN_INPUT_DTYPE = False
 
 # Largest number of logits one chunk may hold: 2**22 fp32 = 16 MiB. Tests lower it to force many chunks.
 MAX_CHUNK_ELEMENTS = 2**22
@@ -212,22 +223,7 @@ def softmax_grad(
 
 def inverse_norms(q: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """1 / max(|x_i|, eps) per row of q and of c, in the accumulation dtype."""
-    return _inverse_norm(q), _inverse_norm(c)
-
-
-def _inverse_norm(x: Tensor) -> Tensor:
-    norms = torch.linalg.vector_norm(x, dim=1, dtype=accumulation_dtype(x.dtype))
-    return norms.clamp_min_(NORM_EPS).reciprocal_()
-
-
-def _inverse_temperature(tau: float | Tensor, acc: torch.dtype) -> float | Tensor:
-    """1 / tau: a number, or a 0-dim tensor that is NaN where tau <= 0, Inf or NaN (no host read):
-    log(tau) is then NaN or +-Inf, and lerp(r, l, 0) = r + 0 * (l - r) turns that into NaN while
-    returning r exactly otherwise."""
-    if not isinstance(tau, Tensor):
-        return inverse(tau, acc)
-    tau = tau.to(acc)
-    return torch.lerp(tau.reciprocal(), tau.log(), 0.0)
+    return inverse_norm(q), inverse_norm(c)
 
 
 def xent(
@@ -251,7 +247,7 @@ def xent(
     """
     acc = accumulation_dtype(q.dtype)
     (n_rows, dim), n_cols = q.shape, c.shape[0]
-    inv_tau = _inverse_temperature(tau, acc)
+    inv_tau = inverse_temperature(tau, acc)
     if rq is not None:
         a = rq * inv_tau
     elif isinstance(inv_tau, Tensor):
@@ -260,9 +256,8 @@ def xent(
         a = torch.full((n_rows,), inv_tau, dtype=acc, device=q.device)
     cols = targets.columns(n_rows, q.device)
     if not targets.checked:  # out-of-range rows: clamped to a valid column, their scale NaN
-        bad = (cols < 0) | (cols >= n_cols)
-        cols = cols.clamp(0, n_cols - 1)
-        a.masked_fill_(bad, math.nan)
+        cols, bad = clamp_targets(cols, n_cols)
+        nan_where(a, bad)
     c = c.to(acc)
     want = want_dq or want_dc
     gq = torch.empty(n_rows, dim, dtype=acc, device=q.device) if want_dq else None
@@ -298,9 +293,7 @@ def xent(
                 s.mul_(rc)
             torch.mm(s, c, out=gq[rows]).mul_(a_rows * weight)
     if rc is None:
-        # without normalisation an Inf candidate can give s = -Inf for every query, which the softmax
-        # rightly ignores; the loss must not look finite (normalised rows carry NaN in their scales)
-        loss.add_(c.sum().mul_(0))
+        guard_infinite_candidates_(loss, c)
     if gc is not None:
         gc.mul_(rc[:, None] * weight if rc is not None else weight)
     return loss.mul_(weight), gq, gc
@@ -325,41 +318,17 @@ def finish(
     tau: float | Tensor,
     want_dtau: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The normalisation's Jacobian in place (g_i -= <g_i, x_i> rx_i^2 x_i; nothing for rows with
-    |x_i| <= eps, as F.normalize) and dtau = -1/tau sum_i <dq_i, q_i>."""
+    """The normalisation's Jacobian in place (rows.project_) and dtau = -1/tau sum_i <dq_i, q_i>."""
     dtau = None
     if dq is not None:
-        dots = _row_dots(dq, q)
+        dots = row_dots(dq, q)
         if want_dtau:
-            dtau = dots.sum().mul_(-_inverse_temperature(tau, dq.dtype))
+            dtau = dots.sum().mul_(-inverse_temperature(tau, dq.dtype))
         if rq is not None:
-            _project_(dq, q, dots, rq)
+            project_(dq, q, dots, rq)
     if dc is not None and rc is not None:
-        _project_(dc, c, _row_dots(dc, c), rc)
+        project_(dc, c, row_dots(dc, c), rc)
     return dq, dc, dtau
-
-
-def _project_(g: Tensor, x: Tensor, dots: Tensor, r: Tensor) -> None:
-    # r = 1/max(|x|, eps): r^2 = 1/|x|^2 unless clamped (then the normalisation is constant: no term)
-    coef = r.square().masked_fill_(r > 0.5 / NORM_EPS, 0.0).mul_(dots)
-    g.addcmul_(x, coef[:, None], value=-1)
-
-
-# Row dot products over blocks of this many elements when x must be promoted (16-bit rows): the
-# [rows, D] fp32 temporary stays small; rows already in g's dtype use one batched product instead.
-ROW_BLOCK_ELEMENTS = 2**16
-
-
-def _row_dots(g: Tensor, x: Tensor) -> Tensor:
-    """<g_i, x_i> [rows] in g's dtype."""
-    if x.dtype == g.dtype and x.stride(1) == 1 and g.stride(1) == 1:
-        return torch.bmm(g.unsqueeze(1), x.unsqueeze(2)).view(-1)
-    out = torch.empty(g.shape[0], dtype=g.dtype, device=g.device)
-    step = max(1, ROW_BLOCK_ELEMENTS // g.shape[1])
-    for start in range(0, g.shape[0], step):
-        block = slice(start, start + step)
-        torch.sum(g[block] * x[block], 1, out=out[block])
-    return out
 
 
 def scale_grads(

@@ -102,20 +102,9 @@ def row_lse_partial_kernel(
         offs_n = (pid_s * tiles_per_split + step) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = offs_n % N
         acc = _score_tile(
-            q_ptr,
-            c_ptr,
-            rows,
-            cols,
-            D,
-            stride_q,
-            stride_c,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            EVEN_K,
-            UPCAST,
-            DOT_PRECISION,
-        )
+            q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION,
+        )  # fmt: skip
         col_scale = tl.load(col_scale_ptr + cols)
         s = acc * row_scale[:, None] * col_scale[None, :]
         # a -inf score only comes from non-finite input; it would vanish from the sum, so make it NaN
@@ -167,56 +156,6 @@ def _grouped_tile(GROUP_M: tl.constexpr, M, N, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _prob_tile(
-    q_ptr,
-    c_ptr,
-    row_scale_ptr,
-    col_scale_ptr,
-    lse_ptr,
-    weight_ptr,
-    offs_m,
-    offs_n,
-    M,
-    N,
-    D,
-    stride_q,
-    stride_c,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """P_ij = w_i * exp(s_ij - lse_i) for one tile (0 outside the matrix) and the tile's scales."""
-    rows = offs_m % M
-    cols = offs_n % N
-    acc = _score_tile(
-        q_ptr,
-        c_ptr,
-        rows,
-        cols,
-        D,
-        stride_q,
-        stride_c,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-        UPCAST,
-        DOT_PRECISION,
-    )
-    row_scale = tl.load(row_scale_ptr + rows)
-    col_scale = tl.load(col_scale_ptr + cols)
-    lse2 = tl.load(lse_ptr + rows) * LOG2E
-    weight = tl.load(weight_ptr + rows)
-    s2 = acc * (row_scale * LOG2E)[:, None] * col_scale[None, :]
-    valid = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    p = tl.where(valid, weight[:, None] * tl.exp2(s2 - lse2[:, None]), 0.0)
-    return p, row_scale, col_scale, rows, cols
-
-
-@triton.jit
 def softmax_probs_kernel(
     q_ptr,
     c_ptr,
@@ -245,27 +184,19 @@ def softmax_probs_kernel(
     pid_m, pid_n = _grouped_tile(GROUP_M, M, N, BLOCK_M, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p, row_scale, col_scale, _, _ = _prob_tile(
-        q_ptr,
-        c_ptr,
-        row_scale_ptr,
-        col_scale_ptr,
-        lse_ptr,
-        weight_ptr,
-        offs_m,
-        offs_n,
-        M,
-        N,
-        D,
-        stride_q,
-        stride_c,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        EVEN_K,
-        UPCAST,
-        DOT_PRECISION,
-    )
+    rows = offs_m % M
+    cols = offs_n % N
+    acc = _score_tile(
+        q_ptr, c_ptr, rows, cols, D, stride_q, stride_c,
+        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, UPCAST, DOT_PRECISION,
+    )  # fmt: skip
+    row_scale = tl.load(row_scale_ptr + rows)
+    col_scale = tl.load(col_scale_ptr + cols)
+    lse2 = tl.load(lse_ptr + rows) * LOG2E
+    weight = tl.load(weight_ptr + rows)
+    s2 = acc * (row_scale * LOG2E)[:, None] * col_scale[None, :]
+    valid = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    p = tl.where(valid, weight[:, None] * tl.exp2(s2 - lse2[:, None]), 0.0)  # P, 0 outside the matrix
     offsets = offs_m[:, None] * stride_p + offs_n[None, :]  # int32: the launcher keeps a block < 2^31
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     tl.store(pq_ptr + offsets, (p * col_scale[None, :]).to(pq_ptr.dtype.element_ty), mask=mask)

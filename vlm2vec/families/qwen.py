@@ -1,9 +1,17 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one image = `<|vision_start|><|image_pad|>*n<|vision_end|>`,
-n = grid_t*grid_h*grid_w / merge_size^2, dynamic resolution bounded by min/max pixels, M-RoPE positions.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3-VL: one image = n `<|image_pad|>` tokens, n = grid_t*grid_h*grid_w /
+merge_size^2, dynamic resolution bounded by min/max pixels.
+
+Two prompt layouts (`ProcessorSettings.prompt_layout`): `reference` writes the bare pad run, as the
+VLM2Vec reference does (main src/model/processor.py:65-90 VLM_IMAGE_TOKENS / VLM_VIDEO_TOKENS, v1
+src/model_utils.py:29-34); `native` wraps each image / video in `<|vision_start|>..<|vision_end|>`, Qwen's
+own chat layout. Positions follow the reference's `get_rope_index` rule (its vendored
+modeling_qwen2_vl.py:1455-1511): M-RoPE 3-D positions for a visual run that follows `<|vision_start|>`,
+plain 1-D positions for everything else, so the reference layout gives 1-D positions throughout, exactly
+as the released checkpoints were trained.
 
 Image tokens are expanded here (the transformers Qwen processors cannot be built without torchvision).
-Positions are always passed explicitly: M-RoPE from `get_rope_index` with the attention mask when the
-chunk has images, mask-aware 1-D positions otherwise, so left padding never shifts a row.
+Positions are always passed explicitly and counted over real tokens only, so left padding never shifts
+a row.
 """
 
 from __future__ import annotations
@@ -31,8 +39,13 @@ from vlm2vec.families._common import (
     rgb,
 )
 
-IMAGE_TOKEN = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO_TOKEN = "<|vision_start|><|video_pad|><|vision_end|>"
+IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+"""What `<|image_1|>` / `<|video_1|>` become in the reference layout (the default of Qwen2/2.5-VL)."""
+NATIVE_IMAGE_TOKEN = "<|vision_start|><|image_pad|><|vision_end|>"
+NATIVE_VIDEO_TOKEN = "<|vision_start|><|video_pad|><|vision_end|>"
+SMALL_SIDE, SMALL_RESIZE = 28, (56, 56)
+"""The reference resizes a Qwen image with a side under 28 px to 56x56 (main src/model/processor.py:328)."""
 SPECIAL_TOKENS = [
     "<|im_start|>",
     "<|im_end|>",
@@ -79,10 +92,29 @@ SPECS = {
 
 
 def default_pixels(patch_size: int, merge_size: int = 2) -> tuple[int, int]:
-    """The paper's Qwen2-VL bounds (256..1280 merged tokens, i.e. 256*28*28..1280*28*28 pixels),
-    expressed for the family's patch size (Qwen3-VL: 32x32 pixels per token)."""
+    """The reference's Qwen2-VL bounds (4..1280 merged tokens, i.e. 4*28*28..1280*28*28 pixels: V2.0's
+    resize_min/max_pixels defaults, main src/arguments.py:45-46), expressed for the family's patch size
+    (Qwen3-VL: 32x32 pixels per token)."""
     unit = (patch_size * merge_size) ** 2
-    return 256 * unit, 1280 * unit
+    return 4 * unit, 1280 * unit
+
+
+def layout_tokens(settings: ProcessorSettings) -> tuple[str, str]:
+    """(image token, video token) the placeholders become under `settings.prompt_layout`."""
+    if settings.prompt_layout == "native":
+        return NATIVE_IMAGE_TOKEN, NATIVE_VIDEO_TOKEN
+    return IMAGE_TOKEN, VIDEO_TOKEN
+
+
+def _row_images(image: Any, row: int, settings: ProcessorSettings) -> list[Any]:
+    """A row's images after the resolution preset and the reference's small-image rule."""
+    out = []
+    # the preset resize in the image's own mode, then RGB (transparency on white), as the reference
+    for im in images_of(image, row, settings.image_size, on_white=True):
+        if min(im.size) < SMALL_SIDE:
+            im = resize_to_preset(im, SMALL_RESIZE)
+        out.append(im)
+    return out
 
 
 def _image_processor_class() -> Any:
@@ -163,10 +195,12 @@ def prepare(
         if settings.max_pixels is not None:
             size["longest_edge"] = settings.max_pixels
     videos = videos or [None] * len(texts)
+    image_token, video_token = layout_tokens(settings)
+    timestamps = timestamps and settings.prompt_layout == "native"
     rows, types, pixel_values, grids, video_values, video_grids = [], [], [], [], [], []
     for i, (text, image, video) in enumerate(zip(texts, images, videos)):
-        row_images = images_of(image, i, settings.image_size, on_white=True)
-        text = expand_placeholders(text, len(row_images), int(video is not None), i, IMAGE_TOKEN, VIDEO_TOKEN)
+        row_images = _row_images(image, i, settings)
+        text = expand_placeholders(text, len(row_images), int(video is not None), i, image_token, video_token)
         counts = []
         for im in row_images:  # images in text order; the model consumes features in that order
             out = ip(images=[im], return_tensors="pt", **({"size": size} if size else {}))
@@ -217,7 +251,7 @@ def _expand_pads(
         + "<|vision_end|>"
         for k in range(t)
     )
-    return text.replace(VIDEO_TOKEN, groups)
+    return text.replace(NATIVE_VIDEO_TOKEN, groups)
 
 
 def count_tokens(
@@ -242,8 +276,9 @@ def count_tokens(
                             min_pixels=lo, max_pixels=hi)  # fmt: skip
         return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
 
-    row_images = images_of(images, 0, settings.image_size, on_white=True)
-    text = expand_placeholders(text, len(row_images), int(video is not None), 0, IMAGE_TOKEN, VIDEO_TOKEN)
+    row_images = _row_images(images, 0, settings)
+    timestamps = timestamps and settings.prompt_layout == "native"
+    text = expand_placeholders(text, len(row_images), int(video is not None), 0, *layout_tokens(settings))
     video_tokens = None
     if video:
         tp = ip.temporal_patch_size
@@ -263,6 +298,13 @@ def _runs(types: torch.Tensor, kind: int) -> int:
     return int((is_kind & ~torch.nn.functional.pad(is_kind, (1, 0))[:-1]).sum())
 
 
+def _vision_started(ids: torch.Tensor, inner: nn.Module) -> bool:
+    """Whether `ids` hold `<|vision_start|>`: the reference's `get_rope_index` gives M-RoPE positions only
+    to visual runs it finds after one (its modeling_qwen2_vl.py:1458-1461), so without one (the reference
+    layout) every token gets plain 1-D positions."""
+    return bool((ids == inner.config.vision_start_token_id).any())
+
+
 def _packed_positions(inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """[4, 1, T]: per-row text positions (row 0, drives the block-diagonal mask / varlen) + M-RoPE."""
     ids, types = inputs["input_ids"][0], inputs["mm_token_type_ids"][0]
@@ -273,19 +315,40 @@ def _packed_positions(inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torc
         seg_types = types[start:end]
         n_images, n_videos = _runs(seg_types, 1), _runs(seg_types, 2)
         text_pos = torch.arange(end - start, device=ids.device)
-        if n_images or n_videos:
+        if (n_images or n_videos) and _vision_started(ids[start:end], inner):
             rope, _ = inner.get_rope_index(
                 ids[None, start:end],
                 mm_token_type_ids=seg_types[None],
                 image_grid_thw=grid[next_image : next_image + n_images] if n_images else None,
                 video_grid_thw=vgrid[next_video : next_video + n_videos] if n_videos else None,
             )
-            next_image += n_images
-            next_video += n_videos
         else:
             rope = text_pos.view(1, 1, -1).expand(3, 1, -1)
+        next_image += n_images
+        next_video += n_videos
         parts.append(torch.cat([text_pos.view(1, 1, -1), rope.to(ids.device)], 0))
     return torch.cat(parts, dim=2)
+
+
+def position_ids(inner: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The positions the model gets for prepared `inputs`: [3, N, L] M-RoPE from `get_rope_index` when the
+    chunk's visual runs follow `<|vision_start|>` (native layout), [N, L] 1-D positions over real tokens
+    otherwise (reference layout, text-only chunks; the model repeats them on its three rope axes), or
+    [4, 1, T] for a packed chunk (row 0: per-row text positions)."""
+    if "cu_seqlens" in inputs:
+        return _packed_positions(inner, inputs)
+    ids = inputs["input_ids"]
+    grid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
+    if (grid is not None or vgrid is not None) and _vision_started(ids, inner):
+        positions, _ = inner.get_rope_index(
+            ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=grid,
+            video_grid_thw=vgrid,
+            attention_mask=inputs["attention_mask"],
+        )
+        return positions
+    return positions_from_mask(inputs["attention_mask"])
 
 
 def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -293,20 +356,8 @@ def hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch
     ids = inputs["input_ids"]
     grid, vgrid = inputs.get("image_grid_thw"), inputs.get("video_grid_thw")
     visual = grid is not None or vgrid is not None
-    if "cu_seqlens" in inputs:
-        attention_mask, positions = None, _packed_positions(inner, inputs)
-    else:
-        attention_mask = inputs["attention_mask"]
-        if visual:
-            positions, _ = inner.get_rope_index(
-                ids,
-                mm_token_type_ids=inputs["mm_token_type_ids"],
-                image_grid_thw=grid,
-                video_grid_thw=vgrid,
-                attention_mask=attention_mask,
-            )
-        else:
-            positions = positions_from_mask(attention_mask)
+    attention_mask = None if "cu_seqlens" in inputs else inputs["attention_mask"]
+    positions = position_ids(inner, inputs)
     out = inner(
         input_ids=ids,
         attention_mask=attention_mask,
@@ -448,11 +499,13 @@ def _make_tiny(spec: _QwenSpec) -> Callable[[], tuple[nn.Module, ProcessorPair]]
 
 def _register(spec: _QwenSpec) -> BackboneFamily:
     min_pixels, max_pixels = default_pixels(spec.patch_size)
+    # Qwen3-VL has no VLM2Vec reference recipe: its default is its own layout (with video timestamps)
+    layout = "native" if spec.name == "qwen3_vl" else "reference"
     return register_family(
         BackboneFamily(
             name=spec.name,
             model_types=(spec.model_type,),
-            image_token=IMAGE_TOKEN,
+            image_token=IMAGE_TOKEN if layout == "reference" else NATIVE_IMAGE_TOKEN,
             padding_side="left",
             lora_targets=list(LORA_TARGETS),
             load=_make_load(spec),
@@ -462,7 +515,7 @@ def _register(spec: _QwenSpec) -> BackboneFamily:
             hidden_states=hidden_states,
             vision_tower=vision_tower,
             module=__name__,
-            default_settings=ProcessorSettings("native", min_pixels, max_pixels),
+            default_settings=ProcessorSettings("native", min_pixels, max_pixels, prompt_layout=layout),
             supports_packed=True,
             input_kinds=frozenset({"image", "multi_image", "video"}),
         )

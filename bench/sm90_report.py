@@ -5,9 +5,11 @@ instructions in the SASS (via the cuobjdump / nvdisasm shipped in triton's wheel
 stride arguments carry the 16-byte divisibility that triton's JIT specialises on at run time (the
 pipeliner needs it to issue async copies), so the report matches what a GPU would compile.
 
-    TRITON_INTERPRET=0 python -m vlm2vec_kernels.sm90_report [--json report.json]
+    TRITON_INTERPRET=0 python bench/sm90_report.py [--json report.json]
 
 Must run with TRITON_INTERPRET unset or 0 (under the interpreter `@triton.jit` gives no compiler).
+A developer tool (it calls cuobjdump / nvdisasm): it lives in bench/, outside the shipped package, and
+reads the shipped configurations from `vlm2vec_kernels.triton_common`.
 """
 
 from __future__ import annotations
@@ -85,14 +87,21 @@ def _signature(fn, pointer_types: dict[str, str], constexprs: dict) -> tuple[dic
 
 def shipped_configurations() -> list[dict]:
     """Every (kernel, tile config, dtype, specialisation) the launchers can send to an H100."""
-    from .triton_engine import GPU_CONFIGS, GROUP_M, KERNELS, MERGE_BLOCK, dot_precision
-    from .triton_kernels import lse_merge_kernel
+    from vlm2vec_kernels.triton_common import GPU_CONFIGS, GROUP_M, MERGE_BLOCK, dot_precision
+    from vlm2vec_kernels.triton_kernels import lse_merge_kernel, row_lse_partial_kernel, softmax_probs_kernel
+
+    kernels = {
+        "lse": row_lse_partial_kernel,
+        "lse_narrow": row_lse_partial_kernel,
+        "probs": softmax_probs_kernel,
+        "probs_narrow": softmax_probs_kernel,
+    }
 
     torch_names = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     out = []
     for (role, operand), cfg in GPU_CONFIGS.items():
         dtypes = ["bf16", "fp16"] if operand == "16bit" else ["fp32"]
-        fn = KERNELS[role]
+        fn = kernels[role]
         for dtype in dtypes:
             import torch
 
@@ -155,8 +164,8 @@ def shipped_configurations() -> list[dict]:
 def _fused_configurations() -> list[dict]:
     """The gradients-in-the-forward kernels (no matrix work: no HGMMA expected), at D = 1536 with
     their GPU row configs, for every dtype and every constexpr branch the launchers take."""
-    from . import triton_kernels as k
-    from .triton_engine import ROW_CONFIGS, SCALE_BLOCK
+    from vlm2vec_kernels import triton_kernels as k
+    from vlm2vec_kernels.triton_common import ROW_CONFIGS, SCALE_BLOCK
 
     out = []
 
