@@ -15,9 +15,10 @@ import argparse
 import numpy as np
 from PIL import Image
 
-from vlm2vec.backbones import ProcessorSettings, tiny
+from vlm2vec.backbones import ProcessorSettings
 from vlm2vec.data import ChunkCollator, ContrastiveBatch
 from vlm2vec.families.qwen import default_pixels
+from vlm2vec.model import VLM2Vec
 
 
 def batch(seed: int = 0) -> ContrastiveBatch:
@@ -55,7 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=int, default=8192)
     args = parser.parse_args()
-    model = tiny("qwen2_vl", settings=ProcessorSettings("native", *default_pixels(14)))
+    model = VLM2Vec.tiny("qwen2_vl", settings=ProcessorSettings("native", *default_pixels(14)))
     b = batch()
     setups = {
         "rows: 2 per chunk": dict(query_chunk_size=2),

@@ -29,7 +29,6 @@ import csv
 import datetime
 import os
 import random
-import sys
 import time
 import weakref
 from collections.abc import Callable
@@ -300,15 +299,92 @@ def measure_all(model, batch, chunk: int, repeats: int, group) -> list[Row]:
     return rows
 
 
+ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+SIZES = {
+    # Qwen/Qwen2-VL-2B-Instruct config.json dimensions
+    "qwen2_vl_2b": dict(
+        text=dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+            rope_parameters=ROPE,
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=1536,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+    ),
+    # Qwen/Qwen2-VL-7B-Instruct
+    "qwen2_vl_7b": dict(
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            max_position_embeddings=32768,
+            rope_parameters=ROPE,
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=3584,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+    ),
+}
+
+
+def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
+    """A VLM2Vec around a randomly initialised Qwen2-VL of a real size (the reference's 4..1280 merged
+    image tokens per image), built by the family's own builder; a tiny tokenizer stands in."""
+    from vlm2vec.backbones import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, ProcessorSettings
+    from vlm2vec.model import VLM2Vec, resolve_attn_implementation
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    build = dict(
+        text_dims=SIZES[size]["text"],
+        vision_dims=SIZES[size]["vision"],
+        attn_implementation=resolve_attn_implementation(None, device),
+    )
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = VLM2Vec.tiny(
+                "qwen2_vl",
+                build=build,
+                settings=ProcessorSettings("native", QWEN_MIN_PIXELS, QWEN_MAX_PIXELS),
+                max_len=2048,
+            )
+    finally:
+        torch.set_default_dtype(default)
+    return model.train()
+
+
 def build_model(size: str, device: torch.device, dtype: torch.dtype, lora_dropout: float):
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
     if size == "tiny":
-        model = tiny("qwen2_vl")
+        model = VLM2Vec.tiny("qwen2_vl")
     else:
-        sys.path.insert(0, HERE)
-        from train_step_device import build_sized_qwen2_vl
-
         model = build_sized_qwen2_vl(size, device, dtype)
     model.add_lora(r=8, alpha=16, dropout=lora_dropout)
     model.to(device=device, dtype=dtype)

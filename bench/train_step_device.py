@@ -20,101 +20,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, HERE)  # bench/train_step.py, run as a script
 
-ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
-SIZES = {
-    # Qwen/Qwen2-VL-2B-Instruct config.json dimensions
-    "qwen2_vl_2b": dict(
-        text=dict(
-            hidden_size=1536,
-            intermediate_size=8960,
-            num_hidden_layers=28,
-            num_attention_heads=12,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            max_position_embeddings=32768,
-            tie_word_embeddings=True,
-            rope_parameters=ROPE,
-        ),
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=1536,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-    ),
-    # Qwen/Qwen2-VL-7B-Instruct
-    "qwen2_vl_7b": dict(
-        text=dict(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            max_position_embeddings=32768,
-            rope_parameters=ROPE,
-        ),
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            num_heads=16,
-            mlp_ratio=4,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
-    ),
-}
-
-
-def build_sized_qwen2_vl(size: str, device: torch.device, dtype: torch.dtype):
-    """A VLM2Vec around a randomly initialised Qwen2-VL of a real size (paper's 256..1280 image tokens)."""
-    import transformers
-
-    from vlm2vec.backbones import ProcessorSettings, get_family
-    from vlm2vec.families._common import ProcessorPair, build_tiny_tokenizer
-    from vlm2vec.families.qwen import SPECIAL_TOKENS, _image_processor_class, default_pixels
-    from vlm2vec.model import VLM2Vec, resolve_attn_implementation
-
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    tok = build_tiny_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>")
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    dims = SIZES[size]
-    config = transformers.Qwen2VLConfig(
-        text_config={**dims["text"], "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-                     "bos_token_id": None},
-        vision_config=dims["vision"], image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
-    config._attn_implementation = resolve_attn_implementation(None, device)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = transformers.Qwen2VLForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default)
-    min_pixels, max_pixels = default_pixels(14)
-    image_processor = _image_processor_class()(
-        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels
-    )
-    settings = ProcessorSettings("native", min_pixels, max_pixels)
-    return VLM2Vec(
-        model.train(),
-        ProcessorPair(tok, image_processor),
-        get_family("qwen2_vl"),
-        settings=settings,
-        max_len=2048,
-    )
+import train_step  # noqa: E402
 
 
 def rng_exactness(device: torch.device) -> str:
@@ -123,11 +31,11 @@ def rng_exactness(device: torch.device) -> str:
     from vlm2vec_kernels import contrastive_loss
 
     from vlm2vec import gradcache
-    from vlm2vec.backbones import tiny
     from vlm2vec.gradcache import contrastive_step
+    from vlm2vec.model import VLM2Vec
 
     torch.manual_seed(0)
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     model.add_lora(r=8, alpha=16, dropout=0.3)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # non-zero B: dropout reaches the forward, not only the gradients
@@ -176,7 +84,7 @@ def rng_exactness(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join(HERE, "out", "device")))
-    p.add_argument("--size", default="qwen2_vl_2b", choices=sorted(SIZES))
+    p.add_argument("--size", default="qwen2_vl_2b", choices=sorted(train_step.SIZES))
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=8)
     p.add_argument("--image_size", type=int, default=448, help="448 px = 256 image tokens (paper's minimum)")
@@ -192,8 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     check = rng_exactness(device)
     print(check, flush=True)
-    import train_step
-
     bench_args = [
         "--size",
         "tiny" if args.dry else args.size,

@@ -592,9 +592,9 @@ def test_eval_reader_layouts_and_bad_rows(tmp_path):
 def test_collator_with_tiny_qwen2_vl(tmp_path):
     """The same per-chunk contract through the real encoder (tiny Qwen2-VL: dynamic image tokens,
     left padding), and its max_len error re-raised with the file and row."""
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
-    model = tiny("qwen2_vl", max_len=512)
+    model = VLM2Vec.tiny("qwen2_vl", max_len=512)
     batch = _mixed_batch(tmp_path, n=8)
     prepared = ChunkCollator(model, query_chunk_size=3, cand_chunk_size=5)(batch)
     for chunks, texts, images, size in (

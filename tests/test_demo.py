@@ -98,10 +98,10 @@ def test_builder_writes_mmeb_format_on_a_subset(tmp_path, emoji):
 
 
 def test_demo_family_prepare_and_features_cache(tmp_path):
-    from vlm2vec.backbones import tiny
     from vlm2vec.demo import family
+    from vlm2vec.model import VLM2Vec
 
-    model = tiny(family.FAMILY_NAME, pooling="mean")
+    model = VLM2Vec.tiny(family.FAMILY_NAME, pooling="mean")
     assert model.vision_tower is None  # the frozen image encoder lives in the processor
     img = Image.new("RGB", (40, 30), (200, 30, 30))
     inputs = model.prepare(["<|image_1|> what is this?", "plain text"], [img, None])

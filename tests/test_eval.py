@@ -176,11 +176,11 @@ def test_help_lists_every_option():
 def test_cli_two_gloo_processes_match_one_process(tmp_path):
     """A real tiny Qwen2-VL saved to disk, evaluated by torchrun with 2 gloo ranks (each embeds half) and
     in-process by main(); the scores agree, and only rank 0 writes."""
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
     data = known_answer_data(tmp_path / "data")
     model_dir = tmp_path / "model"
-    tiny("qwen2_vl").save_pretrained(str(model_dir))
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(str(model_dir))
     common = ["--model", str(model_dir), "--data", str(data), "--batch-size", "2", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",

@@ -155,18 +155,18 @@ def test_evaluate_v2_caches_embeddings_and_writes_the_group_table(tiny_copy, tmp
 
 
 def test_cli_scores_a_tiny_qwen2_vl_and_refuses_a_family_without_video(tiny_copy, tmp_path, capsys) -> None:
-    from vlm2vec.backbones import tiny
     from vlm2vec.eval import main
+    from vlm2vec.model import VLM2Vec
 
     root, names = tiny_copy
-    tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
     out = tmp_path / "out"
     args = ["--benchmark", "mmeb-v2", "--data", str(root), "--no-progress", "--batch-size", "4"]
     assert main(["--model", str(tmp_path / "qwen"), "--out", str(out), *args]) == 0
     scores = json.loads((out / "scores.json").read_text())
     assert set(scores["tasks"]) == set(names)
     assert all(0.0 <= r["score"] <= 1.0 for r in scores["tasks"].values())
-    tiny("llava_next").save_pretrained(str(tmp_path / "llava"))
+    VLM2Vec.tiny("llava_next").save_pretrained(str(tmp_path / "llava"))
     assert main(["--model", str(tmp_path / "llava"), "--out", str(tmp_path / "out2"), *args]) == 2
     assert "MMEB-V2 task HMDB51 has video rows, but backbone family 'llava_next'" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()  # refused before anything was embedded or written
@@ -201,11 +201,11 @@ def test_cli_two_gloo_processes_match_one_process(tiny_copy, tmp_path) -> None:
     import subprocess
     import sys
 
-    from vlm2vec.backbones import tiny
     from vlm2vec.eval import main
+    from vlm2vec.model import VLM2Vec
 
     root, names = tiny_copy
-    tiny("qwen2_vl").save_pretrained(str(tmp_path / "model"))
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(str(tmp_path / "model"))
     common = ["--benchmark", "mmeb-v2", "--model", str(tmp_path / "model"), "--data", str(root),
               "--batch-size", "2", "--no-progress"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -307,7 +307,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_copy, tmp_path) -> None:
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
     root, _ = tiny_copy
     missing = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "no-such-model"), "--data", str(root),
@@ -321,7 +321,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_copy, tmp_path) -> None:
                        "--out", str(tmp_path / "o1"))  # fmt: skip
     assert not_a_model.returncode == 2 and len(not_a_model.stderr.strip().splitlines()) == 1
     assert "not a model directory" in not_a_model.stderr
-    tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(str(tmp_path / "qwen"))
     for data, message in ((tmp_path / "empty", "no MMEB-V2 task data found"),
                           (tmp_path / "nowhere", "MMEB-V2 data folder not found")):  # fmt: skip
         proc = _cli("--benchmark", "mmeb-v2", "--model", str(tmp_path / "qwen"), "--data", str(data),

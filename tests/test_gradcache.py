@@ -173,10 +173,10 @@ def test_gradcache_two_processes_cross_device_negatives(tmp_path):
 # ------------------------------------------------------------------------------ real tiny backbone
 @pytest.fixture(scope="module")
 def tiny_qwen():
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
     torch.manual_seed(0)
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     model.add_lora(r=4, alpha=8, dropout=0.2)  # LoRA dropout: the backbone's forward is random ...
     for name, p in model.named_parameters():
         if "lora_B" in name:  # ... once B is non-zero (peft starts it at 0: dropout would only reach grads)
@@ -265,11 +265,10 @@ def test_dummy_vision_pass_runs_the_tower_and_changes_nothing(name, train_vision
     """`inputs["vision_dummies"] = n` (what the trainer sets on a rank whose chunk has fewer visual inputs
     than another rank's, for ZeRO-3): the vision path runs n more times, the embeddings and every
     gradient are bitwise those without it; a trainable tower gets exact-zero gradients from it."""
-    from vlm2vec.backbones import tiny
-    from vlm2vec.model import DUMMY_VISION_KEY
+    from vlm2vec.model import DUMMY_VISION_KEY, VLM2Vec
 
     torch.manual_seed(0)
-    model = tiny(name).train()
+    model = VLM2Vec.tiny(name).train()
     model.enable_full_finetuning(train_vision=train_vision)
     texts = ["a caption about a red circle", "<|image_1|> what is shown?"]
     inputs = model.prepare(texts[:1])  # a text-only chunk

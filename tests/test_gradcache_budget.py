@@ -10,10 +10,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlm2vec.backbones import tiny
 from vlm2vec.data import ChunkCollator, ContrastiveBatch
 from vlm2vec.gradcache import contrastive_step
-from vlm2vec.model import pool
+from vlm2vec.model import VLM2Vec, pool
 
 
 def pics(n: int, seed: int, size: tuple[int, int] = (28, 56)) -> list[Image.Image]:
@@ -77,7 +76,7 @@ def step(model, prepared, grad_cache: bool) -> tuple[torch.Tensor, dict[str, tor
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_token_budget_chunks_equal_the_full_batch_step(packed: bool) -> None:
-    model = tiny("qwen2_vl").double()
+    model = VLM2Vec.tiny("qwen2_vl").double()
     model.enable_full_finetuning()
     model.train()
     batch = mixed_batch()
@@ -112,7 +111,7 @@ def test_min_chunks_splits_without_changing_the_step() -> None:
     """ZeRO-3 processes agree on a chunk count (train.align_processes); a rank with fewer chunks
     re-collates with `min_chunks`: more chunks, the same row order and targets, the same loss and
     gradients (float64)."""
-    model = tiny("qwen2_vl").double()
+    model = VLM2Vec.tiny("qwen2_vl").double()
     model.enable_full_finetuning()
     model.train()
     batch = mixed_batch()
@@ -131,7 +130,7 @@ def test_min_chunks_splits_without_changing_the_step() -> None:
 
 
 def test_budget_packs_text_rows_and_isolates_long_rows() -> None:
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     batch = mixed_batch()
     collate = ChunkCollator(model, query_chunk_size=None, sort_by_length=True, max_tokens=1)
     prepared = collate(batch)
@@ -159,7 +158,7 @@ def test_budget_packs_text_rows_and_isolates_long_rows() -> None:
 def test_count_tokens_without_pixels_equals_the_prepared_length(family: str, resolution: str) -> None:
     from vlm2vec.backbones import ProcessorSettings
 
-    model = tiny(family, settings=ProcessorSettings(resolution))
+    model = VLM2Vec.tiny(family, settings=ProcessorSettings(resolution))
     assert model.family.count_tokens is not None  # the Qwen families count from image sizes alone
     rows = [
         ("<|video_1|> what happens", None, pics(5, 3, size=(60, 34))),

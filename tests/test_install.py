@@ -54,8 +54,8 @@ def test_pypi_kernels_not_shadowed_from_checkout_root():
         assert contrastive_loss.__module__ == "vlm2vec_kernels.contrastive", contrastive_loss.__module__
 
         import torch
-        from vlm2vec import backbones
-        model = backbones.tiny("qwen2_vl")
+        from vlm2vec import VLM2Vec
+        model = VLM2Vec.tiny("qwen2_vl")
         emb = model.encode(["a red square", "a blue circle"], [None, None], batch_size=2, show_progress=False)
         assert emb.shape[0] == 2 and torch.isfinite(emb).all()
         print("OK")
@@ -69,11 +69,11 @@ def test_pypi_kernels_not_shadowed_from_checkout_root():
 def test_every_family_builds_from_checkout_root():
     proc = _run_from_root(
         """
-        from vlm2vec import backbones
+        from vlm2vec import VLM2Vec, backbones
         names = backbones.tiny_families()
         assert {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "phi3_v"} <= set(names), names
         for family in names:
-            backbones.tiny(family)
+            VLM2Vec.tiny(family)
         print("OK", len(names))
         """
     )

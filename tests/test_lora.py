@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlm2vec import VLM2Vec
-from vlm2vec.backbones import tiny, tiny_families
+from vlm2vec.backbones import tiny_families
 from vlm2vec.lora import lora_target_names
 
 ALL = tiny_families()
@@ -31,7 +31,7 @@ def embed(model: VLM2Vec) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ALL)
 def test_lora_save_load_merge_reproduces_embeddings(name: str, tmp_path) -> None:
-    model = tiny(name)
+    model = VLM2Vec.tiny(name)
     base = embed(model)
     model.add_lora(r=4, alpha=8, init=False)  # random B: the adapter changes the output
     adapted = embed(model)
@@ -58,7 +58,7 @@ def test_lora_save_load_merge_reproduces_embeddings(name: str, tmp_path) -> None
 
 
 def test_adapter_of_a_saved_base_records_the_base_path(tmp_path) -> None:
-    tiny("qwen2_vl").save_pretrained(str(tmp_path / "base_model"))
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(str(tmp_path / "base_model"))
     model = VLM2Vec.from_pretrained(str(tmp_path / "base_model")).add_lora(init=False)
     model.save_pretrained(str(tmp_path / "adapter"))
     meta = json.loads((tmp_path / "adapter" / "vlm2vec.json").read_text())
@@ -69,7 +69,7 @@ def test_adapter_of_a_saved_base_records_the_base_path(tmp_path) -> None:
 
 
 def test_dora_and_gaussian_init(tmp_path) -> None:
-    model = tiny("llava_next")
+    model = VLM2Vec.tiny("llava_next")
     base = embed(model)
     model.add_lora()  # paper defaults: r=8, alpha=16, dropout=0.1, gaussian init (B = 0)
     config = model.backbone.peft_config["default"]
@@ -87,7 +87,7 @@ def test_dora_and_gaussian_init(tmp_path) -> None:
         "down_proj",
     }
     torch.testing.assert_close(embed(model), base, rtol=0, atol=1e-6)  # identity at init
-    dora = tiny("llava_next").add_lora(dora=True, init=False, targets=["q_proj", "v_proj"])
+    dora = VLM2Vec.tiny("llava_next").add_lora(dora=True, init=False, targets=["q_proj", "v_proj"])
     assert dora.backbone.peft_config["default"].use_dora
     assert any("lora_magnitude_vector" in n for n, _ in dora.named_parameters())
     adapted = embed(dora)
@@ -98,7 +98,7 @@ def test_dora_and_gaussian_init(tmp_path) -> None:
 
 
 def test_target_resolution_skips_the_vision_tower() -> None:
-    model = tiny("llava_next")
+    model = VLM2Vec.tiny("llava_next")
     every = lora_target_names(model.hf_model, ["q_proj"])
     lm_only = lora_target_names(model.hf_model, ["q_proj"], exclude=model.vision_tower)
     assert any("vision_tower" in n for n in every)  # CLIP uses q_proj too
@@ -120,7 +120,7 @@ def test_target_resolution_skips_the_vision_tower() -> None:
 def test_qlora_nf4_forward_backward_reaches_lora_only(name: str, tmp_path) -> None:
     import bitsandbytes as bnb
 
-    tiny(name).save_pretrained(str(tmp_path / "base"))
+    VLM2Vec.tiny(name).save_pretrained(str(tmp_path / "base"))
     model = VLM2Vec.from_pretrained(str(tmp_path / "base"), quantization="nf4")
     four_bit = [n for n, m in model.hf_model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and not any(n.startswith(("model.visual", "model.vision", "lm_head")) for n in four_bit)

@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm2vec.backbones import tiny
 from vlm2vec.media import (
     MediaError,
     load_pdf,
@@ -19,6 +18,7 @@ from vlm2vec.media import (
     write_pdf,
     write_video,
 )
+from vlm2vec.model import VLM2Vec
 
 
 def frames(n: int, seed: int = 0, size: tuple[int, int] = (56, 42)) -> list[Image.Image]:
@@ -28,7 +28,7 @@ def frames(n: int, seed: int = 0, size: tuple[int, int] = (56, 42)) -> list[Imag
 
 @pytest.fixture(scope="module")
 def qwen():
-    return tiny("qwen2_vl")
+    return VLM2Vec.tiny("qwen2_vl")
 
 
 def test_sample_indices_follow_the_reference_linspace() -> None:
@@ -75,7 +75,7 @@ def test_webm_decodes_to_the_sampled_frames(tmp_path) -> None:
 def test_one_frame_video_against_an_image(family: str) -> None:
     """Qwen2/2.5-VL: a 1-frame video is the image (same pixels, temporal patch filled by repetition,
     same M-RoPE). Qwen3-VL writes a timestamp before each temporal patch of a video, so it differs."""
-    model = tiny(family)
+    model = VLM2Vec.tiny(family)
     img = frames(1, seed=3)[0]
     as_video = model.encode(["<|video_1|> x"], videos=[[img]], show_progress=False)
     as_image = model.encode(["<|image_1|> x"], [img], show_progress=False)
@@ -96,7 +96,7 @@ MIXED_TEXTS = [
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next", "phi3_v"])
 def test_multi_image_and_video_rows_are_padding_invariant(family: str) -> None:
-    model = tiny(family)
+    model = VLM2Vec.tiny(family)
     pics = frames(6, seed=4, size=(40, 56))
     texts, images = list(MIXED_TEXTS), [None, None, pics[:2], pics[2], pics[3:6]]
     videos = [frames(5, seed=5), None, None, None, None]
@@ -123,7 +123,7 @@ def test_multi_image_and_video_rows_are_padding_invariant(family: str) -> None:
 def test_demo_family_takes_a_video_as_one_token_per_frame() -> None:
     from vlm2vec.demo import family
 
-    model = tiny(family.FAMILY_NAME)
+    model = VLM2Vec.tiny(family.FAMILY_NAME)
     video = frames(5, seed=6, size=(64, 64))
     inputs = model.prepare(["<|video_1|> what", "<|image_1|> x"], [None, video[0]], videos=[video, None])
     image_id = model.processor.tokenizer.convert_tokens_to_ids(family.IMAGE_TOKEN)
@@ -164,7 +164,7 @@ def test_bad_videos_name_the_row_and_the_file(tmp_path, qwen) -> None:
 
 
 def test_family_without_video_refuses_before_encoding() -> None:
-    model = tiny("llava_next")
+    model = VLM2Vec.tiny("llava_next")
     with pytest.raises(ValueError, match="video rows, but backbone family 'llava_next' takes only"):
         model.encode(["<|video_1|> x"], videos=["/does/not/matter.mp4"], show_progress=False)
     with pytest.raises(ValueError, match="row 0 has video rows"):

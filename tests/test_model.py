@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from vlm2vec import VLM2Vec
-from vlm2vec.backbones import tiny, tiny_families
+from vlm2vec.backbones import tiny_families
 from vlm2vec.model import last_token_index, pool, resolve_attn_implementation
 
 ALL = tiny_families()
@@ -37,7 +37,7 @@ IMAGES = [image(60, 90, 1), None, image(56, 112, 2), None, None]
 
 @pytest.mark.parametrize("name", ALL)
 def test_encode_and_backward(name: str) -> None:
-    model = tiny(name)
+    model = VLM2Vec.tiny(name)
     emb = model.encode(TEXTS, IMAGES, batch_size=2, show_progress=False)
     assert emb.shape == (5, model.embedding_dim) and emb.dtype == torch.float32
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
@@ -45,7 +45,7 @@ def test_encode_and_backward(name: str) -> None:
     in_order = model.encode(TEXTS, IMAGES, batch_size=2, show_progress=False, sort_by_length=False)
     torch.testing.assert_close(in_order, emb, rtol=0, atol=2e-5)  # batching by length keeps the row order
     torch.testing.assert_close(model.encode(TEXTS[1:2], show_progress=False)[0], emb[1], rtol=0, atol=2e-5)
-    assert model.training is False  # tiny() returns an eval model; encode restores the mode it found
+    assert model.training is False  # VLM2Vec.tiny() returns an eval model; encode restores the mode it found
     model.train()
     model.encode(TEXTS[:1], IMAGES[:1], show_progress=False)
     assert model.training is True
@@ -60,7 +60,7 @@ def test_encode_and_backward(name: str) -> None:
 
 @pytest.mark.parametrize("name", ALL)
 def test_save_load_round_trip(name: str, tmp_path) -> None:
-    model = tiny(name, pooling="mean", max_len=77)
+    model = VLM2Vec.tiny(name, pooling="mean", max_len=77)
     model.save_pretrained(str(tmp_path))
     meta = json.loads((tmp_path / "vlm2vec.json").read_text())
     assert meta["family"] == name and meta["pooling"] == "mean" and meta["max_len"] == 77
@@ -81,7 +81,7 @@ def test_save_load_round_trip(name: str, tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen3_vl", "llava_next", "phi3_v"])
 def test_reuse_vision_features_replays_the_frozen_tower(name: str) -> None:
-    model = tiny(name).train()
+    model = VLM2Vec.tiny(name).train()
     inputs = model.prepare(TEXTS, IMAGES)
     torch.manual_seed(0)
     reference = model(inputs)
@@ -113,7 +113,7 @@ def test_reuse_vision_features_replays_the_frozen_tower(name: str) -> None:
 
 
 def test_full_finetuning_and_trainable_tower_refuses_reuse() -> None:
-    model = tiny("llava_next")
+    model = VLM2Vec.tiny("llava_next")
     model.enable_full_finetuning()
     assert all(p.requires_grad for n, p in model.named_parameters() if "language_model" in n)
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
@@ -151,7 +151,7 @@ def test_attention_implementation_choice(monkeypatch) -> None:
 
 
 def test_eager_attention_gives_the_same_embeddings(tmp_path) -> None:
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     model.save_pretrained(str(tmp_path))
     eager = VLM2Vec.from_pretrained(str(tmp_path), attn_implementation="eager")
     assert eager.hf_model.config._attn_implementation == "eager"
@@ -164,7 +164,7 @@ def test_eager_attention_gives_the_same_embeddings(tmp_path) -> None:
 
 
 def test_argument_errors(tmp_path) -> None:
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     with pytest.raises(TypeError, match="list of strings"):
         model.encode("one string", show_progress=False)
     with pytest.raises(TypeError, match=r"texts\[1\]"):
@@ -174,9 +174,9 @@ def test_argument_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="batch_size"):
         model.encode(["a"], batch_size=0, show_progress=False)
     with pytest.raises(ValueError, match="pooling"):
-        tiny("qwen2_vl", pooling="cls")
+        VLM2Vec.tiny("qwen2_vl", pooling="cls")
     with pytest.raises(ValueError, match="max_len"):
-        tiny("qwen2_vl", max_len=0)
+        VLM2Vec.tiny("qwen2_vl", max_len=0)
     with pytest.raises(ValueError, match="quantization"):
         VLM2Vec.from_pretrained(str(tmp_path), quantization="int3")
     with pytest.raises(ValueError, match="merge_lora"):
@@ -186,3 +186,18 @@ def test_argument_errors(tmp_path) -> None:
     (tmp_path / "empty" / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="names no base model"):
         VLM2Vec.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_tiny_builds_other_sizes_through_the_family_builder():
+    """`VLM2Vec.tiny(..., build=...)` is how benchmarks get a released model's sizes (bench/train_step.py):
+    the overrides reach the config, and the model still encodes an image row."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    build = dict(
+        text_dims=dict(hidden_size=128, num_attention_heads=4, intermediate_size=192, rope_parameters=rope),
+        vision_dims=dict(hidden_size=128),
+    )
+    model = VLM2Vec.tiny("qwen2_vl", build=build)
+    assert model.hf_model.config.text_config.hidden_size == 128
+    assert model.hf_model.config.vision_config.hidden_size == 128
+    emb = model.encode(["<|image_1|> what is it?"], [Image.new("RGB", (56, 56), "red")], show_progress=False)
+    assert emb.shape == (1, 128) and torch.isfinite(emb).all()

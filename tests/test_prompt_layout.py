@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm2vec.backbones import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, ProcessorSettings, get_family, tiny
+from vlm2vec.backbones import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, ProcessorSettings, get_family
 from vlm2vec.families import qwen
 from vlm2vec.model import META_FILE, VLM2Vec
 
@@ -31,7 +31,7 @@ def released_qwen(name: str, layout: str) -> VLM2Vec:
     temporal patch 2, 4..1280 merged tokens)."""
     unit = (16 if name == "qwen3_vl" else 14) * 2
     settings = ProcessorSettings("native", 4 * unit * unit, 1280 * unit * unit, prompt_layout=layout)
-    return tiny(name, settings=settings)
+    return VLM2Vec.tiny(name, settings=settings)
 
 
 def ids_of(model: VLM2Vec, *tokens: str) -> list[int]:
@@ -149,9 +149,9 @@ def test_qwen_defaults_follow_the_reference() -> None:
     assert fam.default_settings.prompt_layout == "reference" and fam.image_token == "<|image_pad|>"
     assert get_family("qwen2_5_vl").default_settings.prompt_layout == "reference"
     assert get_family("qwen3_vl").default_settings.prompt_layout == "native"  # no reference recipe
-    assert tiny("qwen2_vl").settings.prompt_layout == "reference"
-    assert tiny("llava_next").settings.prompt_layout == "reference"
-    model = tiny("qwen3_vl")
+    assert VLM2Vec.tiny("qwen2_vl").settings.prompt_layout == "reference"
+    assert VLM2Vec.tiny("llava_next").settings.prompt_layout == "reference"
+    model = VLM2Vec.tiny("qwen3_vl")
     model.settings = ProcessorSettings("low")  # a layout left open resolves to the family's, on assignment
     assert model.settings.prompt_layout == "native" and model.settings.resolution == "low"
     with pytest.raises(ValueError, match="prompt_layout"):
@@ -189,7 +189,7 @@ def released_llava() -> VLM2Vec:
     from transformers import LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    model = tiny("llava_next", settings=ProcessorSettings("high"))
+    model = VLM2Vec.tiny("llava_next", settings=ProcessorSettings("high"))
     pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     ip = LlavaNextImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
@@ -218,7 +218,7 @@ def test_llava_next_image_row_matches_the_reference() -> None:
 def test_phi3_v_image_row_matches_the_reference() -> None:
     from vlm2vec.phi3_v import Phi3VImageProcessor
 
-    model = tiny("phi3_v")
+    model = VLM2Vec.tiny("phi3_v")
     model.processor.image_processor = Phi3VImageProcessor(num_crops=4)  # released: 336 crops, 12x12
     inputs = model.prepare([f"<|image_1|>{TEXT}"], [image(336, 336)])
     # reference processing_phi3_v.py:157-199: chunks split at <|image_k|>, each tokenised with BOS, the

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from vlm2vec.backbones import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS, tiny
+from vlm2vec.backbones import QWEN_MAX_PIXELS, QWEN_MIN_PIXELS
 from vlm2vec.model import VLM2Vec
 from vlm2vec.released import RELEASED, released_checkpoint
 
@@ -63,14 +63,14 @@ def old_layout_adapter(src: VLM2Vec, family: str, directory: str, fmt: str) -> N
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava_next"])
 def test_adapter_under_transformers_4_46_names_loads_exactly(tmp_path, family: str, fmt: str) -> None:
-    src = tiny(family).add_lora(r=4, dora=True, init=False)  # random B: a non-identity adapter
+    src = VLM2Vec.tiny(family).add_lora(r=4, dora=True, init=False)  # random B: a non-identity adapter
     directory = str(tmp_path / "adapter")
     old_layout_adapter(src, family, directory, fmt)
     with torch.no_grad():
         expected = src.encode(*ROWS, show_progress=False)
-        plain = tiny(family).encode(*ROWS, show_progress=False)
+        plain = VLM2Vec.tiny(family).encode(*ROWS, show_progress=False)
         assert (expected - plain).abs().max() > 1e-3  # the adapter changes the embeddings
-        loaded = tiny(family).load_adapter(directory)
+        loaded = VLM2Vec.tiny(family).load_adapter(directory)
         torch.testing.assert_close(loaded.encode(*ROWS, show_progress=False), expected, rtol=0, atol=0)
 
 
@@ -78,23 +78,23 @@ def test_plain_peft_leaves_the_old_names_unloaded(tmp_path) -> None:
     """What the renaming fixes: peft alone loads such an adapter as a silent no-op on the LM."""
     from peft import PeftModel
 
-    src = tiny("qwen2_vl").add_lora(r=4, init=False)
+    src = VLM2Vec.tiny("qwen2_vl").add_lora(r=4, init=False)
     directory = str(tmp_path / "adapter")
     old_layout_adapter(src, "qwen2_vl", directory, "safetensors")
     config = json.loads(open(os.path.join(directory, "adapter_config.json")).read())
     config["target_modules"] = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]  # as released
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
-    base = tiny("qwen2_vl")
+    base = VLM2Vec.tiny("qwen2_vl")
     base.backbone = PeftModel.from_pretrained(base.backbone, directory)
     with torch.no_grad():
         wrong = base.encode(*ROWS, show_progress=False)
-        ours = tiny("qwen2_vl").load_adapter(directory).encode(*ROWS, show_progress=False)
+        ours = VLM2Vec.tiny("qwen2_vl").load_adapter(directory).encode(*ROWS, show_progress=False)
         torch.testing.assert_close(ours, src.encode(*ROWS, show_progress=False), rtol=0, atol=0)
     assert (wrong - ours).abs().max() > 1e-3
 
 
 def test_adapter_weights_that_stay_unloaded_raise_naming_them(tmp_path) -> None:
-    src = tiny("qwen2_vl").add_lora(r=4, init=False)
+    src = VLM2Vec.tiny("qwen2_vl").add_lora(r=4, init=False)
     directory = tmp_path / "adapter"
     src.backbone.save_pretrained(str(directory))
     state = load_file(str(directory / "adapter_model.safetensors"))
@@ -103,16 +103,16 @@ def test_adapter_weights_that_stay_unloaded_raise_naming_them(tmp_path) -> None:
     state[extra] = state[key].clone()
     save_file(state, str(directory / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"match no module.*layers\.9\.self_attn\.q_proj\.lora_A"):
-        tiny("qwen2_vl").load_adapter(str(directory))
+        VLM2Vec.tiny("qwen2_vl").load_adapter(str(directory))
     del state[extra]
     del state[key]
     save_file(state, str(directory / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"does not hold \(1\): " + key.replace(".", r"\.")):
-        tiny("qwen2_vl").load_adapter(str(directory))
+        VLM2Vec.tiny("qwen2_vl").load_adapter(str(directory))
 
 
 def test_from_pretrained_loads_an_old_layout_adapter_directory(tmp_path) -> None:
-    src = tiny("qwen2_vl").add_lora(r=4, dora=True, init=False)
+    src = VLM2Vec.tiny("qwen2_vl").add_lora(r=4, dora=True, init=False)
     src.save_pretrained(str(tmp_path / "run"))  # adapter + base/ + vlm2vec.json
     os.remove(tmp_path / "run" / "adapter_model.safetensors")
     os.remove(tmp_path / "run" / "adapter_config.json")
@@ -166,9 +166,9 @@ def test_a_local_copy_of_a_released_adapter_loads_with_the_table_settings(tmp_pa
     the base comes from the table, here pointed at a local tiny base."""
     import vlm2vec.released as released
 
-    src = tiny("qwen2_vl").add_lora(r=4, dora=True, init=False)
+    src = VLM2Vec.tiny("qwen2_vl").add_lora(r=4, dora=True, init=False)
     base_dir = str(tmp_path / "base")
-    tiny("qwen2_vl").save_pretrained(base_dir)
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(base_dir)
     copy = str(tmp_path / "VLM2Vec-Qwen2VL-2B")
     old_layout_adapter(src, "qwen2_vl", copy, "safetensors")
     config = json.loads(open(os.path.join(copy, "adapter_config.json")).read())

@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from vlm2vec.backbones import tiny
+from vlm2vec.model import VLM2Vec
 from vlm2vec.train_eval import trained_parameters, weights_fingerprint
 
 
@@ -20,7 +20,7 @@ def _bump(model: torch.nn.Module, name: str) -> None:
 def test_fingerprint_follows_the_family_modules_to_save():
     """A family that trains its vision merger in full: a frozen merger weight is part of the key, a frozen
     LLM weight is not, a trainable one is (the key used to name the demo's `projector` instead)."""
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     model.family = dataclasses.replace(model.family, modules_to_save=("merger",))
     model.requires_grad_(False)
     trainable = "backbone.model.language_model.layers.0.self_attn.q_proj.weight"
@@ -44,7 +44,7 @@ def test_fingerprint_of_the_demo_with_lora():
     count; LoRA weights are left out with skip='lora_' (LoRA is the identity at init)."""
     from vlm2vec.demo import family
 
-    model = tiny(family.FAMILY_NAME).add_lora()
+    model = VLM2Vec.tiny(family.FAMILY_NAME).add_lora()
     names = [n for n, _ in trained_parameters(model)]
     assert any(".projector.modules_to_save." in n for n in names)
     assert any(".projector.original_module." in n for n in names)

@@ -188,10 +188,10 @@ def test_dora_attaches_to_a_partitioned_model(tmp_path):
     """DoRA's magnitudes are the base weights' column norms: on a model loaded partitioned (ZeRO-3) they
     must come out as on the whole model (peft gathers the weights while transformers' DeepSpeed config
     is alive)."""
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
 
     model = str(tmp_path / "tiny")
-    tiny("qwen2_vl").save_pretrained(model)
+    VLM2Vec.tiny("qwen2_vl").save_pretrained(model)
     done = _python(["-c", DORA_CHECK, model, _ds_config(3, str(tmp_path))], 300)
     count, diff = done.stdout.split("DIFF")[1].split()
     assert int(count) > 0 and float(diff) == 0.0, done.stdout[-2000:]

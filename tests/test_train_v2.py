@@ -76,15 +76,15 @@ def test_mixed_rows_are_read_and_batched(tmp_path) -> None:
 
 def _chunk_counts(train, budget: int, steps: int) -> list[list[tuple[int, int]]]:
     """(query, candidate) GradCache chunk counts per step and rank, as the trainer collates them."""
-    from vlm2vec import backbones
     from vlm2vec.config import load_config
+    from vlm2vec.model import VLM2Vec
     from vlm2vec.train import load_data, make_batches
 
     argv = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(train), "--max_steps", str(steps),
             "--per_device_train_batch_size", "3", "--gc_max_visual_tokens", str(budget),
             "--subset_weights", "uniform"]  # fmt: skip
     config = load_config(argv)
-    model, data = backbones.tiny("qwen2_vl"), load_data(config)
+    model, data = VLM2Vec.tiny("qwen2_vl"), load_data(config)
     counts = []
     for step in range(steps):
         per_rank = []
@@ -148,8 +148,8 @@ def test_two_ranks_train_on_image_video_document_batches(tmp_path, stage) -> Non
 def test_weighted_sources_and_task_wise_chunks(tmp_path) -> None:
     from collections import Counter
 
-    from vlm2vec.backbones import tiny
     from vlm2vec.data import ChunkCollator, TrainBatches, load_train_mix, parse_sources
+    from vlm2vec.model import VLM2Vec
     from vlm2vec.synthetic import write_synthetic_mmeb, write_synthetic_v2_train
 
     assert parse_sources("a=0.7, hub/name=0.3,b") == [("a", 0.7), ("hub/name", 0.3), ("b", None)]
@@ -173,7 +173,7 @@ def test_weighted_sources_and_task_wise_chunks(tmp_path) -> None:
     step = next(s for s in range(50) if video in batches[s].subsets and len(set(batches[s].subsets)) == 2)
     batch = batches[step]
     assert batch.subsets[:3] == [batch.subsets[0]] * 3 and batch.subsets[3:] == [batch.subsets[3]] * 3
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     prepared = ChunkCollator(
         model, query_chunk_size=None, sort_by_length=True, max_tokens=10_000, group_size=3
     )(batch)

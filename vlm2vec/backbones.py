@@ -24,8 +24,6 @@ from torch import nn
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from vlm2vec.model import VLM2Vec
-
 STORED_IMAGE_PLACEHOLDER = "<|image_1|>"
 """The image placeholder MMEB data stores; `prepare` replaces it by the family's own image token."""
 STORED_VIDEO_PLACEHOLDER = "<|video_1|>"
@@ -264,17 +262,6 @@ def family_of(path_or_config: str | os.PathLike | Any) -> BackboneFamily:
         if model_type in family.model_types:
             return family
     raise ValueError(f"no backbone family handles model_type {model_type!r}; known: {sorted(FAMILIES)}")
-
-
-def tiny(family: str, **model_kwargs: Any) -> VLM2Vec:
-    """A tiny randomly initialised VLM2Vec of `family` (hidden ~64, 2 layers), built offline."""
-    from vlm2vec.model import VLM2Vec
-
-    fam = get_family(family)
-    hf_model, processor = fam.tiny()
-    # tiny processors carry their own small image settings; ProcessorSettings() defers to them
-    model_kwargs.setdefault("settings", ProcessorSettings())
-    return VLM2Vec(hf_model, processor, fam, **model_kwargs)
 
 
 def tiny_families() -> list[str]:

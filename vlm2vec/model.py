@@ -10,7 +10,7 @@ import copy
 import inspect
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -510,6 +510,17 @@ class VLM2Vec(nn.Module):
             self.family.save(self.hf_model, self.processor, directory)
         with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
+
+    @classmethod
+    def tiny(cls, family: str, *, build: Mapping[str, Any] | None = None, **model_kwargs: Any) -> VLM2Vec:
+        """A tiny randomly initialised VLM2Vec of `family` (hidden ~64, 2 layers), built offline:
+        tests, benchmarks, the trainer's `tiny:<family>` models. `build`: keyword arguments of the
+        family's builder (Qwen: `text_dims` / `vision_dims` give a released model's sizes)."""
+        fam = get_family(family)
+        hf_model, processor = fam.tiny(**(build or {}))
+        # tiny processors carry their own small image settings; ProcessorSettings() defers to them
+        model_kwargs.setdefault("settings", ProcessorSettings())
+        return cls(hf_model, processor, fam, **model_kwargs)
 
     @classmethod
     def from_pretrained(

@@ -212,7 +212,7 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from vlm2vec.backbones import ProcessorSettings, tiny
+    from vlm2vec.backbones import ProcessorSettings
     from vlm2vec.model import VLM2Vec
 
     unset_hf_deepspeed_config()  # an earlier ZeRO-3 model of this process must not make this one partitioned
@@ -247,7 +247,7 @@ def build_model(config: TrainConfig, base: Any = None, ds_config: dict[str, Any]
             config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops,
             config.prompt_layout,
         )  # fmt: skip
-        model = tiny(config.family, settings=settings, **common)
+        model = VLM2Vec.tiny(config.family, settings=settings, **common)
     else:
         model = VLM2Vec.from_pretrained(
             config.model_name, family=config.family, dtype=dtype,

@@ -17,7 +17,7 @@ a row.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,8 +401,14 @@ def _make_load(spec: _QwenSpec) -> LoadFn:
     return load
 
 
-def _make_tiny(spec: _QwenSpec) -> Callable[[], tuple[nn.Module, ProcessorPair]]:
-    def tiny() -> tuple[nn.Module, ProcessorPair]:
+def _make_tiny(spec: _QwenSpec) -> Callable[..., tuple[nn.Module, ProcessorPair]]:
+    def tiny(
+        text_dims: Mapping[str, Any] | None = None,
+        vision_dims: Mapping[str, Any] | None = None,
+        attn_implementation: str = "sdpa",
+    ) -> tuple[nn.Module, ProcessorPair]:
+        """A randomly initialised model with a tiny tokenizer: hidden ~64 and 2 layers unless
+        `text_dims` / `vision_dims` override config fields (a released model's sizes, for benchmarks)."""
         import transformers
 
         tok = build_tiny_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>", pad="<|endoftext|>")
@@ -470,14 +476,14 @@ def _make_tiny(spec: _QwenSpec) -> Callable[[], tuple[nn.Module, ProcessorPair]]
                     fullatt_block_indexes=[1],
                 )
         config = getattr(transformers, spec.config_class)(
-            text_config=text,
-            vision_config=vision,
+            text_config={**text, **(text_dims or {})},
+            vision_config={**vision, **(vision_dims or {})},
             image_token_id=ids["<|image_pad|>"],
             video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = attn_implementation
         torch.manual_seed(0)
         model = getattr(transformers, spec.model_class)(config)
         unit = spec.patch_size * 2
