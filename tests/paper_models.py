@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vlm2vec.backbones import ProcessorSettings, get_family, tiny
+from vlm2vec.backbones import ProcessorSettings, get_family
 from vlm2vec.config import TrainConfig
 from vlm2vec.model import VLM2Vec
 
@@ -43,7 +43,8 @@ def settings_of(config: TrainConfig) -> ProcessorSettings:
 
 
 def _qwen(config: TrainConfig) -> VLM2Vec:
-    model = tiny("qwen2_vl", settings=settings_of(config), max_len=config.max_len, pooling=config.pooling)
+    settings = settings_of(config)
+    model = VLM2Vec.tiny("qwen2_vl", settings=settings, max_len=config.max_len, pooling=config.pooling)
     model.hf_model.config.get_text_config().max_position_embeddings = REAL_CONTEXT
     return model
 

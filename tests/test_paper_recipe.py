@@ -223,23 +223,23 @@ def test_v2_config_lora_targets_every_lm_linear():
 
 
 def test_explicit_targets_inside_a_frozen_tower_are_refused():
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
     from vlm2vec.train import build_model
 
     config = load_config(["--model_name", "tiny:llava_next", "--lora_target_modules", "q_proj,out_proj"])
     with pytest.raises(ConfigError, match=r"out_proj,q_proj.*inside the vision tower.*--freeze_vision false"):
-        build_model(config, base=tiny("llava_next"))
+        build_model(config, base=VLM2Vec.tiny("llava_next"))
     # the family's default targets stay in the LM of a frozen tower; --freeze_vision false adapts the tower
-    frozen = build_model(load_config(["--model_name", "tiny:llava_next"]), base=tiny("llava_next"))
+    frozen = build_model(load_config(["--model_name", "tiny:llava_next"]), base=VLM2Vec.tiny("llava_next"))
     assert not any("vision_tower" in n for n in _adapted(frozen.backbone))
     open_tower = load_config(["--model_name", "tiny:llava_next", "--lora_target_modules", "q_proj,out_proj",
                               "--freeze_vision", "false"])  # fmt: skip
-    model = build_model(open_tower, base=tiny("llava_next"))
+    model = build_model(open_tower, base=VLM2Vec.tiny("llava_next"))
     tower = [n for n in _adapted(model.backbone) if "vision_tower" in n]
     assert any(n.endswith("out_proj") for n in tower)
     assert not any(p.requires_grad for n, p in model.vision_tower.named_parameters() if "lora_" not in n)
     full = build_model(load_config(["--model_name", "tiny:llava_next", "--lora", "false", "--freeze_vision",
-                                    "false"]), base=tiny("llava_next"))  # fmt: skip
+                                    "false"]), base=VLM2Vec.tiny("llava_next"))  # fmt: skip
     assert all(p.requires_grad for p in full.vision_tower.parameters())  # full fine-tuning trains the tower
 
 
@@ -279,7 +279,7 @@ def test_v2_config_gives_task_wise_batches(shapes):
     """V2.0 (interleave_batch_size 64, equal weights) on 8 processes x 128: each process's batch is two runs
     of 64 consecutive rows, each from one subset, and all processes share the subset of each run (one
     global run of 512 rows split 8 ways); subsets are drawn uniformly, not by size."""
-    from vlm2vec.backbones import tiny
+    from vlm2vec.model import VLM2Vec
     from vlm2vec.train import load_data, make_batches
 
     v2 = os.path.join(REPO, "configs", "qwen2_vl_2b_v2.yaml")
@@ -287,7 +287,7 @@ def test_v2_config_gives_task_wise_batches(shapes):
     config = load_config(["--config", v2, "--model_name", "tiny:qwen2_vl", *data_args])
     data = load_data(config)
     data.subsets["VisDial"] = data.subsets["VisDial"] * 50  # very unequal sizes: uniform draws ignore them
-    model = tiny("qwen2_vl")
+    model = VLM2Vec.tiny("qwen2_vl")
     ranks = [make_batches(config, data, model, rank, 8)[0] for rank in range(8)]
     for step in range(40):
         per_rank = [b.sampler.rows(step, b.rank, 8, b.spread) for b in ranks]
