@@ -21,9 +21,9 @@ from vlm2vec.backbones import (
     family_of,
     get_family,
     register_family,
-    tiny,
     tiny_families,
 )
+from vlm2vec.model import VLM2Vec
 
 ALL = tiny_families()
 ATOL = 2e-5  # fp32, different padded lengths change the reduction order of attention
@@ -46,7 +46,7 @@ def mixed_rows() -> tuple[list[str], list[Image.Image | None]]:
 
 @pytest.fixture(scope="module")
 def models() -> dict:
-    return {name: tiny(name) for name in ALL}
+    return {name: VLM2Vec.tiny(name) for name in ALL}
 
 
 def test_builtin_families_are_registered_with_their_facts() -> None:
