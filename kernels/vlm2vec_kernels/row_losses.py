@@ -83,7 +83,13 @@ def _plain(l: Tensor, target: Tensor, want_grad: bool) -> tuple[Tensor, Tensor |
     l_t = l.gather(1, target[:, None])[:, 0]
     row_max = l.amax(1)
     probs = torch.softmax(l, 1)
-    loss = row_max.sub_(probs.amax(1).log_()).sub_(l_t)
+    # (max - l_t) first: exact when the positive is (near) the largest logit, and the small -log pmax is
+    # added to it; max - log pmax first would round a small loss to the ulp of the logits (|l| ~ 1/tau)
+    loss = row_max.sub_(l_t).sub_(probs.amax(1).log_())
     if not want_grad:
         return loss, None
-    return loss, probs.scatter_add_(1, target[:, None], torch.full_like(l_t[:, None], -1.0))
+    # E_it = -sum_{j != t} p_ij rather than p_it - 1: p_it ~ 1 rounds at 6e-8, which times l_it ~ 1/tau
+    # swamps a small <E, l> (dL/dtau and the normalisations read it); the sum keeps p's relative error
+    column = target[:, None]
+    off_target = probs.scatter_(1, column, 0.0).sum(1, keepdim=True)
+    return loss, probs.scatter_(1, column, off_target.neg_())
