@@ -374,7 +374,8 @@ def contrastive_loss(
     (B <= 16,384 at K = 0) computes both directions in one pass over all of them (`extended.py`:
     6 B^2 D FLOPs, the logits held once, torch ops on either backend). Other symmetric losses and
     reduction="none" take the recompute path (`recompute.py`: the backward recomputes the logits,
-    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction. Extra memory
+    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction (on the Triton
+    backend, Matryoshka alone runs its own kernels: `triton_prefix.py`, 11 launches). Extra memory
     beyond the returned gradients: one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most
     of it inside the not yet written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32
     gradient buffers for 16-bit inputs + O(B) vectors; `group` adds the gathered candidates.

@@ -17,7 +17,8 @@ so the whole fwd+bwd costs 6 B^2 d_K FLOPs (2 for the logits, 4 for the gradient
 of prefixes. The normalisation of every prefix adds -<E^k, l^k>_row (r^k)^2 x[:, :d_k] per row and
 dL/dtau = -1/tau sum <E, l>: row and column sums of the chunk, no GEMM. Memory: one chunk of logits per
 prefix (never B x B). Gradients are computed in the forward for scalar losses (the backward scales
-them); with reduction="none" the backward runs the same pass with the upstream weights.
+them); with reduction="none" the backward runs the same pass with the upstream weights. On the Triton
+backend Matryoshka alone (no ids, margin or symmetric) goes to `triton_prefix.py` instead.
 """
 
 from __future__ import annotations
@@ -236,9 +237,20 @@ def _directions(
     return [forward, reverse], target, local
 
 
+def _triton_prefix():
+    """triton_prefix.py, imported on first use (only the Triton backend needs triton)."""
+    from . import triton_prefix
+
+    return triton_prefix
+
+
 def _run(q: Tensor, c: Tensor, tau: Tensor | None, plan: _Plan, weight: float | Tensor | None):
     """(row losses [Bq], [dq, dc, dtau] or None): the gradients of sum_i weight_i * loss_i."""
     call = plan.call
+    if call.engine.__name__.endswith(".triton_engine") and _triton_prefix().applies(call, q, c):
+        # Matryoshka alone on the Triton backend: kernels of its own (triton_prefix.py)
+        losses, grads = _triton_prefix().run(q, c, plan.temperature if tau is None else tau, call, weight)
+        return losses, None if grads is None else [g if need else None for g, need in zip(grads, plan.needs)]
     acc = accumulation_dtype(q.dtype)
     inv_tau = inverse_temperature(plan.temperature if tau is None else tau, acc, call.tau_checked)
     one_pass = call.symmetric and fits_one_pass(call, q, c)
@@ -303,7 +315,7 @@ class ExtendedInfoNCE(torch.autograd.Function):
         elif grads is None:  # a repeated backward (retain_graph): recompute
             grads = _run(query, candidates, tau, plan, plan.call.layout.scale(plan.call.reduction))[1]
         dtypes = [query.dtype, candidates.dtype, None if tau is None else tau.dtype]
-        return *torch_engine.scale_grads(grads, grad_out, dtypes), None
+        return *plan.call.engine.scale_grads(grads, grad_out, dtypes), None
 
 
 def extended_loss(query: Tensor, candidates: Tensor, tau: float | Tensor, call: LossCall) -> Tensor:
