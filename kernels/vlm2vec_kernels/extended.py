@@ -112,9 +112,16 @@ def _direction_pass(
         reverse_same = None
         if reverse.row_ids is not None:
             reverse_same = reverse.row_ids[:, None] == reverse.col_ids[None, :]
+    # one direction with one weight for every row (scalar reductions): E is weighted once, by w_k rw a_i
+    # together, and the row / column sums of E l scaled after the sum (one pass less per prefix); its
+    # R x N temporaries (two softmax buffers: E^k and H^{k+1} live at once; E l) are reused by every
+    # chunk and prefix rather than allocated each time
+    uniform = want and reverse is None and row_weight.stride(0) == 0
+    scratch = torch.empty(3, step * n_cols, dtype=acc, device=x.device) if uniform else None
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
         x_rows = x[rows]
+        chunk = None if scratch is None else scratch[:, : (rows.stop - start) * n_cols].view(3, -1, n_cols)
         same = None
         if d.row_ids is not None:
             same = d.row_ids[rows, None] == d.col_ids[None, :]
@@ -132,7 +139,8 @@ def _direction_pass(
             if ry is not None:
                 l.mul_(ry[k])
             first = k == n_dims - 1
-            loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want)
+            out = None if chunk is None else chunk[k % 2]
+            loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want, out)
             if d.bad is not None:  # an out-of-range target: its row's loss and gradient are NaN (the
                 # logits stay finite: in one pass they are also the reverse direction's columns)
                 nan_where(loss_k, d.bad[rows])
@@ -147,17 +155,24 @@ def _direction_pass(
                 _add_or_set(reverse_losses, r_loss, call.dim_weights[k], first)
             if not want:
                 continue
-            grad.mul_((call.dim_weights[k] * row_weight[rows])[:, None])
-            if reverse is not None:
-                grad.index_add_(1, d.target, r_grad.mul_((call.dim_weights[k] * row_weight)[:, None]).T)
-            el = grad * l
-            es_rows = el.sum(1)
+            if uniform:
+                weight = row_weight[0] * call.dim_weights[k]
+                el = torch.mul(grad, l, out=chunk[2])
+                es_rows = el.sum(1).mul_(weight)
+                grad.mul_((a[k, rows] * weight)[:, None])
+            else:
+                grad.mul_((call.dim_weights[k] * row_weight[rows])[:, None])
+                if reverse is not None:
+                    grad.index_add_(1, d.target, r_grad.mul_((call.dim_weights[k] * row_weight)[:, None]).T)
+                el = grad * l
+                es_rows = el.sum(1)
+                grad.mul_(a[k, rows, None])
             term = es_rows.sum() * (-inv_tau)
             dtau = term if dtau is None else dtau.add_(term)
             if rx is not None:
                 coef_x[k, rows] = _projection_coef(es_rows, rx[k, rows])
-                _add_or_set(coef_y[k], _projection_coef(el.sum(0), ry[k]), 1.0, start == 0)
-            grad.mul_(a[k, rows, None])
+                es_cols = el.sum(0).mul_(weight) if uniform else el.sum(0)
+                _add_or_set(coef_y[k], _projection_coef(es_cols, ry[k]), 1.0, start == 0)
             if ry is not None:
                 grad.mul_(ry[k])
             held = grad if held is None else grad.add_(held)  # H^k = sum_{m >= k} E^m a^m b^m
