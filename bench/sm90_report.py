@@ -29,8 +29,9 @@ SM90 = ("cuda", 90, 32)
 _INT_ARGS = {
     "M", "N", "D", "R", "row0", "n_a", "n_b", "n_t", "t_offset", "t_stride",
     "stride_q", "stride_c", "stride_p", "stride_s", "stride_e", "tiles_per_split", "splits",
+    "P", "Q", "stride_hp", "stride_hq", "stride_y", "stride_x", *(f"D{k}" for k in range(8)),
 }  # fmt: skip
-_FLOAT_ARGS = {"eps", "inv_tau", "weight"}
+_FLOAT_ARGS = {"eps", "inv_tau", "weight", *(f"W{k}" for k in range(8))}
 # integer arguments that are multiples of 16 in the shapes we ship for (D = 1536, 3584, ...)
 _DIVISIBLE_INTS = {"D", "stride_q", "stride_c", "stride_p", "stride_s", "stride_e"}
 
@@ -146,6 +147,7 @@ def shipped_configurations() -> list[dict]:
                         }
                     )
     out += _fused_configurations()
+    out += _prefix_configurations()
     out.append(
         {
             "fn": lse_merge_kernel,
@@ -203,6 +205,49 @@ def _fused_configurations() -> list[dict]:
             {"BLOCK": SCALE_BLOCK},
             4,
         )
+    return out
+
+
+def _prefix_configurations() -> list[dict]:
+    """The Matryoshka kernels (triton_prefix.py) at K = 5 prefixes with their GPU launch shapes; the
+    two dot kernels must run on HGMMA."""
+    import torch
+    from vlm2vec_kernels import triton_prefix as tp
+    from vlm2vec_kernels import triton_prefix_kernels as k
+    from vlm2vec_kernels.triton_common import ROW_CONFIGS, dot_precision
+
+    norms, rows = ROW_CONFIGS["norms"], tp.GPU_ROWS
+    out = []
+
+    def add(fn, label, dtype, pointers, constexprs, num_warps, num_stages, hgmma):
+        out.append(
+            {"fn": fn, "kernel": fn.__name__.removesuffix("_kernel"), "config": label, "dtype": dtype,
+             "pointer_types": {n: "*fp32" for n in fn.arg_names} | pointers, "constexprs": constexprs,
+             "options": {"num_warps": num_warps, "num_stages": num_stages}, "needs_hgmma": hgmma}
+        )  # fmt: skip
+
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        inputs = {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}"}
+        precision = dot_precision(torch_dtype)
+        add(k.prefix_norms_kernel, f"K5 R{norms.block_r} D{norms.block(1536)} w{norms.num_warps}", dtype,
+            inputs, {"K": 5, "BLOCK_R": norms.block_r, "BLOCK_D": norms.block(1536)}, norms.num_warps, 1,
+            False)  # fmt: skip
+        bm, bn, bk, warps = tp.GPU_TILE["logits"]
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": precision}
+        add(k.prefix_logits_kernel, f"K5 {bm}x{bn}x{bk} w{warps}", dtype, inputs,
+            {"K": 5, "UPCAST": False, **tile}, warps, 3, True)  # fmt: skip
+        bm, bn, bk, warps = tp.GPU_TILE["grad_fp32" if dtype == "fp32" else "grad"]
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_PRECISION": precision}
+        for normalize in (True, False):
+            add(k.segment_grad_kernel, f"K5 {bm}x{bn}x{bk} w{warps} norm={normalize:d}", dtype,
+                {"y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}"}, {"K": 5, "NORMALIZE": normalize, **tile},
+                warps, 3, True)  # fmt: skip
+    for normalize, want in ((True, True), (False, True), (True, False)):
+        add(k.prefix_rows_kernel, f"K5 R{rows.block_r} N{rows.max_block} w{rows.num_warps} "
+            f"norm={normalize:d} grad={want:d}", "fp32", {"t_ptr": "*i64"},
+            {"K": 5, "NORMALIZE": normalize, "TAU_TENSOR": True, "HAS_TARGETS": normalize,
+             "ROW_WEIGHT": not normalize, "WANT_GRAD": want, "BLOCK_R": rows.block_r,
+             "BLOCK_N": rows.max_block}, rows.num_warps, 1, False)  # fmt: skip
     return out
 
 

@@ -308,3 +308,27 @@ def test_unchecked_out_of_range_targets_make_their_rows_nan(gen, monkeypatch, sy
     bad[[3, 11]] = True
     assert torch.isnan(losses[bad]).all() and torch.isfinite(losses[~bad]).all()
     assert torch.isnan(contrastive_loss(q, c, 0.1, **options))
+
+
+def test_module_takes_the_options(gen):
+    """ContrastiveLoss fixes the v3 options (checked at construction) and takes candidate_ids per
+    batch: the same value as the function."""
+    from vlm2vec_kernels import ContrastiveLoss
+
+    q, c, targets, ids = make_batch(gen)
+    options = dict(matryoshka_dims=[9, 45], matryoshka_weights=[0.5, 1.0], positives="any",
+                   false_negative_margin=0.1)  # fmt: skip
+    module = ContrastiveLoss(0.1, backend="torch", **options)
+    got = module(q, c, targets, candidate_ids=ids)
+    want = contrastive_loss(q, c, 0.1, targets=targets, candidate_ids=ids, backend="torch", **options)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain = contrastive_loss(q, c, 0.1, targets=targets, backend="torch", matryoshka_dims=[9, 45],
+                             matryoshka_weights=[0.5, 1.0], false_negative_margin=0.1)  # fmt: skip
+    torch.testing.assert_close(module(q, c, targets), plain, rtol=0, atol=0)  # no ids: no positives
+    assert "matryoshka_dims=[9, 45]" in repr(module) and "positives='any'" in repr(module)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ContrastiveLoss(matryoshka_dims=[5, 5])
+    with pytest.raises(ValueError, match="positives must be one of"):
+        ContrastiveLoss(positives="some")
+    with pytest.raises(ValueError, match="false_negative_margin must be finite"):
+        ContrastiveLoss(false_negative_margin=float("inf"))

@@ -374,7 +374,8 @@ def contrastive_loss(
     (B <= 16,384 at K = 0) computes both directions in one pass over all of them (`extended.py`:
     6 B^2 D FLOPs, the logits held once, torch ops on either backend). Other symmetric losses and
     reduction="none" take the recompute path (`recompute.py`: the backward recomputes the logits,
-    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction. Extra memory
+    8 B^2 D per direction); any v3 option runs `extended.py` for every reduction (on the Triton
+    backend, Matryoshka alone runs its own kernels: `triton_prefix.py`, 11 launches). Extra memory
     beyond the returned gradients: one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most
     of it inside the not yet written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32
     gradient buffers for 16-bit inputs + O(B) vectors; `group` adds the gathered candidates.
@@ -400,10 +401,13 @@ def contrastive_loss(
 
 
 class ContrastiveLoss(nn.Module):
-    """nn.Module form of `contrastive_loss`; forward(query, candidates, targets=None).
+    """nn.Module form of `contrastive_loss`; forward(query, candidates, targets=None, candidate_ids=None).
 
     With `learnable_temperature=True` the temperature is a parameter stored as its logarithm (so it
-    stays positive under any optimizer step), initialised to `temperature`.
+    stays positive under any optimizer step), initialised to `temperature`. The v3 options
+    (`matryoshka_dims`, `matryoshka_weights`, `positives`, `false_negative_margin`) are fixed here and
+    checked now (the dims against D at the first call); `candidate_ids` change per batch: forward takes
+    them.
     """
 
     def __init__(
@@ -416,11 +420,23 @@ class ContrastiveLoss(nn.Module):
         group: dist.ProcessGroup | None = None,
         backend: str = "auto",
         learnable_temperature: bool = False,
+        matryoshka_dims: Sequence[int] | None = None,
+        matryoshka_weights: Sequence[float] | None = None,
+        positives: str | None = None,
+        false_negative_margin: float | None = None,
     ) -> None:
         super().__init__()
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_choice("backend", backend, BACKENDS)
         _checked_temperature(temperature, torch.device("cpu"))
+        if positives is not None:
+            _check_choice("positives", positives, POSITIVES)
+        width = max(matryoshka_dims) if _is_int_sequence(matryoshka_dims) else 1
+        dummy = torch.empty(0, width, device="meta")  # shapes only: the checks read no values
+        _checked_v3(dummy, dummy, matryoshka_dims, matryoshka_weights, None, None, false_negative_margin)
+        self.matryoshka_dims = None if matryoshka_dims is None else list(matryoshka_dims)
+        self.matryoshka_weights = None if matryoshka_weights is None else list(matryoshka_weights)
+        self.positives, self.false_negative_margin = positives, false_negative_margin
         self.normalize, self.symmetric, self.reduction = normalize, symmetric, reduction
         self.group, self.backend = group, backend
         if learnable_temperature:
@@ -433,7 +449,13 @@ class ContrastiveLoss(nn.Module):
     def temperature(self) -> float | Tensor:
         return self.fixed_temperature if self.log_temperature is None else self.log_temperature.exp()
 
-    def forward(self, query: Tensor, candidates: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        candidates: Tensor,
+        targets: Tensor | None = None,
+        candidate_ids: Tensor | None = None,
+    ) -> Tensor:
         return contrastive_loss(
             query,
             candidates,
@@ -444,6 +466,11 @@ class ContrastiveLoss(nn.Module):
             reduction=self.reduction,
             group=self.group,
             backend=self.backend,
+            matryoshka_dims=self.matryoshka_dims,
+            matryoshka_weights=self.matryoshka_weights,
+            candidate_ids=candidate_ids,
+            positives=self.positives if candidate_ids is not None else None,
+            false_negative_margin=self.false_negative_margin,
         )
 
     def extra_repr(self) -> str:
@@ -452,4 +479,13 @@ class ContrastiveLoss(nn.Module):
             f"temperature={float(self.temperature):.4g}, learnable_temperature={learnable}, "
             f"normalize={self.normalize}, symmetric={self.symmetric}, reduction={self.reduction!r}, "
             f"backend={self.backend!r}"
+            + "".join(
+                f", {name}={value!r}"
+                for name in ("matryoshka_dims", "matryoshka_weights", "positives", "false_negative_margin")
+                if (value := getattr(self, name)) is not None
+            )
         )
+
+
+def _is_int_sequence(x) -> bool:
+    return isinstance(x, Sequence) and not isinstance(x, (str, bytes)) and bool(x) and all(map(_is_int, x))

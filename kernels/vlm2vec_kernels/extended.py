@@ -17,7 +17,8 @@ so the whole fwd+bwd costs 6 B^2 d_K FLOPs (2 for the logits, 4 for the gradient
 of prefixes. The normalisation of every prefix adds -<E^k, l^k>_row (r^k)^2 x[:, :d_k] per row and
 dL/dtau = -1/tau sum <E, l>: row and column sums of the chunk, no GEMM. Memory: one chunk of logits per
 prefix (never B x B). Gradients are computed in the forward for scalar losses (the backward scales
-them); with reduction="none" the backward runs the same pass with the upstream weights.
+them); with reduction="none" the backward runs the same pass with the upstream weights. On the Triton
+backend Matryoshka alone (no ids, margin or symmetric) goes to `triton_prefix.py` instead.
 """
 
 from __future__ import annotations
@@ -111,9 +112,16 @@ def _direction_pass(
         reverse_same = None
         if reverse.row_ids is not None:
             reverse_same = reverse.row_ids[:, None] == reverse.col_ids[None, :]
+    # one direction with one weight for every row (scalar reductions): E is weighted once, by w_k rw a_i
+    # together, and the row / column sums of E l scaled after the sum (one pass less per prefix); its
+    # R x N temporaries (two softmax buffers: E^k and H^{k+1} live at once; E l) are reused by every
+    # chunk and prefix rather than allocated each time
+    uniform = want and reverse is None and row_weight.stride(0) == 0
+    scratch = torch.empty(3, step * n_cols, dtype=acc, device=x.device) if uniform else None
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
         x_rows = x[rows]
+        chunk = None if scratch is None else scratch[:, : (rows.stop - start) * n_cols].view(3, -1, n_cols)
         same = None
         if d.row_ids is not None:
             same = d.row_ids[rows, None] == d.col_ids[None, :]
@@ -131,7 +139,8 @@ def _direction_pass(
             if ry is not None:
                 l.mul_(ry[k])
             first = k == n_dims - 1
-            loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want)
+            out = None if chunk is None else chunk[k % 2]
+            loss_k, grad = row_loss_grad(l, d.target[rows], same, call.positives, margin, want, out)
             if d.bad is not None:  # an out-of-range target: its row's loss and gradient are NaN (the
                 # logits stay finite: in one pass they are also the reverse direction's columns)
                 nan_where(loss_k, d.bad[rows])
@@ -146,17 +155,24 @@ def _direction_pass(
                 _add_or_set(reverse_losses, r_loss, call.dim_weights[k], first)
             if not want:
                 continue
-            grad.mul_((call.dim_weights[k] * row_weight[rows])[:, None])
-            if reverse is not None:
-                grad.index_add_(1, d.target, r_grad.mul_((call.dim_weights[k] * row_weight)[:, None]).T)
-            el = grad * l
-            es_rows = el.sum(1)
+            if uniform:
+                weight = row_weight[0] * call.dim_weights[k]
+                el = torch.mul(grad, l, out=chunk[2])
+                es_rows = el.sum(1).mul_(weight)
+                grad.mul_((a[k, rows] * weight)[:, None])
+            else:
+                grad.mul_((call.dim_weights[k] * row_weight[rows])[:, None])
+                if reverse is not None:
+                    grad.index_add_(1, d.target, r_grad.mul_((call.dim_weights[k] * row_weight)[:, None]).T)
+                el = grad * l
+                es_rows = el.sum(1)
+                grad.mul_(a[k, rows, None])
             term = es_rows.sum() * (-inv_tau)
             dtau = term if dtau is None else dtau.add_(term)
             if rx is not None:
                 coef_x[k, rows] = _projection_coef(es_rows, rx[k, rows])
-                _add_or_set(coef_y[k], _projection_coef(el.sum(0), ry[k]), 1.0, start == 0)
-            grad.mul_(a[k, rows, None])
+                es_cols = el.sum(0).mul_(weight) if uniform else el.sum(0)
+                _add_or_set(coef_y[k], _projection_coef(es_cols, ry[k]), 1.0, start == 0)
             if ry is not None:
                 grad.mul_(ry[k])
             held = grad if held is None else grad.add_(held)  # H^k = sum_{m >= k} E^m a^m b^m
@@ -236,9 +252,20 @@ def _directions(
     return [forward, reverse], target, local
 
 
+def _triton_prefix():
+    """triton_prefix.py, imported on first use (only the Triton backend needs triton)."""
+    from . import triton_prefix
+
+    return triton_prefix
+
+
 def _run(q: Tensor, c: Tensor, tau: Tensor | None, plan: _Plan, weight: float | Tensor | None):
     """(row losses [Bq], [dq, dc, dtau] or None): the gradients of sum_i weight_i * loss_i."""
     call = plan.call
+    if call.engine.__name__.endswith(".triton_engine") and _triton_prefix().applies(call, q, c):
+        # Matryoshka alone on the Triton backend: kernels of its own (triton_prefix.py)
+        losses, grads = _triton_prefix().run(q, c, plan.temperature if tau is None else tau, call, weight)
+        return losses, None if grads is None else [g if need else None for g, need in zip(grads, plan.needs)]
     acc = accumulation_dtype(q.dtype)
     inv_tau = inverse_temperature(plan.temperature if tau is None else tau, acc, call.tau_checked)
     one_pass = call.symmetric and fits_one_pass(call, q, c)
@@ -303,7 +330,7 @@ class ExtendedInfoNCE(torch.autograd.Function):
         elif grads is None:  # a repeated backward (retain_graph): recompute
             grads = _run(query, candidates, tau, plan, plan.call.layout.scale(plan.call.reduction))[1]
         dtypes = [query.dtype, candidates.dtype, None if tau is None else tau.dtype]
-        return *torch_engine.scale_grads(grads, grad_out, dtypes), None
+        return *plan.call.engine.scale_grads(grads, grad_out, dtypes), None
 
 
 def extended_loss(query: Tensor, candidates: Tensor, tau: float | Tensor, call: LossCall) -> Tensor:

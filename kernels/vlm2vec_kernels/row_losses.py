@@ -40,11 +40,13 @@ def row_loss_grad(
     mode: str,
     margin: float | Tensor | None,
     want_grad: bool,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """(L [R], E [R, N] or None) for logits l [R, N], target [R] columns, same [R, N] (the P_i mask, or
-    None for {t_i}); margin in logit units (margin / tau) or None."""
+    None for {t_i}); margin in logit units (margin / tau) or None. `out`: a buffer for E (plain
+    InfoNCE only; the masked modes allocate theirs)."""
     if same is None and margin is None:  # plain InfoNCE (every mode is): one fused softmax, no masks
-        return _plain(l, target, want_grad)
+        return _plain(l, target, want_grad, out)
     onehot = torch.zeros_like(l, dtype=torch.bool).scatter_(1, target[:, None], True)
     positives = onehot if same is None else same | onehot
     l_t = l.gather(1, target[:, None])
@@ -77,13 +79,19 @@ def row_loss_grad(
     raise ValueError(f"positives must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
 
 
-def _plain(l: Tensor, target: Tensor, want_grad: bool) -> tuple[Tensor, Tensor | None]:
+def _plain(l: Tensor, target: Tensor, want_grad: bool, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """L_i = logsumexp_j l_ij - l_it and E = softmax(l) - Y. The lse comes from two row maxima, as in
     torch_engine.xent: the softmax's largest entry is 1 / sum_j exp(l_ij - max_j l_ij)."""
     l_t = l.gather(1, target[:, None])[:, 0]
     row_max = l.amax(1)
-    probs = torch.softmax(l, 1)
-    loss = row_max.sub_(probs.amax(1).log_()).sub_(l_t)
+    probs = torch.softmax(l, 1) if out is None else torch.softmax(l, 1, out=out)
+    # (max - l_t) first: exact when the positive is (near) the largest logit, and the small -log pmax is
+    # added to it; max - log pmax first would round a small loss to the ulp of the logits (|l| ~ 1/tau)
+    loss = row_max.sub_(l_t).sub_(probs.amax(1).log_())
     if not want_grad:
         return loss, None
-    return loss, probs.scatter_add_(1, target[:, None], torch.full_like(l_t[:, None], -1.0))
+    # E_it = -sum_{j != t} p_ij rather than p_it - 1: p_it ~ 1 rounds at 6e-8, which times l_it ~ 1/tau
+    # swamps a small <E, l> (dL/dtau and the normalisations read it); the sum keeps p's relative error
+    column = target[:, None]
+    off_target = probs.scatter_(1, column, 0.0).sum(1, keepdim=True)
+    return loss, probs.scatter_(1, column, off_target.neg_())

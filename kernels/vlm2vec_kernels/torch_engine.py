@@ -285,7 +285,9 @@ def xent(
         loss = chunk_sum if loss is None else loss.add_(chunk_sum)
         if not want:
             continue
-        s.scatter_add_(1, target, torch.full_like(chunk_loss, -1.0))  # P - Y
+        # P - Y with Y's column as -sum_{j != t} P_ij: P_it - 1 would carry P_it's rounding near 1
+        # (6e-8) times s_it ~ 1/tau into finish's <dq, q> (dtau, the normalisation) for a small loss
+        s.scatter_(1, target, s.scatter_(1, target, 0.0).sum(1, keepdim=True).neg_())
         if gc is not None:  # torch.addmm(out=) rather than addmm_: FlopCounterMode counts it
             torch.addmm(gc, s.T, scaled, beta=0 if rows.start == 0 else 1, out=gc)
         if gq is not None:
