@@ -58,6 +58,14 @@ Quantization = Literal["nf4"] | None
 PaddingSide = Literal["left", "right"]
 
 
+class Processor(Protocol):
+    """What vlm2vec needs of a processor itself (a transformers processor, or a family's own tokenizer +
+    image-processor pair): it writes itself beside the weights; everything else goes through the
+    family's hooks, which know their processor's type."""
+
+    def save_pretrained(self, save_directory: str) -> object: ...
+
+
 class LoadFn(Protocol):
     def __call__(
         self,
@@ -68,13 +76,13 @@ class LoadFn(Protocol):
         quantization: Quantization,
         settings: ProcessorSettings,
         device: str | torch.device | None = None,
-    ) -> tuple[nn.Module, Any]: ...
+    ) -> tuple[nn.Module, Processor]: ...
 
 
 class PrepareFn(Protocol):
     def __call__(
         self,
-        processor: Any,
+        processor: Processor,
         texts: list[str],
         images: list[Image | None],
         max_len: int,
@@ -121,7 +129,7 @@ def _no_vision_tower(hf_model: nn.Module) -> nn.Module | None:
     return None
 
 
-def default_save(hf_model: nn.Module, processor: Any, directory: str) -> None:
+def default_save(hf_model: nn.Module, processor: Processor, directory: str) -> None:
     """Write model + processor the transformers way (config.json, safetensors, tokenizer files)."""
     hf_model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -167,11 +175,11 @@ class BackboneFamily:
     padding_side: PaddingSide
     lora_targets: list[str]
     load: LoadFn
-    tiny: Callable[[], tuple[nn.Module, Any]]
+    tiny: Callable[..., tuple[nn.Module, Processor]]
     prepare: PrepareFn
     hidden_states: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     vision_tower: Callable[[nn.Module], nn.Module | None] = _no_vision_tower
-    save: Callable[[nn.Module, Any, str], None] = default_save
+    save: Callable[[nn.Module, Processor, str], None] = default_save
     module: str | None = None
     default_settings: ProcessorSettings = field(default_factory=ProcessorSettings)
     supports_packed: bool = False
