@@ -14,16 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+from PIL.Image import Image
 from torch import nn
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
+    from transformers import PretrainedConfig
 
+RowImages = Image | Sequence[Image] | None
+"""One row's images: none, one, or several (`<|image_1|>`, `<|image_2|>`, ... in its text)."""
 STORED_IMAGE_PLACEHOLDER = "<|image_1|>"
 """The image placeholder MMEB data stores; `prepare` replaces it by the family's own image token."""
 STORED_VIDEO_PLACEHOLDER = "<|video_1|>"
@@ -84,7 +87,7 @@ class PrepareFn(Protocol):
         self,
         processor: Processor,
         texts: list[str],
-        images: list[Image | None],
+        images: list[RowImages],
         max_len: int,
         packed: bool = False,
         *,
@@ -241,7 +244,7 @@ def get_family(name: str) -> BackboneFamily:
     return FAMILIES[name]
 
 
-def family_of(path_or_config: str | os.PathLike | Any) -> BackboneFamily:
+def family_of(path_or_config: str | os.PathLike | PretrainedConfig) -> BackboneFamily:
     """Detect the family of a model directory, hub id or config (via vlm2vec.json or config.model_type)."""
     model_type = None
     if isinstance(path_or_config, str | os.PathLike):

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vlm2vec.adapters import load_adapter
-from vlm2vec.backbones import BackboneFamily, Processor, ProcessorSettings, family_of, get_family
+from vlm2vec.backbones import BackboneFamily, Processor, ProcessorSettings, RowImages, family_of, get_family
 from vlm2vec.feature_replay import replay_frozen_features
 from vlm2vec.lora import add_lora
 from vlm2vec.media import DEFAULT_NUM_FRAMES, VideoSource, load_video
@@ -35,9 +35,6 @@ from vlm2vec.vision_alignment import (
     image_feature_inputs,
     visual_calls,
 )
-
-RowImages = Image | Sequence[Image] | None
-"""One row's images: none, one, or several (`<|image_1|>`, `<|image_2|>`, ... in its text)."""
 
 __all__ = [
     "DUMMY_VISION_KEY",  # re-exported: the trainer imports it from here

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -97,8 +99,6 @@ def load_released_weights(model: nn.Module, directory: str) -> None:
 
     `Phi3VForCausalLM.from_pretrained` does the same renaming through transformers' own conversion of
     nested CLIP models; this is the explicit path (and the test of the mapping)."""
-    from safetensors.torch import load_file
-
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{directory}: no .safetensors files")
@@ -305,8 +305,6 @@ class Phi3VImageProcessor:
 
     def hd_transform(self, image: Any, num_crops: int) -> Any:
         """Resize keeping the aspect ratio so that <= num_crops tiles cover it; pad height with white."""
-        from PIL import Image, ImageOps
-
         crop = self.crop_size
         width, height = image.size
         transposed = width < height

@@ -26,12 +26,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PretrainedConfig
 
 from vlm2vec.backbones import BackboneFamily, ProcessorSettings, register_family
+from vlm2vec.families._common import expand_placeholders, fit_length, images_of, pad_rows
 
 FAMILY_NAME = "effnet_minilm"
 MODEL_TYPE = "vlm2vec_effnet_minilm"
@@ -94,9 +99,6 @@ class ImageFeaturizer:
         return digest.hexdigest()
 
     def pixels(self, image: Any) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return (x - 127.0) / 128.0
@@ -135,8 +137,6 @@ class ImageFeaturizer:
     def precompute(self, images: list[Any], batch_size: int = 64, show_progress: bool = True) -> int:
         """Fill the cache for `images` (a progress step per `batch_size` images; the network itself runs
         in `compute`'s small batches); returns how many were computed."""
-        from tqdm.auto import tqdm
-
         keys = [self.key(im) for im in images]
         cache = self.cache
         todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -270,8 +270,6 @@ def load(path_or_id: str, *, dtype: Any, attn_implementation: Any, quantization:
     else:
         if not os.path.isfile(os.path.join(path_or_id, "config.json")):
             raise ValueError(f"{path_or_id!r} is neither {BASE_ID!r} nor a saved {FAMILY_NAME} directory")
-        from safetensors.torch import load_file
-
         with open(os.path.join(path_or_id, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
         raw.pop("model_type", None)
@@ -285,8 +283,6 @@ def load(path_or_id: str, *, dtype: Any, attn_implementation: Any, quantization:
 
 
 def save(hf_model: nn.Module, processor: DemoProcessor, directory: str) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     hf_model.config.save_pretrained(directory)
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
@@ -310,8 +306,6 @@ def prepare(processor: DemoProcessor, texts: list[str], images: list[Any], max_l
             videos: list[Any] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
     """Image slots per image (`n_tokens` each); a video is one slot per frame holding that frame's global
     feature (the demo has no temporal encoder: a video is its frames' global tokens in order)."""
-    from vlm2vec.families._common import expand_placeholders, fit_length, images_of, pad_rows
-
     if packed:
         raise ValueError(f"family {FAMILY_NAME!r} does not support packed=True")
     tok, feat = processor.tokenizer, processor.featurizer
