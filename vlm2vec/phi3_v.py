@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -219,7 +219,7 @@ class Phi3VModel(Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> Any:
+    ) -> BaseModelOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
             if pixel_values is not None:
@@ -303,7 +303,7 @@ class Phi3VImageProcessor:
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
 
-    def hd_transform(self, image: Any, num_crops: int) -> Any:
+    def hd_transform(self, image: Image.Image, num_crops: int) -> Image.Image:
         """Resize keeping the aspect ratio so that <= num_crops tiles cover it; pad height with white."""
         crop = self.crop_size
         width, height = image.size
@@ -329,7 +329,9 @@ class Phi3VImageProcessor:
         rows, cols, g = height // self.crop_size, width // self.crop_size, self.tokens_per_side
         return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
 
-    def __call__(self, images: list[Any], num_crops: int | None = None) -> dict[str, Any]:
+    def __call__(
+        self, images: list[Image.Image], num_crops: int | None = None
+    ) -> dict[str, torch.Tensor | list[int]]:
         num_crops = num_crops or self.num_crops
         crop = self.crop_size
         mean = torch.tensor(self.image_mean).view(3, 1, 1)
