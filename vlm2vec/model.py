@@ -1,7 +1,9 @@
 """The VLM2Vec encoder: backbone -> last-layer hidden state of the last real token (or mean) -> L2 norm.
 
 One encoder serves queries and targets. Everything family-specific goes through `BackboneFamily` hooks
-(backbones.py), so this file never branches on the model kind.
+(backbones.py), so this file never branches on the model kind. Two jobs live beside it: keeping ZeRO-3
+ranks aligned with dummy vision passes (vision_alignment.py) and replaying a frozen tower's features in
+GradCache's recompute (feature_replay.py).
 """
 
 from __future__ import annotations
