@@ -201,3 +201,23 @@ def test_tiny_builds_other_sizes_through_the_family_builder():
     assert model.hf_model.config.vision_config.hidden_size == 128
     emb = model.encode(["<|image_1|> what is it?"], [Image.new("RGB", (56, 56), "red")], show_progress=False)
     assert emb.shape == (1, 128) and torch.isfinite(emb).all()
+
+
+def test_alignment_names_stay_importable_from_model() -> None:
+    """The ZeRO-3 alignment lives in vision_alignment.py; the trainer still imports its names from
+    vlm2vec.model, so they must be the same objects there."""
+    from vlm2vec import model, vision_alignment
+
+    assert model.DUMMY_VISION_KEY is vision_alignment.DUMMY_VISION_KEY
+    assert model.visual_calls is vision_alignment.visual_calls
+    assert model.visual_calls({"input_ids": 0, "pixel_values": 1, "pixel_values_videos": 2}) == 2
+    assert model.visual_calls({"input_ids": 0}) == 0
+
+
+def test_feature_replay_without_a_tower_counts_nothing() -> None:
+    """A text-only backbone (no vision tower) enters the replay block as a no-op with zero counters."""
+    from vlm2vec.feature_replay import replay_frozen_features
+
+    with replay_frozen_features(None) as stats:
+        pass
+    assert stats == {"computed": 0, "reused": 0}

@@ -14,16 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
+from PIL.Image import Image
 from torch import nn
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
+    from transformers import PretrainedConfig
 
+RowImages = Image | Sequence[Image] | None
+"""One row's images: none, one, or several (`<|image_1|>`, `<|image_2|>`, ... in its text)."""
 STORED_IMAGE_PLACEHOLDER = "<|image_1|>"
 """The image placeholder MMEB data stores; `prepare` replaces it by the family's own image token."""
 STORED_VIDEO_PLACEHOLDER = "<|video_1|>"
@@ -58,6 +61,14 @@ Quantization = Literal["nf4"] | None
 PaddingSide = Literal["left", "right"]
 
 
+class Processor(Protocol):
+    """What vlm2vec needs of a processor itself (a transformers processor, or a family's own tokenizer +
+    image-processor pair): it writes itself beside the weights; everything else goes through the
+    family's hooks, which know their processor's type."""
+
+    def save_pretrained(self, save_directory: str) -> object: ...
+
+
 class LoadFn(Protocol):
     def __call__(
         self,
@@ -68,15 +79,15 @@ class LoadFn(Protocol):
         quantization: Quantization,
         settings: ProcessorSettings,
         device: str | torch.device | None = None,
-    ) -> tuple[nn.Module, Any]: ...
+    ) -> tuple[nn.Module, Processor]: ...
 
 
 class PrepareFn(Protocol):
     def __call__(
         self,
-        processor: Any,
+        processor: Processor,
         texts: list[str],
-        images: list[Image | None],
+        images: list[RowImages],
         max_len: int,
         packed: bool = False,
         *,
@@ -121,7 +132,7 @@ def _no_vision_tower(hf_model: nn.Module) -> nn.Module | None:
     return None
 
 
-def default_save(hf_model: nn.Module, processor: Any, directory: str) -> None:
+def default_save(hf_model: nn.Module, processor: Processor, directory: str) -> None:
     """Write model + processor the transformers way (config.json, safetensors, tokenizer files)."""
     hf_model.save_pretrained(directory)
     processor.save_pretrained(directory)
@@ -167,11 +178,11 @@ class BackboneFamily:
     padding_side: PaddingSide
     lora_targets: list[str]
     load: LoadFn
-    tiny: Callable[[], tuple[nn.Module, Any]]
+    tiny: Callable[..., tuple[nn.Module, Processor]]
     prepare: PrepareFn
     hidden_states: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     vision_tower: Callable[[nn.Module], nn.Module | None] = _no_vision_tower
-    save: Callable[[nn.Module, Any, str], None] = default_save
+    save: Callable[[nn.Module, Processor, str], None] = default_save
     module: str | None = None
     default_settings: ProcessorSettings = field(default_factory=ProcessorSettings)
     supports_packed: bool = False
@@ -233,7 +244,7 @@ def get_family(name: str) -> BackboneFamily:
     return FAMILIES[name]
 
 
-def family_of(path_or_config: str | os.PathLike | Any) -> BackboneFamily:
+def family_of(path_or_config: str | os.PathLike | PretrainedConfig) -> BackboneFamily:
     """Detect the family of a model directory, hub id or config (via vlm2vec.json or config.model_type)."""
     model_type = None
     if isinstance(path_or_config, str | os.PathLike):

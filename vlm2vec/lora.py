@@ -10,10 +10,13 @@ vision tower, when the run keeps it frozen) so that choice is explicit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import BitsAndBytesConfig
 
 LORA_INITS = ("gaussian", "default", True, False)
 
@@ -105,7 +108,9 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def nf4_config(compute_dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()) -> Any:
+def nf4_config(
+    compute_dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()
+) -> BitsAndBytesConfig:
     """transformers BitsAndBytesConfig for 4-bit NF4 base weights (QLoRA); `skip_modules` stay dense."""
     from transformers import BitsAndBytesConfig
 

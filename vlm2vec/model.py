@@ -1,49 +1,60 @@
 """The VLM2Vec encoder: backbone -> last-layer hidden state of the last real token (or mean) -> L2 norm.
 
 One encoder serves queries and targets. Everything family-specific goes through `BackboneFamily` hooks
-(backbones.py), so this file never branches on the model kind.
+(backbones.py), so this file never branches on the model kind. Two jobs live beside it: keeping ZeRO-3
+ranks aligned with dummy vision passes (vision_alignment.py) and replaying a frozen tower's features in
+GradCache's recompute (feature_replay.py).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL.Image import Image
 from torch import nn
+from tqdm.auto import tqdm
 
-from vlm2vec.backbones import BackboneFamily, ProcessorSettings, family_of, get_family
+from vlm2vec.adapters import load_adapter
+from vlm2vec.backbones import BackboneFamily, Processor, ProcessorSettings, RowImages, family_of, get_family
+from vlm2vec.feature_replay import replay_frozen_features
+from vlm2vec.lora import add_lora
 from vlm2vec.media import DEFAULT_NUM_FRAMES, VideoSource, load_video
+from vlm2vec.released import released_checkpoint
+from vlm2vec.vision_alignment import (
+    DUMMY_VISION_KEY,
+    VISUAL_INPUT_KEYS,
+    dummy_image,
+    dummy_vision_passes,
+    image_feature_inputs,
+    visual_calls,
+)
 
-if TYPE_CHECKING:
-    from PIL.Image import Image
+__all__ = [
+    "DUMMY_VISION_KEY",  # re-exported: the trainer imports it from here
+    "META_FILE",
+    "POOLINGS",
+    "RowImages",
+    "VISUAL_INPUT_KEYS",
+    "VLM2Vec",
+    "last_token_index",
+    "pool",
+    "resolve_attn_implementation",
+    "row_kinds",
+    "visual_calls",  # re-exported: the trainer imports it from here
+]
 
 META_FILE = "vlm2vec.json"
 BASE_SUBDIR = "base"
 POOLINGS = ("last", "mean")
-VISUAL_INPUT_KEYS = ("pixel_values", "pixel_values_videos")
-"""Input keys that each make the backbone run its vision path once (images; Qwen videos)."""
-DUMMY_VISION_KEY = "vision_dummies"
-"""Input key: how many zero-weighted dummy image passes to run in this forward (see `VLM2Vec.forward`)."""
-
-
-def visual_calls(inputs: dict[str, Any]) -> int:
-    """How many times the backbone runs its vision path on `inputs`: once per kind of visual input."""
-    return sum(key in inputs for key in VISUAL_INPUT_KEYS)
-
-
-def _tensor_sum(value: Any) -> torch.Tensor:
-    """Sum of every floating tensor in a (nested) model output, as one fp32 scalar."""
-    if isinstance(value, torch.Tensor):
-        return value.float().sum() if value.is_floating_point() else value.new_zeros((), dtype=torch.float32)
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list | tuple) else []
-    return sum((_tensor_sum(v) for v in items), torch.zeros(()))
 
 
 def resolve_attn_implementation(requested: str | None, device: str | torch.device | None) -> str:
@@ -85,30 +96,6 @@ def pool(hidden: torch.Tensor, inputs: dict[str, torch.Tensor], pooling: str) ->
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
 
 
-def _same_call(a: tuple, ka: dict, b: tuple, kb: dict) -> bool:
-    if len(a) != len(b) or ka.keys() != kb.keys():
-        return False
-    return all(_same_value(x, y) for x, y in zip(list(a) + list(ka.values()), list(b) + [kb[k] for k in ka]))
-
-
-def _same_value(x: Any, y: Any) -> bool:
-    if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-        return (
-            isinstance(x, torch.Tensor)
-            and isinstance(y, torch.Tensor)
-            and x.shape == y.shape
-            and x.dtype == y.dtype
-            and x.device == y.device
-            and (x is y or torch.equal(x, y))
-        )
-    if isinstance(x, list | tuple) and isinstance(y, list | tuple):
-        return len(x) == len(y) and all(_same_value(p, q) for p, q in zip(x, y))
-    try:
-        return bool(x == y)
-    except Exception:  # values without a usable == count as different
-        return False
-
-
 class VLM2Vec(nn.Module):
     """Universal multimodal embedding model on top of a vision-language backbone.
 
@@ -120,7 +107,7 @@ class VLM2Vec(nn.Module):
     def __init__(
         self,
         backbone: nn.Module,
-        processor: Any,
+        processor: Processor,
         family: BackboneFamily,
         *,
         pooling: str = "last",
@@ -198,7 +185,7 @@ class VLM2Vec(nn.Module):
     def prepare(
         self,
         texts: Sequence[str],
-        images: Sequence[Image | Sequence[Image] | None] | None = None,
+        images: Sequence[RowImages] | None = None,
         *,
         videos: Sequence[Sequence[Image] | None] | None = None,
         packed: bool = False,
@@ -225,7 +212,7 @@ class VLM2Vec(nn.Module):
             **kwargs,
         )
 
-    def count_tokens(self, text: str, images: Any = None, video: Sequence[Image] | None = None) -> int:
+    def count_tokens(self, text: str, images: RowImages = None, video: Sequence[Image] | None = None) -> int:
         """Tokens the backbone sees for one row (visual + text), exactly as `prepare` builds it: what a
         chunk's memory scales with (GradCache chunks sized by a token budget)."""
         if self.family.count_tokens is not None:  # from image sizes alone
@@ -245,7 +232,7 @@ class VLM2Vec(nn.Module):
         inputs = dict(inputs)
         dummies = int(inputs.pop(DUMMY_VISION_KEY, 0))
         inputs = self._to_device(inputs)
-        with self._dummy_vision(dummies):
+        with dummy_vision_passes(self.hf_model, dummies, self._dummy_image_features):
             hidden = self.family.hidden_states(self.hf_model, inputs)
         pooled = pool(hidden, inputs, self.pooling).float()
         return F.normalize(pooled, dim=-1) if self.normalize else pooled
@@ -254,7 +241,7 @@ class VLM2Vec(nn.Module):
     def encode(
         self,
         texts: Sequence[str],
-        images: Sequence[Image | Sequence[Image] | None] | None = None,
+        images: Sequence[RowImages] | None = None,
         videos: Sequence[VideoSource | None] | None = None,
         batch_size: int = 8,
         show_progress: bool = True,
@@ -270,8 +257,6 @@ class VLM2Vec(nn.Module):
         `num_frames` frames are sampled uniformly by index (None: every frame). A row gets the same vector
         whether it is encoded alone or in a mixed, padded batch, so rows are batched by similar size
         (videos, then images, then by text length) to pad less."""
-        from tqdm.auto import tqdm
-
         texts, images, videos = _check_batch(texts, images, videos)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -325,94 +310,19 @@ class VLM2Vec(nn.Module):
             moved[key] = value
         return moved
 
-    # ------------------------------------------------------------------------- dummy vision passes
-    @contextmanager
-    def _dummy_vision(self, n: int) -> Iterator[None]:
-        """Run the vision path n times on a dummy image right after the token embedding, adding
-        0 * (its features' sum) to the embeddings.
-
-        Why there: every backbone embeds the tokens first and then runs its vision path, so a rank
-        whose chunk has no image issues the same module sequence (embedding, vision, language model) as
-        a rank whose chunk has one. Why zero-weighted: x + 0 == x, so the embeddings (and the loss) are
-        bitwise those without the dummy; a frozen tower contributes no graph at all, a trainable one
-        gets exactly-zero gradients (so its gradient reduction still happens on every rank)."""
-        if n <= 0:
-            yield
-            return
-        done = []
-
-        def after_embedding(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-            if done:  # one embedding call per forward runs the dummies (a placeholder lookup may re-embed)
-                return output
-            done.append(True)
-            extra = sum(_tensor_sum(self._dummy_image_features()) for _ in range(n))
-            return output + 0.0 * extra.to(output.device, output.dtype)
-
-        handle = self.hf_model.get_input_embeddings().register_forward_hook(after_embedding)
-        try:
-            yield
-        finally:
-            handle.remove()
-
-    def _dummy_image_features(self) -> Any:
-        """The backbone's image features (`get_image_features`) of a small blank image."""
-        hf_model = self.hf_model
-        if not hasattr(hf_model, "get_image_features"):
-            raise ValueError(f"{type(hf_model).__name__} has no get_image_features: cannot run a dummy image")
+    # ------------------------------------------- ZeRO-3 alignment and frozen-feature replay (own modules)
+    def _dummy_image_features(self) -> object:
+        """The backbone's image features (`get_image_features`) of a small blank image
+        (vlm2vec/vision_alignment.py); its prepared inputs are built once."""
         if self._dummy_inputs is None:
-            from PIL import Image
+            self._dummy_inputs = image_feature_inputs(self.hf_model, self.prepare([""], [dummy_image()]))
+        return self.hf_model.get_image_features(**self._to_device(self._dummy_inputs))
 
-            prepared = self.prepare([""], [Image.new("RGB", (56, 56), (127, 127, 127))])
-            accepted = inspect.signature(hf_model.get_image_features).parameters
-            self._dummy_inputs = {k: v for k, v in prepared.items() if k in accepted}
-        return hf_model.get_image_features(**self._to_device(self._dummy_inputs))
-
-    # ----------------------------------------------------------------------- frozen vision features
-    @contextmanager
-    def reuse_vision_features(self) -> Iterator[dict[str, int]]:
-        """Inside this block the (frozen) vision tower's second run on an input replays the first.
-
-        GradCache encodes each chunk twice (first pass, then the recompute in backward); nothing in a
-        frozen tower needs gradients, so the second pass can reuse the first pass's outputs. A call is
-        replayed only during the recompute (`gradcache.recomputing()`) or when the earlier call ran
-        without grad (a no-grad encoding pass); a repeated image within the first pass runs the tower
-        again, so every rank runs it equally often (ZeRO-3). Yields a dict of counters
-        {"computed", "reused"}. Raises ValueError if the tower has trainable weights."""
-        tower = self.vision_tower
-        stats = {"computed": 0, "reused": 0}
-        if tower is None:
-            yield stats
-            return
-        if any(p.requires_grad for p in tower.parameters()):
-            raise ValueError("the vision tower has trainable parameters; its features cannot be reused")
-        from vlm2vec.gradcache import recomputing
-
-        original = tower.forward
-        cache: list[tuple[tuple, dict, Any, bool]] = []
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            replay = recomputing()
-            for cached_args, cached_kwargs, output, without_grad in cache:
-                if (replay or without_grad) and _same_call(cached_args, cached_kwargs, args, kwargs):
-                    stats["reused"] += 1
-                    return copy.copy(output)  # callers may reassign fields of a ModelOutput
-            without_grad = not torch.is_grad_enabled()
-            with torch.no_grad():
-                output = original(*args, **kwargs)
-            cache.append((args, kwargs, output, without_grad))
-            stats["computed"] += 1
-            return copy.copy(output)
-
-        had_instance_forward = "forward" in tower.__dict__
-        tower.forward = forward
-        try:
-            yield stats
-        finally:
-            if had_instance_forward:
-                tower.forward = original
-            else:
-                del tower.forward
-            cache.clear()
+    def reuse_vision_features(self) -> AbstractContextManager[dict[str, int]]:
+        """Inside this block the (frozen) vision tower's second run on an input replays the first
+        (vlm2vec/feature_replay.py: GradCache's recompute reuses the first pass's image features).
+        Yields counters {"computed", "reused"}; raises ValueError if the tower has trainable weights."""
+        return replay_frozen_features(self.vision_tower)
 
     # ------------------------------------------------------------------------------ fine-tuning modes
     def add_lora(
@@ -428,8 +338,6 @@ class VLM2Vec(nn.Module):
         """Wrap the backbone with a peft LoRA (or DoRA) adapter on the LLM; everything else frozen but the
         family's modules_to_save. vision: also adapt matching Linears inside the vision tower (the
         reference does: CLIP's q/k/v/out_proj in LLaVA-NeXT and Phi-3.5-V); its base weights stay frozen."""
-        from vlm2vec.lora import add_lora
-
         if self.is_peft:
             raise ValueError("the backbone already has a LoRA adapter (merge_lora() first)")
         self.backbone = add_lora(
@@ -449,8 +357,6 @@ class VLM2Vec(nn.Module):
         """Attach a saved peft adapter (adapter_config.json + adapter_model.safetensors or .bin) to the
         base backbone; keys saved under older transformers module names are renamed, and a weight that
         stays unloaded raises ValueError naming it (vlm2vec/adapters.py)."""
-        from vlm2vec.adapters import load_adapter
-
         if self.is_peft:
             raise ValueError("the backbone already has a LoRA adapter")
         self.backbone = load_adapter(self.backbone, directory, is_trainable=is_trainable)
@@ -555,8 +461,6 @@ class VLM2Vec(nn.Module):
         An adapter saved under older transformers module names is renamed on load (vlm2vec/adapters.py)."""
         if quantization not in (None, "nf4"):
             raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
-        from vlm2vec.released import released_checkpoint
-
         path = os.fspath(path_or_id)
         meta: dict[str, Any] = {}
         if os.path.isfile(os.path.join(path, META_FILE)):
@@ -578,8 +482,6 @@ class VLM2Vec(nn.Module):
             fam = get_family(family)
         elif meta.get("family"):
             if meta.get("family_module"):
-                import importlib
-
                 importlib.import_module(meta["family_module"])
             fam = get_family(meta["family"])
         else:
@@ -630,11 +532,11 @@ def _adapter_base(adapter_dir: str) -> str:
     return base
 
 
-def _n_images(value: Any) -> int:
+def _n_images(value: RowImages) -> int:
     return 0 if value is None else len(value) if isinstance(value, list | tuple) else 1
 
 
-def row_kinds(image: Any, video: Any) -> set[str]:
+def row_kinds(image: RowImages, video: VideoSource | None) -> set[str]:
     """The input kinds of one row: "image" / "multi_image" by its image count, "video" if it has one."""
     n = _n_images(image)
     kinds = {"image"} if n == 1 else {"multi_image"} if n > 1 else set()
@@ -642,8 +544,10 @@ def row_kinds(image: Any, video: Any) -> set[str]:
 
 
 def _check_batch(
-    texts: Sequence[str], images: Sequence[Any] | None, videos: Sequence[Any] | None = None
-) -> tuple[list[str], list[Any], list[Any]]:
+    texts: Sequence[str],
+    images: Sequence[RowImages] | None,
+    videos: Sequence[VideoSource | None] | None = None,
+) -> tuple[list[str], list[RowImages], list[VideoSource | None]]:
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not a single string")
     texts = list(texts)

@@ -32,9 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Phi3Config
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.phi3.modeling_phi3 import Phi3Model, Phi3PreTrainedModel
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -97,8 +99,6 @@ def load_released_weights(model: nn.Module, directory: str) -> None:
 
     `Phi3VForCausalLM.from_pretrained` does the same renaming through transformers' own conversion of
     nested CLIP models; this is the explicit path (and the test of the mapping)."""
-    from safetensors.torch import load_file
-
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{directory}: no .safetensors files")
@@ -219,7 +219,7 @@ class Phi3VModel(Phi3Model):
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         **kwargs: Any,
-    ) -> Any:
+    ) -> BaseModelOutputWithPast:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
             if pixel_values is not None:
@@ -303,10 +303,8 @@ class Phi3VImageProcessor:
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
 
-    def hd_transform(self, image: Any, num_crops: int) -> Any:
+    def hd_transform(self, image: Image.Image, num_crops: int) -> Image.Image:
         """Resize keeping the aspect ratio so that <= num_crops tiles cover it; pad height with white."""
-        from PIL import Image, ImageOps
-
         crop = self.crop_size
         width, height = image.size
         transposed = width < height
@@ -331,7 +329,9 @@ class Phi3VImageProcessor:
         rows, cols, g = height // self.crop_size, width // self.crop_size, self.tokens_per_side
         return (rows * cols + 1) * g * g + 1 + (rows + 1) * g
 
-    def __call__(self, images: list[Any], num_crops: int | None = None) -> dict[str, Any]:
+    def __call__(
+        self, images: list[Image.Image], num_crops: int | None = None
+    ) -> dict[str, torch.Tensor | list[int]]:
         num_crops = num_crops or self.num_crops
         crop = self.crop_size
         mean = torch.tensor(self.image_mean).view(3, 1, 1)

@@ -20,6 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from vlm2vec.demo.clipart_data import N_EVAL as CLIPART_N_EVAL
 from vlm2vec.demo.clipart_data import build_clipart_dataset
 from vlm2vec.demo.emoji_data import N_EVAL as EMOJI_N_EVAL
@@ -81,8 +83,6 @@ def build_default_dataset(
 ) -> Path:
     """Build (or reuse) both sets, merge them, and cache the frozen image features; returns `root`.
     Smaller sizes / `clipart_limit` give a quick subset with the same layout (tests)."""
-    from PIL import Image
-
     from vlm2vec.demo.family import ImageFeaturizer
 
     out = Path(root)

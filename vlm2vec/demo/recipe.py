@@ -4,7 +4,10 @@ like a YAML file, nothing else about the run is special (README "Demo" lists wha
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlm2vec.model import VLM2Vec
 
 GC_CHUNK = 32  # GradCache chunk (queries and targets): the batch is re-encoded in chunks of this size
 
@@ -17,10 +20,10 @@ RECIPE: dict[str, Any] = {
 }  # fmt: skip
 
 
-def load_demo_model(seed: int = 0, pooling: str = "mean", feature_cache: str | None = None) -> Any:
+def load_demo_model(seed: int = 0, pooling: str = "mean", feature_cache: str | None = None) -> VLM2Vec:
     """The untrained demo model (pretrained EfficientNet-Lite0 + MiniLM, projector from `seed`), quietly;
     `feature_cache`: a file of precomputed frozen image features (vlm2vec.demo.default_data)."""
-    import transformers
+    import transformers  # heavy: the table above stays importable without transformers or torch
 
     from vlm2vec.demo import family
     from vlm2vec.model import VLM2Vec

@@ -6,11 +6,17 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
+from torch import nn
 
-from vlm2vec.backbones import STORED_IMAGE_PLACEHOLDER
+from vlm2vec.backbones import STORED_IMAGE_PLACEHOLDER, Processor, RowImages
+from vlm2vec.lora import nf4_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 TINY_CORPUS = [
     "Represent the given image.",
@@ -30,7 +36,7 @@ def build_tiny_tokenizer(
     pad: str,
     bos: str | None = None,
     vocab_size: int = 320,
-) -> Any:
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in-process (milliseconds) with the family's special tokens.
 
     Byte-level: every string tokenises (no unknown tokens); the specials are atomic."""
@@ -124,7 +130,9 @@ def expand_placeholder(text: str, image_token: str, has_image: bool, row: int) -
     return expand_placeholders(text, int(has_image), 0, row, image_token)
 
 
-def images_of(value: Any, row: int, size: tuple[int, int] | None = None, on_white: bool = False) -> list[Any]:
+def images_of(
+    value: RowImages, row: int, size: tuple[int, int] | None = None, on_white: bool = False
+) -> list[Image.Image]:
     """A row's images as a list of RGB PIL images: None -> [], one image -> [it], a list -> its items.
 
     size: a resolution preset (width, height), applied before the RGB conversion, in the image's own mode,
@@ -138,9 +146,7 @@ def images_of(value: Any, row: int, size: tuple[int, int] | None = None, on_whit
     return [rgb(resize_to_preset(_pil(im, row), size), row, on_white) for im in items]
 
 
-def _pil(image: Any, row: int) -> Any:
-    from PIL import Image
-
+def _pil(image: object, row: int) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(
             f"images[{row}] must be a PIL.Image, a list of them or None, got {type(image).__name__}"
@@ -148,27 +154,23 @@ def _pil(image: Any, row: int) -> Any:
     return image
 
 
-def rgb(image: Any, row: int, on_white: bool = False) -> Any:
+def rgb(image: Image.Image, row: int, on_white: bool = False) -> Image.Image:
     """The row's image as an RGB PIL image (TypeError naming the row otherwise); on_white: transparency
     composited onto white first."""
     image = _pil(image, row)
     if image.mode == "RGB":
         return image
     if on_white and ("A" in image.getbands() or "transparency" in image.info):
-        from PIL import Image
-
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def resize_to_preset(image: Any, size: tuple[int, int] | None) -> Any:
+def resize_to_preset(image: Image.Image, size: tuple[int, int] | None) -> Image.Image:
     """Apply a resolution preset (width, height); None keeps the image size. Bicubic, as Pillow's default
     in the reference (Pillow itself uses nearest neighbour for palette and 1-bit images)."""
     if size is None or image.size == size:
         return image
-    from PIL import Image
-
     return image.resize(size, Image.Resampling.BICUBIC)
 
 
@@ -249,7 +251,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp_min(0)
 
 
-def image_sizes_hidden_states(hf_model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def image_sizes_hidden_states(hf_model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Last hidden states of a `model.model(..., pixel_values, image_sizes)` backbone (LLaVA-NeXT,
     Phi-3.5-V): positions from the mask, or the packed layout's restarting position_ids."""
     if "cu_seqlens" in inputs:
@@ -285,8 +287,6 @@ def model_kwargs(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if quantization == "nf4":
-        from vlm2vec.lora import nf4_config
-
         kwargs["quantization_config"] = nf4_config(dtype, skip_modules)
     elif quantization is not None:
         raise ValueError(f"quantization must be None or 'nf4', got {quantization!r}")
@@ -304,7 +304,7 @@ class ProcessorPair:
     without torchvision (Qwen2VLProcessor needs a video processor); the families expand image tokens
     themselves."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: Processor) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
 

@@ -7,12 +7,12 @@ positions are passed from the attention mask, so left padding does not shift row
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vlm2vec.backbones import BackboneFamily, ProcessorSettings, register_family
+from vlm2vec.backbones import BackboneFamily, ProcessorSettings, RowImages, register_family
 from vlm2vec.families._common import (
     build_tiny_tokenizer,
     expand_placeholders,
@@ -24,21 +24,25 @@ from vlm2vec.families._common import (
     pad_rows,
 )
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from transformers import LlavaNextProcessor
+
 IMAGE_TOKEN = "<image>"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 QLORA_DENSE_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
 def prepare(
-    processor: Any,
+    processor: LlavaNextProcessor,
     texts: list[str],
-    images: list[Any],
+    images: list[RowImages],
     max_len: int,
     packed: bool = False,
     *,
     padding_side: str,
     settings: ProcessorSettings,
-    videos: list[Any] | None = None,
+    videos: list[list[Image] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several images per row are LLaVA-NeXT's own multi-image input: one anyres `<image>` run per
     image, features consumed in text order. No video path (`input_kinds`)."""
@@ -78,7 +82,7 @@ def load(
     quantization: str | None,
     settings: ProcessorSettings,
     device: str | torch.device | None = None,
-) -> tuple[nn.Module, Any]:
+) -> tuple[nn.Module, LlavaNextProcessor]:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -96,7 +100,7 @@ def load(
     return model, processor
 
 
-def tiny() -> tuple[nn.Module, Any]:
+def tiny() -> tuple[nn.Module, LlavaNextProcessor]:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vlm2vec.backbones import STORED_IMAGE_PLACEHOLDER, BackboneFamily, ProcessorSettings, register_family
+from vlm2vec.backbones import (
+    STORED_IMAGE_PLACEHOLDER,
+    BackboneFamily,
+    ProcessorSettings,
+    RowImages,
+    register_family,
+)
 from vlm2vec.families._common import (
     ProcessorPair,
     build_tiny_tokenizer,
@@ -24,13 +30,19 @@ from vlm2vec.families._common import (
     pad_rows,
 )
 
+if TYPE_CHECKING:
+    from PIL.Image import Image
+    from transformers import PreTrainedTokenizerBase
+
+    from vlm2vec.phi3_v import Phi3VImageProcessor
+
 IMAGE_TOKEN = STORED_IMAGE_PLACEHOLDER
 LORA_TARGETS = ["qkv_proj", "o_proj", "down_proj"]
 QLORA_DENSE_MODULES = ["model.vision_embed_tokens", "lm_head"]
 PAPER_NUM_CROPS = 4
 
 
-def _tokenize(tok: Any, text: str, image_id: int, n_image_tokens: list[int]) -> list[int]:
+def _tokenize(tok: PreTrainedTokenizerBase, text: str, image_id: int, n_image_tokens: list[int]) -> list[int]:
     """Tokenise around the placeholders (as the released processor does: chunks separately, BOS once);
     placeholder k becomes n_image_tokens[k] image ids."""
     chunks = text.split(IMAGE_TOKEN)
@@ -45,13 +57,13 @@ def _tokenize(tok: Any, text: str, image_id: int, n_image_tokens: list[int]) -> 
 def prepare(
     processor: ProcessorPair,
     texts: list[str],
-    images: list[Any],
+    images: list[RowImages],
     max_len: int,
     packed: bool = False,
     *,
     padding_side: str,
     settings: ProcessorSettings,
-    videos: list[Any] | None = None,
+    videos: list[list[Image] | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several images per row are Phi-3.5-V's `<|image_1|>`, `<|image_2|>`, ... input (HD crops per
     image, features consumed in text order). No video path (`input_kinds`)."""
@@ -82,7 +94,9 @@ def vision_tower(hf_model: nn.Module) -> nn.Module:
 class Phi3VProcessor(ProcessorPair):
     """Tokenizer + HD image processor + the id that marks image positions in input_ids."""
 
-    def __init__(self, tokenizer: Any, image_processor: Any, image_token_id: int) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, image_processor: Phi3VImageProcessor, image_token_id: int
+    ) -> None:
         super().__init__(tokenizer, image_processor)
         if image_token_id < len(tokenizer):
             raise ValueError(
@@ -99,7 +113,7 @@ def load(
     quantization: str | None,
     settings: ProcessorSettings,
     device: str | torch.device | None = None,
-) -> tuple[nn.Module, Any]:
+) -> tuple[nn.Module, Phi3VProcessor]:
     from transformers import AutoTokenizer
 
     from vlm2vec.phi3_v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor

@@ -19,12 +19,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
-from vlm2vec.backbones import BackboneFamily, LoadFn, ProcessorSettings, register_family
+from vlm2vec.backbones import BackboneFamily, LoadFn, ProcessorSettings, RowImages, register_family
 from vlm2vec.families._common import (
     ProcessorPair,
     build_tiny_tokenizer,
@@ -38,6 +40,9 @@ from vlm2vec.families._common import (
     resize_to_preset,
     rgb,
 )
+
+if TYPE_CHECKING:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
@@ -106,7 +111,7 @@ def layout_tokens(settings: ProcessorSettings) -> tuple[str, str]:
     return IMAGE_TOKEN, VIDEO_TOKEN
 
 
-def _row_images(image: Any, row: int, settings: ProcessorSettings) -> list[Any]:
+def _row_images(image: RowImages, row: int, settings: ProcessorSettings) -> list[Image.Image]:
     """A row's images after the resolution preset and the reference's small-image rule."""
     out = []
     # the preset resize in the image's own mode, then RGB (transparency on white), as the reference
@@ -117,14 +122,14 @@ def _row_images(image: Any, row: int, settings: ProcessorSettings) -> list[Any]:
     return out
 
 
-def _image_processor_class() -> Any:
+def _image_processor_class() -> type[Qwen2VLImageProcessorPil]:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil
 
 
 # ------------------------------------------------------------------------------------------ prepare
-def _pixel_bounds(ip: Any, settings: ProcessorSettings) -> tuple[int, int]:
+def _pixel_bounds(ip: Qwen2VLImageProcessorPil, settings: ProcessorSettings) -> tuple[int, int]:
     size = dict(ip.size)
     lo = settings.min_pixels if settings.min_pixels is not None else size["shortest_edge"]
     hi = settings.max_pixels if settings.max_pixels is not None else size["longest_edge"]
@@ -132,15 +137,17 @@ def _pixel_bounds(ip: Any, settings: ProcessorSettings) -> tuple[int, int]:
 
 
 def video_patches(
-    frames: list[Any], ip: Any, min_pixels: int, max_pixels: int, size: tuple[int, int] | None = None
+    frames: list[Image.Image],
+    ip: Qwen2VLImageProcessorPil,
+    min_pixels: int,
+    max_pixels: int,
+    size: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pixel_values_videos [grid_t*h*w, C*tp*p*p], video_grid_thw [1, 3]) of one video's frames, the
     layout of transformers' Qwen2-VL video processor, computed here because that processor needs
     torchvision. Every frame is resized to the first frame's dynamic-resolution size (bounded by
     min/max pixels per frame, as the reference), normalised, and the frame count padded to a multiple
     of the temporal patch by repeating the last frame; so a 1-frame video has the pixels of the image."""
-    import numpy as np
-    from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     p, merge, tp = ip.patch_size, ip.merge_size, ip.temporal_patch_size
@@ -166,13 +173,13 @@ def video_patches(
 def prepare(
     processor: ProcessorPair,
     texts: list[str],
-    images: list[Any],
+    images: list[RowImages],
     max_len: int,
     packed: bool = False,
     *,
     padding_side: str,
     settings: ProcessorSettings,
-    videos: list[list[Any] | None] | None = None,
+    videos: list[list[Image.Image] | None] | None = None,
     timestamps: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Qwen inputs; `timestamps` (Qwen3-VL): each temporal patch of a video is its own
@@ -257,8 +264,8 @@ def _expand_pads(
 def count_tokens(
     processor: ProcessorPair,
     text: str,
-    images: Any,
-    video: list[Any] | None,
+    images: RowImages,
+    video: list[Image.Image] | None,
     max_len: int,
     *,
     settings: ProcessorSettings,
@@ -271,7 +278,7 @@ def count_tokens(
     tok, ip = processor.tokenizer, processor.image_processor
     lo, hi = _pixel_bounds(ip, settings)
 
-    def tokens(image: Any) -> int:
+    def tokens(image: Image.Image) -> int:
         h, w = smart_resize(image.height, image.width, factor=ip.patch_size * ip.merge_size,
                             min_pixels=lo, max_pixels=hi)  # fmt: skip
         return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size**2
@@ -425,56 +432,21 @@ def _make_tiny(spec: _QwenSpec) -> Callable[..., tuple[nn.Module, ProcessorPair]
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
+        vision = dict(
+            depth=2, num_heads=2, patch_size=spec.patch_size, spatial_merge_size=2, temporal_patch_size=2
+        )
+        if spec.name == "qwen2_vl":
+            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+        else:  # Qwen2.5-VL and Qwen3-VL: a vision MLP and a projection to out_hidden_size
+            vision.update(hidden_size=32, intermediate_size=64, out_hidden_size=64)
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
         if spec.name == "qwen3_vl":
-            text.update(
-                head_dim=16,
-                rope_parameters={
-                    "rope_type": "default",
-                    "rope_theta": 10000.0,
-                    "mrope_section": [4, 2, 2],
-                    "mrope_interleaved": True,
-                },
-            )
-            vision = dict(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                num_heads=2,
-                out_hidden_size=64,
-                patch_size=16,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                num_position_embeddings=64,
-                deepstack_visual_indexes=[0],
-            )
-        else:
-            text.update(
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-            )
-            if spec.name == "qwen2_vl":
-                vision = dict(
-                    depth=2,
-                    embed_dim=32,
-                    hidden_size=64,
-                    num_heads=2,
-                    mlp_ratio=2,
-                    patch_size=14,
-                    spatial_merge_size=2,
-                    temporal_patch_size=2,
-                )
-            else:
-                vision = dict(
-                    depth=2,
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_heads=2,
-                    out_hidden_size=64,
-                    patch_size=14,
-                    spatial_merge_size=2,
-                    temporal_patch_size=2,
-                    window_size=56,
-                    fullatt_block_indexes=[1],
-                )
+            text.update(head_dim=16)
+            rope.update(mrope_section=[4, 2, 2], mrope_interleaved=True)
+            vision.update(num_position_embeddings=64, deepstack_visual_indexes=[0])
+        elif spec.name == "qwen2_5_vl":
+            vision.update(window_size=56, fullatt_block_indexes=[1])
+        text.update(rope_parameters=rope)
         config = getattr(transformers, spec.config_class)(
             text_config={**text, **(text_dims or {})},
             vision_config={**vision, **(vision_dims or {})},
