@@ -83,7 +83,9 @@ def _expected_image_tokens(config) -> int | None:
     if family == "llava_next" and config.image_resolution == "high":
         return 2928  # 576 base + 48x48 anyres grid + 48 row ends (672x672 pinpoint)
     if family == "phi3_v":
-        return 757  # 4 crops (2x2) + global: (4 + 1) * 144 + 1 + 3 * 12
+        # 4 crops (2x2) + global: (4 + 1) * 144 + 1 + 3 * 12 = 757 image positions, + the BOS of the text
+        # chunk after the image (the reference tokenises each chunk with its own BOS)
+        return 757 + 1
     return None
 
 

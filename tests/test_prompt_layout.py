@@ -221,12 +221,15 @@ def test_phi3_v_image_row_matches_the_reference() -> None:
     model = VLM2Vec.tiny("phi3_v")
     model.processor.image_processor = Phi3VImageProcessor(num_crops=4)  # released: 336 crops, 12x12
     inputs = model.prepare([f"<|image_1|>{TEXT}"], [image(336, 336)])
-    # reference processing_phi3_v.py:157-199: chunks split at <|image_k|>, each tokenised with BOS, the
-    # first chunk's BOS kept once, every chunk's own BOS dropped; the image is 4 crops of 336 (2x2) ->
+    # reference processing_phi3_v.py `_convert_images_texts_to_inputs` (v1 src/vlm_backbone/phi3_v, main
+    # src/model/baseline_backbone/phi3_v): `prompt_chunks = [tokenizer(chunk).input_ids for chunk in
+    # re.split(pattern, texts)]`, then `offset = 0; input_ids.extend(x[offset:])`: every chunk keeps its
+    # own BOS, the empty one before the image too. The image is 4 crops of 336 (2x2) ->
     # (2*2 + 1) * 144 + 1 + (2 + 1) * 12 = 757 image positions
     tok = model.processor.tokenizer
-    chunks = [tok(c)["input_ids"] for c in ["", TEXT]]
-    expected = [tok.bos_token_id] + chunks[0][1:] + [model.processor.image_token_id] * 757 + chunks[1][1:]
+    bos = tok.bos_token_id
+    text_ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    expected = [bos] + [model.processor.image_token_id] * 757 + [bos] + text_ids
     assert inputs["input_ids"][0].tolist() == expected
 
 

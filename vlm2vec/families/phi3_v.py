@@ -43,14 +43,15 @@ PAPER_NUM_CROPS = 4
 
 
 def _tokenize(tok: PreTrainedTokenizerBase, text: str, image_id: int, n_image_tokens: list[int]) -> list[int]:
-    """Tokenise around the placeholders (as the released processor does: chunks separately, BOS once);
-    placeholder k becomes n_image_tokens[k] image ids."""
+    """Tokenise around the placeholders as the released processor does: every text chunk, empty ones
+    included, on its own with the tokenizer's special tokens (a BOS after each image when the tokenizer
+    adds one), chunks kept whole (reference processing_phi3_v.py `_convert_images_texts_to_inputs`:
+    `tokenizer(chunk).input_ids` per chunk, `offset = 0`); placeholder k becomes n_image_tokens[k]
+    image ids."""
     chunks = text.split(IMAGE_TOKEN)
-    ids = tok(chunks[0], add_special_tokens=True)["input_ids"]
+    ids = tok(chunks[0])["input_ids"]
     for n, chunk in zip(n_image_tokens, chunks[1:]):
-        ids += [image_id] * n
-        if chunk:
-            ids += tok(chunk, add_special_tokens=False)["input_ids"]
+        ids += [image_id] * n + tok(chunk)["input_ids"]
     return ids
 
 
