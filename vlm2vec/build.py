@@ -6,83 +6,87 @@ full); `check_fit` refuses options under which the longest allowed row cannot fi
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from PIL import Image
 
+from vlm2vec.backbones import ProcessorSettings
 from vlm2vec.config import DEMO_MODEL, TINY_PREFIX, TrainConfig
+from vlm2vec.demo.default_data import FEATURE_FILE
+from vlm2vec.demo.recipe import load_demo_model
 from vlm2vec.errors import ConfigError
+from vlm2vec.lora import lora_target_names
+from vlm2vec.model import VLM2Vec
 
-if TYPE_CHECKING:
-    from vlm2vec.model import VLM2Vec
+
+def model_source(config: TrainConfig) -> str:
+    """Where the options take the model from: "demo" (the default model), "checkpoint" (a saved VLM2Vec
+    to go on training), "tiny" (a small random model of a family, `tiny:<family>`: offline
+    benchmarks and tests) or "pretrained" (a backbone directory or hub id)."""
+    if config.model_name == DEMO_MODEL:  # built from its recipe (--checkpoint_path is not read for it)
+        return "demo"
+    if config.checkpoint_path:
+        return "checkpoint"
+    return "tiny" if config.model_name.startswith(TINY_PREFIX) else "pretrained"
+
+
+def load_model(config: TrainConfig) -> VLM2Vec:
+    """The VLM2Vec encoder the options name, as its source gives it (nothing made trainable yet)."""
+    common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
+    dtype = torch.bfloat16 if config.bf16 else None
+    source = model_source(config)
+    if source == "checkpoint":
+        return VLM2Vec.from_pretrained(
+            config.checkpoint_path, dtype=dtype, is_trainable=True,
+            attn_implementation=config.attn_implementation, **common,
+        )  # fmt: skip
+    if source == "demo":
+        # image features precomputed next to the training data, when its builder cached them
+        cache = os.path.join(os.path.dirname(os.path.abspath(config.dataset_name or ".")), FEATURE_FILE)
+        return load_demo_model(config.seed, config.pooling, cache if os.path.isfile(cache) else None)
+    if source == "tiny":
+        settings = ProcessorSettings(
+            config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops,
+            config.prompt_layout,
+        )  # fmt: skip
+        return VLM2Vec.tiny(config.family, settings=settings, **common)
+    return VLM2Vec.from_pretrained(
+        config.model_name, family=config.family, dtype=dtype,
+        attn_implementation=config.attn_implementation, quantization=config.quantization,
+        resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels, prompt_layout=config.prompt_layout, **common,
+    )  # fmt: skip
 
 
 def build_model(
     config: TrainConfig, base: VLM2Vec | None = None, ds_config: dict[str, Any] | None = None
 ) -> VLM2Vec:
-    """The VLM2Vec encoder (`base` if given) with the trainable parts the options ask for (LoRA / full),
-    in train mode.
+    """The VLM2Vec encoder (`base` if given, else `load_model`) with the trainable parts the options ask
+    for (LoRA / full), in train mode.
 
-    Under ZeRO-3 (`ds_config` stage 3) a pretrained backbone is loaded already partitioned: with
-    transformers' `HfDeepSpeedConfig` alive, `from_pretrained` builds the model inside
+    Under ZeRO-3 (`ds_config` stage 3) a checkpoint or pretrained backbone is loaded already
+    partitioned: with transformers' `HfDeepSpeedConfig` alive, `from_pretrained` builds the model inside
     `deepspeed.zero.Init` and rank 0 copies each layer's checkpoint values into its gathered
     parameters, so no rank ever holds the whole model. LoRA layers then attach to the partitioned
-    model (they are created whole; `deepspeed.initialize` partitions them). Tiny models (tests) are
+    model (they are created whole; `deepspeed.initialize` partitions them). Demo and tiny models are
     built whole: zero.Init would skip transformers' weight init and give other random weights than a
     1-process run."""
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from vlm2vec.backbones import ProcessorSettings
-    from vlm2vec.model import VLM2Vec
-
     unset_hf_deepspeed_config()  # an earlier ZeRO-3 model of this process must not make this one partitioned
     zero3 = ds_config is not None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    pretrained = base is None and (
-        config.checkpoint_path
-        or not (config.model_name == DEMO_MODEL or config.model_name.startswith(TINY_PREFIX))
-    )
+    pretrained = base is None and model_source(config) in ("checkpoint", "pretrained")
     # transformers keeps a weak reference only: held by the model below, as long as the model lives
     hf_deepspeed_config = HfDeepSpeedConfig(ds_config) if zero3 and pretrained else None
-    common = dict(pooling=config.pooling, normalize=config.normalize, max_len=config.max_len)
-    dtype = torch.bfloat16 if config.bf16 else None
-    if base is not None:
-        model = base
-    elif config.model_name == DEMO_MODEL:
-        from vlm2vec.demo.default_data import FEATURE_FILE
-        from vlm2vec.demo.recipe import load_demo_model
-
-        # image features precomputed next to the training data, when its builder cached them
-        cache = os.path.join(os.path.dirname(os.path.abspath(config.dataset_name or ".")), FEATURE_FILE)
-        model = load_demo_model(config.seed, config.pooling, cache if os.path.isfile(cache) else None)
-    elif config.checkpoint_path:
-        model = VLM2Vec.from_pretrained(
-            config.checkpoint_path,
-            dtype=dtype,
-            is_trainable=True,
-            attn_implementation=config.attn_implementation,
-            **common,
-        )
-    elif config.model_name.startswith(TINY_PREFIX):
-        settings = ProcessorSettings(
-            config.image_resolution or "native", config.min_pixels, config.max_pixels, config.num_crops,
-            config.prompt_layout,
-        )  # fmt: skip
-        model = VLM2Vec.tiny(config.family, settings=settings, **common)
-    else:
-        model = VLM2Vec.from_pretrained(
-            config.model_name, family=config.family, dtype=dtype,
-            attn_implementation=config.attn_implementation, quantization=config.quantization,
-            resolution=config.image_resolution, num_crops=config.num_crops, min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels, prompt_layout=config.prompt_layout, **common,
-        )  # fmt: skip
+    model = base if base is not None else load_model(config)
     if config.lora and not model.is_peft:
-        targets = lora_targets(config, model)
         model.add_lora(
             r=config.lora_r,
             alpha=config.lora_alpha,
             dropout=config.lora_dropout,
-            targets=targets,
+            targets=lora_targets(config, model),
             dora=config.dora,
             vision=not config.freeze_vision,
         )
@@ -105,8 +109,6 @@ def lora_targets(config: TrainConfig, model: VLM2Vec) -> list[str] | None:
     tower takes none, so an explicit target list that reaches into it contradicts --freeze_vision: the run
     says which, instead of silently training fewer modules than the list names. The family's default
     targets are resolved outside a frozen tower (they are LM names that CLIP happens to share)."""
-    from vlm2vec.lora import lora_target_names
-
     if not config.lora_target_modules:
         return None
     targets = [t.strip() for t in config.lora_target_modules.split(",") if t.strip()]
@@ -128,8 +130,6 @@ def image_tokens_per_image(model: VLM2Vec) -> int:
     """Tokens one image costs at the model's image settings: exact for a resolution preset (every image
     is resized to it), the most any image can cost otherwise (a 4096x4096 probe: Qwen's max_pixels,
     LLaVA-NeXT's largest anyres grid and Phi-3.5-V's crop count cap it)."""
-    from PIL import Image
-
     probe = Image.new("RGB", model.settings.image_size or (4096, 4096))
     return int(model.count_tokens("", probe)) - int(model.count_tokens(""))
 

@@ -19,7 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlm2vec.backbones import FAMILIES, tiny_families
+from vlm2vec.data import parse_sources
 from vlm2vec.errors import ConfigError
+from vlm2vec.eval_v1 import dataset_names
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 POOLINGS = ("last", "mean", "eos")  # eos: the reference's name for last-token pooling (read as last)
@@ -347,8 +350,6 @@ class TrainConfig:
                     f"--model_name {DEMO_MODEL} trains a LoRA adapter + the projector: drop --lora false"
                 )
         elif self.model_name.startswith(TINY_PREFIX):
-            from vlm2vec.backbones import tiny_families
-
             family = self.model_name[len(TINY_PREFIX) :]
             if family not in tiny_families():
                 raise ConfigError(
@@ -365,8 +366,6 @@ class TrainConfig:
                 )
             )
         if self.model_backbone is not None and self.model_backbone.lower() not in BACKBONE_ALIASES:
-            from vlm2vec.backbones import FAMILIES
-
             if self.model_backbone not in FAMILIES:
                 raise ConfigError(
                     f"--model_backbone {self.model_backbone!r} is unknown; choose one of "
@@ -374,11 +373,7 @@ class TrainConfig:
                 )
 
     def _validate_paths(self) -> None:
-        from vlm2vec.data import parse_sources
-
         if self.eval_data:  # a local MMEB eval directory: <dataset>.jsonl / .parquet / .arrow or folders
-            from vlm2vec.eval_v1 import dataset_names
-
             where = f"--eval_data {self.eval_data!r}: not an MMEB eval directory"
             if not os.path.isdir(self.eval_data):
                 raise ConfigError(f"{where} (not a directory)")

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from vlm2vec.config import DEMO_MODEL, IGNORED_OPTIONS, TrainConfig, option_fields
+from vlm2vec.demo.recipe import RECIPE
 from vlm2vec.ds_config import load_ds_config
 from vlm2vec.errors import ConfigError
 
@@ -122,8 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_epilog() -> str:
-    from vlm2vec.demo.recipe import RECIPE
-
     shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in RECIPE.items()}
     values = ", ".join(f"--{k} {v}" for k, v in shown.items())
     return (
@@ -243,8 +242,6 @@ def load_config(argv: Sequence[str] | None = None, *, validate: bool = True) -> 
 
 def _with_recipe(config: TrainConfig) -> TrainConfig:
     """The default model's recipe values for every option the user left unset (YAML or flags win)."""
-    from vlm2vec.demo.recipe import RECIPE
-
     values = {k: v for k, v in RECIPE.items() if k not in config.explicit}
     if "per_device_train_batch_size" in config.explicit:  # the user's per-device size wins over the batch
         values.pop("train_batch_size", None)

@@ -8,6 +8,8 @@ import os
 import time
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from vlm2vec.config import TrainConfig
 
 LOG_FILE = "train_log.jsonl"
@@ -29,8 +31,6 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(config.logging_dir or os.path.join(config.output_dir, "tensorboard"))
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(
             total=total,
             initial=start,

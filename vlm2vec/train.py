@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import random
+import resource
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from vlm2vec_kernels import contrastive_loss
 
 from vlm2vec import checkpoint as ckpt
 from vlm2vec import distributed, train_eval
@@ -53,11 +55,14 @@ from vlm2vec.data import ChunkCollator, ContrastiveBatch, PreparedBatch
 from vlm2vec.ds_config import per_device_batch_size, resolve_ds_config
 from vlm2vec.errors import ConfigError, DataError
 from vlm2vec.gradcache import contrastive_step
+from vlm2vec.model import DUMMY_VISION_KEY, VLM2Vec, visual_calls
 from vlm2vec.run_log import RunLog
 from vlm2vec.train_data import check_has_data, load_data, make_batches, prepared_batches, with_default_data
 
 if TYPE_CHECKING:
-    from vlm2vec.model import VLM2Vec
+    from deepspeed import DeepSpeedEngine
+    from torch.optim.lr_scheduler import LRScheduler
+
 
 CONFIG_FILE = "train_config.json"
 
@@ -77,7 +82,7 @@ class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)
     skipped_steps: list[int] = field(default_factory=list)
     eval: dict[str, Any] = field(default_factory=dict)  # rank 0 with --eval_data: model -> scores
-    engine: Any = field(default=None, repr=False)
+    engine: DeepSpeedEngine | None = field(default=None, repr=False)
 
 
 # ----------------------------------------------------------------------------------------- processes
@@ -125,8 +130,6 @@ def seed_everything(seed: int) -> None:
 
 def peak_memory_mib() -> dict[str, int]:
     """Peak host RSS (and accelerator memory) so far, the largest over the processes, in MiB."""
-    import resource
-
     peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024]
     if torch.cuda.is_available():
         peaks.append(torch.cuda.max_memory_allocated() // 2**20)
@@ -151,8 +154,6 @@ def align_processes(
       (`VLM2Vec.forward`): the embeddings and gradients are exactly those without them.
     Done at every stage, so the path never depends on the stage; with one process there is nothing to
     agree on. ZeRO 0-2 hold whole weights, so there different chunk counts issue no other collectives."""
-    from vlm2vec.model import DUMMY_VISION_KEY, visual_calls
-
     if distributed.world_size() == 1:
         return batch
     counts = [len(batch.query_chunks), len(batch.cand_chunks)]
@@ -178,7 +179,7 @@ def align_processes(
     return batch
 
 
-def make_scheduler(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], Any]:
+def make_scheduler(config: TrainConfig, total_steps: int) -> Callable[[torch.optim.Optimizer], LRScheduler]:
     """Warmup (linear from 0) then linear / cosine decay to 0, or constant; HF's formulas."""
     warmup = config.warmup_steps or int(math.ceil(config.warmup_ratio * total_steps))
     kind = config.lr_scheduler_type
@@ -235,7 +236,9 @@ def _write_run_config(config: TrainConfig, run: RunPlan, world: int) -> None:
         print(f"note: --{name} is accepted for compatibility and has no effect here")
 
 
-def make_engine(config: TrainConfig, model: VLM2Vec, ds_config: dict[str, Any], total_steps: int) -> tuple:
+def make_engine(
+    config: TrainConfig, model: VLM2Vec, ds_config: dict[str, Any], total_steps: int
+) -> tuple[DeepSpeedEngine, LRScheduler]:
     """(DeepSpeed engine, learning-rate scheduler) over the model's trainable parameters; AdamW here
     unless the DeepSpeed JSON names its own optimizer (e.g. CPU Adam for ZeRO-Offload)."""
     import deepspeed
@@ -293,7 +296,6 @@ def loss_function(
 ) -> Callable:
     """InfoNCE of this batch: embeddings are already normalised by the model (when asked), targets index
     this rank's candidates, `group` adds the other ranks' candidates as negatives."""
-    from vlm2vec_kernels import contrastive_loss
 
     def loss_fn(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         return contrastive_loss(
@@ -310,7 +312,7 @@ def loss_function(
 
 
 def train_step(
-    engine: Any, scheduler: Any, batch: PreparedBatch, raw: ContrastiveBatch, step: int,
+    engine: DeepSpeedEngine, scheduler: LRScheduler, batch: PreparedBatch, raw: ContrastiveBatch, step: int,
     loss_fn: Callable, config: TrainConfig, reuse: bool,
 ) -> tuple[float, float | None]:  # fmt: skip
     """One optimizer step: contrastive loss -> backward -> step; (global mean loss, gradient norm).

@@ -24,6 +24,7 @@ from vlm2vec.data import (
     TrainData,
     load_train_mix,
 )
+from vlm2vec.demo.default_data import build_default_dataset
 from vlm2vec.ds_config import per_device_batch_size
 from vlm2vec.errors import ConfigError
 
@@ -37,8 +38,6 @@ def with_default_data(config: TrainConfig) -> TrainConfig:
     evaluates on its held-out split."""
     if config.model_name != DEMO_MODEL or config.dataset_name or config.checkpoint_path:
         return config
-    from vlm2vec.demo.default_data import build_default_dataset
-
     root = os.path.join(config.demo_dir, "data")
     if distributed.rank() == 0:
         build_default_dataset(
