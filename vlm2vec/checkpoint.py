@@ -33,12 +33,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from vlm2vec import distributed
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -196,7 +199,7 @@ def _replace_dir(src: str, dst: str) -> None:
 
 
 def save_checkpoint(
-    engine: Any,
+    engine: DeepSpeedEngine,
     save_model: Callable[[str], None],
     output_dir: str,
     step: int,
@@ -234,7 +237,7 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(engine: Any, plan: ResumePlan) -> bool:
+def load_checkpoint(engine: DeepSpeedEngine, plan: ResumePlan) -> bool:
     """Restore optimizer, scheduler and trainable weights (from the universal form when `plan` says so)
     and this rank's RNG. Returns False when the RNG could not be restored (another world size: the
     caller starts a fresh, seeded stream)."""
