@@ -352,6 +352,7 @@ def train(config: TrainConfig, model: VLM2Vec | None = None) -> TrainResult:
     """Run training in the already-initialised process group (see `main`); `model`: a VLM2Vec to start
     from instead of building one from the options (LoRA etc. are still added as the options say)."""
     rank, world = distributed.rank_world()
+    config = with_default_data(config)  # the default model's own data, unless --dataset_name names some
     run = preflight(config, world)  # ConfigError / ResumeError before anything is built
     if run.resume is not None and run.resume.universal:
         ckpt.to_universal(run.resume.path)
@@ -464,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rank == 0:
             print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
-        train(with_default_data(config))
+        train(config)
     except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
         if rank == 0 or not isinstance(err, ConfigError):  # option errors are the same on every rank
             print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
