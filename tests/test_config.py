@@ -9,13 +9,10 @@ import sys
 
 import pytest
 
-from vlm2vec.config import (
-    ConfigError,
-    TrainConfig,
-    load_config,
-    per_device_batch_size,
-    resolve_ds_config,
-)
+from vlm2vec.config import TrainConfig
+from vlm2vec.config_parse import load_config
+from vlm2vec.ds_config import per_device_batch_size, resolve_ds_config
+from vlm2vec.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")
@@ -318,3 +315,53 @@ def test_learning_rate_schedules():
     with_warmup = factors("--warmup_ratio", "0.2", "--lr_scheduler_type", "constant_with_warmup")
     assert with_warmup[1:4] == [0.5, 1.0, 1.0]
     assert set(factors("--lr_scheduler_type", "constant", "--warmup_steps", "3")) == {1.0}
+
+
+OPTIONAL_PATHS = (
+    "checkpoint_path",
+    "dataset_name",
+    "image_dir",
+    "eval_data",
+    "ds_config",
+    "resume",
+    "logging_dir",
+)
+
+
+@pytest.mark.parametrize("name", OPTIONAL_PATHS)
+def test_an_empty_optional_path_means_none(name, tmp_path):
+    """`--flag ''` (and `flag: ''` in YAML) is the way to turn an optional path off: None, not a path ''
+    that fails as a missing directory or falls back to a default."""
+    assert load_config([f"--{name}", ""]).__getattribute__(name) is None
+    path = tmp_path / "run.yaml"
+    path.write_text(f"{name}: ''\n")
+    assert getattr(load_config(["--config", str(path)]), name) is None
+
+
+def test_empty_eval_data_turns_the_default_runs_evaluation_off(tmp_path):
+    """The default model fills in its default data; `--eval_data ''` must keep evaluation off instead of
+    falling back to the default eval directory (built once, here in tmp_path)."""
+    from vlm2vec.train_data import with_default_data
+
+    small = ["--demo_dir", str(tmp_path), "--demo_n_train", "4", "--demo_n_eval", "4",
+             "--demo_clipart_n_eval", "2", "--demo_clipart_drawings", "4", "--disable_tqdm"]  # fmt: skip
+    off = with_default_data(load_config([*small, "--eval_data", ""]))
+    assert off.dataset_name is not None and off.eval_data is None
+    default = with_default_data(load_config(small))
+    assert default.eval_data == os.path.join(str(tmp_path), "data", "eval")
+
+
+def test_a_model_without_default_data_needs_dataset_name():
+    """Only the default model has default data: another model without --dataset_name stops up front
+    (exit 2, one line), before the process group, data or model exist."""
+    code = (
+        "import sys\nfrom vlm2vec.train import main\nrc = main(sys.argv[1:])\n"
+        "print('RESULT', rc, 'transformers' in sys.modules, 'deepspeed' in sys.modules)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--model_name", "tiny:qwen2_vl"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert "RESULT 2 False False" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
+    assert proc.stderr.startswith("vlm2vec/train.py: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "pass --dataset_name" in proc.stderr, proc.stderr

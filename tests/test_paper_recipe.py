@@ -18,7 +18,8 @@ import torch
 from paper_models import family_of_config, split_counts, tiny_at
 from PIL import Image
 
-from vlm2vec.config import ConfigError, load_config
+from vlm2vec.config_parse import load_config
+from vlm2vec.errors import ConfigError
 from vlm2vec.synthetic import MMEB_TRAIN_SHAPES, write_mmeb_train_shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +92,7 @@ def _expected_image_tokens(config) -> int | None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_image_tokens_per_image_at_each_config(path):
-    from vlm2vec.train import image_tokens_per_image
+    from vlm2vec.build import image_tokens_per_image
 
     config = _config(path)
     expected = _expected_image_tokens(config)
@@ -132,7 +133,7 @@ def test_a_config_whose_rows_cannot_fit_is_refused_at_startup(tmp_path, shapes):
 TRAIN_SCRIPT = """
 import json, sys
 from paper_models import family_of_config, tiny_at
-from vlm2vec.config import load_config
+from vlm2vec.config_parse import load_config
 from vlm2vec.train import init_distributed, train
 import torch.distributed as dist
 
@@ -192,7 +193,7 @@ def test_paper_lora_is_the_reference_peft_config(path):
     tower included where names match; only adapter weights train."""
     from peft import LoraConfig, get_peft_model
 
-    from vlm2vec.train import build_model
+    from vlm2vec.build import build_model
 
     config = _config(path)
     ours = build_model(config, base=tiny_at(config))
@@ -215,7 +216,7 @@ def test_paper_lora_is_the_reference_peft_config(path):
 
 
 def test_v2_config_lora_targets_every_lm_linear():
-    from vlm2vec.train import build_model
+    from vlm2vec.build import build_model
 
     config = _config(os.path.join(REPO, "configs", "qwen2_vl_2b_v2.yaml"))
     model = build_model(config, base=tiny_at(config))
@@ -225,8 +226,8 @@ def test_v2_config_lora_targets_every_lm_linear():
 
 
 def test_explicit_targets_inside_a_frozen_tower_are_refused():
+    from vlm2vec.build import build_model
     from vlm2vec.model import VLM2Vec
-    from vlm2vec.train import build_model
 
     config = load_config(["--model_name", "tiny:llava_next", "--lora_target_modules", "q_proj,out_proj"])
     with pytest.raises(ConfigError, match=r"out_proj,q_proj.*inside the vision tower.*--freeze_vision false"):
@@ -266,7 +267,7 @@ def test_paper_configs_sample_up_to_100k_rows_per_subset():
 
 
 def test_per_subset_caps_from_yaml_cap_the_rows(tmp_path, shapes):
-    from vlm2vec.train import load_data
+    from vlm2vec.train_data import load_data
 
     path = tmp_path / "c.yaml"
     path.write_text("num_sample_per_subset: {ImageNet_1K: 1, WebQA: 2}\nsubset_name: [ImageNet_1K, WebQA]\n")
@@ -282,7 +283,7 @@ def test_v2_config_gives_task_wise_batches(shapes):
     of 64 consecutive rows, each from one subset, and all processes share the subset of each run (one
     global run of 512 rows split 8 ways); subsets are drawn uniformly, not by size."""
     from vlm2vec.model import VLM2Vec
-    from vlm2vec.train import load_data, make_batches
+    from vlm2vec.train_data import load_data, make_batches
 
     v2 = os.path.join(REPO, "configs", "qwen2_vl_2b_v2.yaml")
     data_args = ["--dataset_name", str(shapes), "--image_dir", str(shapes)]

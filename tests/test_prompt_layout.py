@@ -235,8 +235,8 @@ def test_phi3_v_image_row_matches_the_reference() -> None:
 
 @pytest.mark.parametrize("flag", [[], ["--prompt_layout", "native"]])
 def test_training_records_the_layout_it_used(tmp_path, flag: list[str]) -> None:
-    from vlm2vec.config import load_config
-    from vlm2vec.train import build_model
+    from vlm2vec.build import build_model
+    from vlm2vec.config_parse import load_config
 
     config = load_config(["--model_name", "tiny:qwen2_vl", "--lora", "true", *flag], validate=False)
     model = build_model(config)

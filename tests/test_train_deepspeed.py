@@ -99,8 +99,11 @@ def test_deepspeed_entry_point_trains_tiny_model_and_output_loads(tmp_path):
     from PIL import Image
 
     from vlm2vec.model import VLM2Vec
+    from vlm2vec.synthetic import write_synthetic_mmeb
 
     out = tmp_path / "run"
+    # a model other than the default has no default data: the rows the run used to write for itself
+    data = write_synthetic_mmeb(tmp_path / "data", rows=64, image_size=48, seed=0).train_dir
     _launch(
         [
             "vlm2vec/train.py",
@@ -110,6 +113,8 @@ def test_deepspeed_entry_point_trains_tiny_model_and_output_loads(tmp_path):
             str(out),
             "--model_name",
             "tiny:qwen2_vl",
+            "--dataset_name",
+            str(data),
             "--max_steps",
             "3",
             "--save_steps",
@@ -209,23 +214,24 @@ def _one_step(config_args: list[str], mode: str, stage: int, counter: ReductionC
     import torch
     import torch.distributed as dist
 
-    from vlm2vec import train
-    from vlm2vec.config import load_config, resolve_ds_config
+    from vlm2vec import build, train, train_data
+    from vlm2vec.config_parse import load_config
+    from vlm2vec.ds_config import resolve_ds_config
     from vlm2vec.gradcache import contrastive_step
 
     chunk = "4" if mode == "gradcache_1_chunk" else "2"
     config = load_config([*config_args, "--gc_q_chunk_size", chunk, "--gc_p_chunk_size", chunk])
     rank, world = dist.get_rank(), dist.get_world_size()
     train.seed_everything(config.seed)
-    model = train.build_model(config)
-    batches, collate, _ = train.make_batches(config, train.load_data(config), model, rank, world)
+    model = build.build_model(config)
+    batches, collate, _ = train_data.make_batches(config, train_data.load_data(config), model, rank, world)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     ds_config = resolve_ds_config(config, world)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     before = _flat_trainable(engine, stage)
     batch = collate(batches[0])
-    loss_fn = train._loss_fn(config.temperature, batch.targets, dist.group.WORLD)
+    loss_fn = train.loss_function(config.temperature, batch.targets, dist.group.WORLD)
     train.seed_everything(1234 + rank)
     with model.reuse_vision_features():
         if mode == "per_chunk_backward":  # the reference's GradCache, driven through the engine per chunk
@@ -263,7 +269,7 @@ def _one_step(config_args: list[str], mode: str, stage: int, counter: ReductionC
 def _nonfinite_runs(common: list[str], out: str) -> dict:
     """temperature 1e-39 (1/tau overflows fp32): the first loss is NaN. Stop with an error, or skip."""
     from vlm2vec import train
-    from vlm2vec.config import load_config
+    from vlm2vec.config_parse import load_config
 
     args = [*common, "--temperature", "1e-39", "--max_steps", "2", "--save_steps", "0"]
     try:
@@ -297,7 +303,7 @@ def _worker(argv: list[str]) -> int:
     import torch
     import torch.distributed as dist
 
-    from vlm2vec.config import load_config
+    from vlm2vec.config_parse import load_config
 
     os.makedirs(args.out, exist_ok=True)
     dist.barrier()

@@ -169,14 +169,15 @@ def test_zero3_cpu_offload_trains_saves_resumes(mixed_data, tmp_path):
 
 DORA_CHECK = """
 import sys, deepspeed
-from vlm2vec import train
-from vlm2vec.config import load_config, resolve_ds_config
+from vlm2vec import build, train
+from vlm2vec.config_parse import load_config
+from vlm2vec.ds_config import resolve_ds_config
 train.init_distributed()
 config = load_config(["--model_name", sys.argv[1], "--ds_config", sys.argv[2], "--dora", "--report_to=none"])
 train.seed_everything(0)
-whole = train.build_model(config)
+whole = build.build_model(config)
 train.seed_everything(0)
-part = train.build_model(config, ds_config=resolve_ds_config(config, 1))
+part = build.build_model(config, ds_config=resolve_ds_config(config, 1))
 assert all(hasattr(p, "ds_id") for p in part.parameters() if not p.requires_grad), "not partitioned"
 mags = [{n: p for n, p in m.named_parameters() if "magnitude" in n} for m in (whole, part)]
 with deepspeed.zero.GatheredParameters([p for p in part.parameters() if hasattr(p, "ds_id")]):
@@ -250,8 +251,9 @@ def _rss_worker(out: str, mode: str, model: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from vlm2vec import train
-    from vlm2vec.config import load_config, resolve_ds_config
+    from vlm2vec import build
+    from vlm2vec.config_parse import load_config
+    from vlm2vec.ds_config import resolve_ds_config
 
     def anon_mib() -> int:
         with open("/proc/self/status") as f:
@@ -274,7 +276,7 @@ def _rss_worker(out: str, mode: str, model: str) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
-    model_ = train.build_model(config, ds_config=ds_config if mode == "zero3" else None)
+    model_ = build.build_model(config, ds_config=ds_config if mode == "zero3" else None)
     partitioned = all(hasattr(p, "ds_id") for p in model_.parameters() if not p.requires_grad)
     trainable = [p for p in model_.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model_, optimizer=torch.optim.AdamW(trainable), config=ds_config)
@@ -299,7 +301,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--rss", nargs=2, metavar=("MODE", "MODEL"))
     args, _ = parser.parse_known_args(argv)  # the launcher adds --local_rank
     from vlm2vec import train
-    from vlm2vec.config import load_config
+    from vlm2vec.config_parse import load_config
     from vlm2vec.model import VLM2Vec
 
     rank, world, _ = train.init_distributed()

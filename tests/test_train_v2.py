@@ -76,9 +76,9 @@ def test_mixed_rows_are_read_and_batched(tmp_path) -> None:
 
 def _chunk_counts(train, budget: int, steps: int) -> list[list[tuple[int, int]]]:
     """(query, candidate) GradCache chunk counts per step and rank, as the trainer collates them."""
-    from vlm2vec.config import load_config
+    from vlm2vec.config_parse import load_config
     from vlm2vec.model import VLM2Vec
-    from vlm2vec.train import load_data, make_batches
+    from vlm2vec.train_data import load_data, make_batches
 
     argv = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(train), "--max_steps", str(steps),
             "--per_device_train_batch_size", "3", "--gc_max_visual_tokens", str(budget),
@@ -182,8 +182,9 @@ def test_weighted_sources_and_task_wise_chunks(tmp_path) -> None:
 
 
 def test_num_frames_of_training_videos(tmp_path) -> None:
-    from vlm2vec.config import ConfigError, load_config
+    from vlm2vec.config_parse import load_config
     from vlm2vec.data import TrainBatches, load_train_data
+    from vlm2vec.errors import ConfigError
     from vlm2vec.synthetic import write_synthetic_v2_train
 
     train = write_synthetic_v2_train(tmp_path, rows=2, frames=5)

@@ -33,11 +33,15 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
+
+from vlm2vec import distributed
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
@@ -132,8 +136,8 @@ def to_universal(path: str) -> None:
     """Convert `path`'s ZeRO shards into `path/universal` once (rank 0 converts, atomically; every rank
     raises ResumeError if it fails, so none waits forever)."""
     target = os.path.join(path, UNIVERSAL_TAG)
-    error = [None]
-    if _rank() == 0 and not os.path.isdir(target):
+    error = None
+    if distributed.rank() == 0 and not os.path.isdir(target):
         tmp = target + f".tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         cmd = [
@@ -146,11 +150,10 @@ def to_universal(path: str) -> None:
             os.rename(tmp, target)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-            error[0] = f"converting {path} to DeepSpeed's universal format failed:\n{done.stderr[-3000:]}"
-    if dist.is_initialized():
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise ResumeError(error[0])
+            error = f"converting {path} to DeepSpeed's universal format failed:\n{done.stderr[-3000:]}"
+    error = distributed.broadcast_from_rank0(error)
+    if error:
+        raise ResumeError(error)
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -171,15 +174,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- save / load
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def _fsync_tree(path: str) -> None:
     for root, _, files in os.walk(path):
         for name in files:
@@ -205,7 +199,7 @@ def _replace_dir(src: str, dst: str) -> None:
 
 
 def save_checkpoint(
-    engine: Any,
+    engine: DeepSpeedEngine,
     save_model: Callable[[str], None],
     output_dir: str,
     step: int,
@@ -217,17 +211,17 @@ def save_checkpoint(
 
     save_model(directory) writes the model files (called on every rank: under ZeRO-3 the weights must be
     gathered collectively; it should write on rank 0 only). Returns the checkpoint path."""
-    rank = _rank()
+    rank = distributed.rank()
     tmp = os.path.join(output_dir, f"{TMP_PREFIX}{step}")
     final = checkpoint_path(output_dir, step)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    distributed.barrier()
     engine.save_checkpoint(tmp, tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
     torch.save(capture_rng(), os.path.join(tmp, f"rng_state_{rank}.pt"))
     save_model(tmp)
-    _barrier()
+    distributed.barrier()
     if rank == 0:
         with open(os.path.join(tmp, TRAINER_STATE), "w", encoding="utf-8") as f:
             json.dump(trainer_state, f, indent=2, default=str)
@@ -239,11 +233,11 @@ def save_checkpoint(
         for name in os.listdir(output_dir):  # leftovers of saves that were killed
             if name.startswith(TMP_PREFIX):
                 shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     return final
 
 
-def load_checkpoint(engine: Any, plan: ResumePlan) -> bool:
+def load_checkpoint(engine: DeepSpeedEngine, plan: ResumePlan) -> bool:
     """Restore optimizer, scheduler and trainable weights (from the universal form when `plan` says so)
     and this rank's RNG. Returns False when the RNG could not be restored (another world size: the
     caller starts a fresh, seeded stream)."""
@@ -257,8 +251,8 @@ def load_checkpoint(engine: Any, plan: ResumePlan) -> bool:
     )
     if load_path is None:
         raise ResumeError(f"DeepSpeed found no state under {os.path.join(plan.path, tag)}")
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = distributed.world_size()
     if int(plan.state.get("world_size", world)) != world:
         return False
-    restore_rng(torch.load(os.path.join(plan.path, f"rng_state_{_rank()}.pt"), weights_only=False))
+    restore_rng(torch.load(os.path.join(plan.path, f"rng_state_{distributed.rank()}.pt"), weights_only=False))
     return True

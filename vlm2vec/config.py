@@ -5,24 +5,24 @@ Precedence: dataclass defaults < `--config file.yaml` < command-line flags. Name
 VLM2Vec reference implementation otherwise (`--model_name`, `--lora_r`, `--gc_q_chunk_size`, ...), so a
 published VLM2Vec command line runs unchanged. Every problem (unknown key, bad type, missing path,
 inconsistent values) raises `ConfigError` naming the option before any model or data is touched.
+
+This module holds the options and their checks; `config_parse` reads them from YAML and the command
+line, `ds_config` resolves the DeepSpeed JSON against them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
-import json
 import os
 import re
-import sys
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
+from vlm2vec.backbones import FAMILIES, tiny_families
+from vlm2vec.data import parse_sources
+from vlm2vec.errors import ConfigError
+from vlm2vec.eval_v1 import dataset_names
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 POOLINGS = ("last", "mean", "eos")  # eos: the reference's name for last-token pooling (read as last)
@@ -60,10 +60,6 @@ IGNORED_OPTIONS = {
     "dataloader_drop_last": "every batch is full",
     "ddp_find_unused_parameters": "DeepSpeed handles data parallelism",
 }
-
-
-class ConfigError(ValueError):
-    """A bad option: the message names it and says what is wrong."""
 
 
 def _opt(
@@ -272,7 +268,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values and paths; raise ConfigError naming the first bad option."""
-        for f in _fields():  # YAML values are not checked by argparse
+        for f in option_fields():  # YAML values are not checked by argparse
             value, choices = getattr(self, f.name), f.metadata["choices"]
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"--{f.name} {value!r}: choose one of {', '.join(map(str, choices))}")
@@ -354,8 +350,6 @@ class TrainConfig:
                     f"--model_name {DEMO_MODEL} trains a LoRA adapter + the projector: drop --lora false"
                 )
         elif self.model_name.startswith(TINY_PREFIX):
-            from vlm2vec.backbones import tiny_families
-
             family = self.model_name[len(TINY_PREFIX) :]
             if family not in tiny_families():
                 raise ConfigError(
@@ -372,8 +366,6 @@ class TrainConfig:
                 )
             )
         if self.model_backbone is not None and self.model_backbone.lower() not in BACKBONE_ALIASES:
-            from vlm2vec.backbones import FAMILIES
-
             if self.model_backbone not in FAMILIES:
                 raise ConfigError(
                     f"--model_backbone {self.model_backbone!r} is unknown; choose one of "
@@ -381,11 +373,7 @@ class TrainConfig:
                 )
 
     def _validate_paths(self) -> None:
-        from vlm2vec.data import parse_sources
-
         if self.eval_data:  # a local MMEB eval directory: <dataset>.jsonl / .parquet / .arrow or folders
-            from vlm2vec.eval import dataset_names
-
             where = f"--eval_data {self.eval_data!r}: not an MMEB eval directory"
             if not os.path.isdir(self.eval_data):
                 raise ConfigError(f"{where} (not a directory)")
@@ -404,8 +392,6 @@ class TrainConfig:
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"--{name} {path!r}: no such directory")
-        if self.ds_config is not None:
-            load_ds_config(self.ds_config)
         if self.resume is not None and self.resume.isdigit():  # the reference's `--resume_from <step>`
             self.resume = os.path.join(self.output_dir, f"checkpoint-{int(self.resume)}")
         if self.resume is not None and self.resume != "auto" and not os.path.isdir(self.resume):
@@ -433,7 +419,7 @@ class TrainConfig:
         return BACKBONE_ALIASES.get(self.model_backbone.lower(), self.model_backbone)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in _fields()}
+        return {f.name: getattr(self, f.name) for f in option_fields()}
 
 
 def _offline() -> bool:
@@ -443,368 +429,9 @@ def _offline() -> bool:
     )
 
 
-# ------------------------------------------------------------------------------------------- parsing
-def _fields() -> list[dataclasses.Field]:
+def option_fields() -> list[dataclasses.Field]:
+    """The user-facing options of TrainConfig (internal bookkeeping fields left out)."""
     return [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]
-
-
-def _hints() -> dict[str, Any]:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _base_type(annotation: Any) -> tuple[Any, bool]:
-    """(int | None) -> (int, True); list[str] | None -> (list[str], True)."""
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return rest[0], True
-    return annotation, False
-
-
-def _alias_map() -> dict[str, str]:
-    out = {}
-    for f in _fields():
-        out[f.name] = f.name
-        for alias in f.metadata["aliases"]:
-            out[alias] = f.name
-    return out
-
-
-def _parse_bool(text: str) -> bool:
-    lowered = str(text).strip().lower()
-    if lowered in ("1", "true", "yes", "y", "on"):
-        return True
-    if lowered in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _nullable(convert: Any) -> Any:
-    def parse(text: str) -> Any:
-        if str(text).strip().lower() in ("none", "null"):
-            return None
-        return convert(text)
-
-    parse.__name__ = getattr(convert, "__name__", "value")
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser; every option shows its default in --help."""
-    parser = _Parser(
-        prog="vlm2vec/train.py",
-        description="Train a VLM2Vec embedding model with GradCache under DeepSpeed "
-        "(deepspeed vlm2vec/train.py --ds_config configs/ds_zero2.json [--config x.yaml] [--key value ...]).",
-        argument_default=argparse.SUPPRESS,
-        allow_abbrev=False,
-        epilog=_demo_epilog(),
-    )
-    parser.add_argument("--config", metavar="YAML", help="YAML file of options (flags given here win)")
-    hints = _hints()
-    groups: dict[str, Any] = {}
-    group_of = {
-        "model_name": "model",
-        "dataset_name": "data",
-        "per_device_train_batch_size": "step",
-        "max_steps": "optimisation",
-        "output_dir": "run",
-    }
-    group = parser
-    for f in _fields():
-        if f.name in group_of:
-            group = groups.setdefault(f.name, parser.add_argument_group(group_of[f.name]))
-        base, nullable = _base_type(hints[f.name])
-        names = [f"--{f.name}", *(f"--{a}" for a in f.metadata["aliases"])]
-        text = f.metadata["help"]
-        if f.metadata["choices"]:
-            text += f"; one of {', '.join(f.metadata['choices'])}"
-        if "default:" not in text:
-            text += f" (default: {f.default!r})"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": text}
-        if f.metadata["choices"]:
-            kwargs["choices"] = list(f.metadata["choices"]) + ([None] if nullable else [])
-        if base is bool:
-            kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
-        elif typing.get_origin(base) is list:
-            kwargs.update(nargs="+", metavar="NAME")
-        else:
-            kwargs["type"] = _nullable(base) if nullable else base
-            kwargs["metavar"] = base.__name__.upper()
-        group.add_argument(*names, **kwargs)
-    compat = parser.add_argument_group("accepted for compatibility (no effect)")
-    for name, why in IGNORED_OPTIONS.items():
-        compat.add_argument(
-            f"--{name}", dest=f"ignored:{name}", nargs="?", const=True, metavar="VALUE", help=why
-        )
-    return parser
-
-
-def _demo_epilog() -> str:
-    from vlm2vec.demo.recipe import RECIPE
-
-    shown = {k: " ".join(v) if isinstance(v, list) else v for k, v in RECIPE.items()}
-    values = ", ".join(f"--{k} {v}" for k, v in shown.items())
-    return (
-        f"default run (--model_name {DEMO_MODEL}): without --dataset_name, trains on the default data "
-        "(emoji + OpenClipArt, built once in --demo_dir) and evaluates on its held-out split "
-        "(--eval_data), with the untrained model and a frozen-feature probe as baselines. "
-        f"Options not set take the recipe's values (vlm2vec/demo/recipe.py) instead of the defaults above: "
-        f"{values}."
-    )
-
-
-def _suggest(name: str, prefix: str = "--") -> str:
-    known = list(_alias_map()) + list(IGNORED_OPTIONS) + ["config"]
-    close = difflib.get_close_matches(name, known, n=2)
-    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
-
-
-def _unknown_message(tokens: Sequence[str]) -> str:
-    flags = [t.split("=")[0] for t in tokens if t.startswith("-")]
-    if not flags:
-        return f"unexpected argument(s) {' '.join(tokens)!r} (options are --key value)"
-    parts = [f"{flag}{_suggest(flag.lstrip('-'))}" for flag in flags]
-    return f"unknown option {', '.join(parts)}; see --help"
-
-
-def _coerce(name: str, value: Any, source: str) -> Any:
-    """A YAML value checked against the field's type (ints stay ints, floats accept ints)."""
-    base, nullable = _base_type(_hints()[name])
-    where = f"{source}: {name}"
-    if value is None:
-        if nullable:
-            return None
-        raise ConfigError(f"{where} must not be empty")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return _parse_bool(value)
-            except argparse.ArgumentTypeError as err:
-                raise ConfigError(f"{where}: {err}") from None
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if isinstance(value, dict) and dict[str, int] in typing.get_args(_hints()[name]):
-        if all(isinstance(k, str) and type(v) is int for k, v in value.items()):
-            return dict(value)
-        raise ConfigError(f"{where} must map names to integers, got {value!r}")
-    if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, str):  # YAML reads 2e-5 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    if typing.get_origin(base) is list:
-        if isinstance(value, str):
-            return value.split()
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise ConfigError(f"{where} must be a list of names, got {value!r}")
-    if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    return value
-
-
-def read_yaml(path: str) -> dict[str, Any]:
-    """Options from a YAML mapping, keys resolved through the aliases and type-checked."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--config {path!r} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path!r} must hold a mapping of option: value")
-    aliases, out = _alias_map(), {}
-    for key, value in data.items():
-        if key in IGNORED_OPTIONS:
-            continue
-        if key not in aliases:
-            raise ConfigError(f"{path}: unknown key {key!r}{_suggest(str(key), '')}; see --help")
-        out[aliases[key]] = _coerce(aliases[key], value, path)
-    return out
-
-
-def load_config(argv: Sequence[str] | None = None, *, validate: bool = True) -> TrainConfig:
-    """Parse `argv` (default sys.argv[1:]): YAML from --config, then flags; validated unless told not."""
-    parser = build_parser()
-    namespace, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    if unknown:
-        raise ConfigError(_unknown_message(unknown))
-    given = vars(namespace)
-    ignored = sorted(k.split(":", 1)[1] for k in given if k.startswith("ignored:"))
-    given = {k: v for k, v in given.items() if not k.startswith("ignored:")}
-    values = read_yaml(given.pop("config")) if "config" in given else {}
-    values.update(given)
-    config = TrainConfig(**values)
-    config.explicit = frozenset(values)
-    config.ignored = tuple(ignored)
-    if config.model_name == DEMO_MODEL:
-        config = _with_recipe(config)
-    return config.validate() if validate else config
-
-
-def _with_recipe(config: TrainConfig) -> TrainConfig:
-    """The default model's recipe values for every option the user left unset (YAML or flags win)."""
-    from vlm2vec.demo.recipe import RECIPE
-
-    values = {k: v for k, v in RECIPE.items() if k not in config.explicit}
-    if "per_device_train_batch_size" in config.explicit:  # the user's per-device size wins over the batch
-        values.pop("train_batch_size", None)
-    return dataclasses.replace(config, **values)
-
-
-# --------------------------------------------------------------------------------------------- DeepSpeed
-def load_ds_config(path: str) -> dict[str, Any]:
-    """A DeepSpeed JSON file as a dict (ConfigError if missing or malformed)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--ds_config {path!r}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"--ds_config {path!r} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"--ds_config {path!r} must hold a JSON object")
-    return data
-
-
-DEFAULT_DS_CONFIG: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "train_batch_size": "auto",
-    "gradient_accumulation_steps": 1,
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": "auto"},
-    "zero_optimization": {"stage": 0},
-    "steps_per_print": 2**31 - 1,
-}
-
-
-def per_device_batch_size(config: TrainConfig, world_size: int) -> int:
-    """Queries per process: --train_batch_size / world when given, else --per_device_train_batch_size."""
-    if config.train_batch_size is None:
-        return config.per_device_train_batch_size
-    if config.train_batch_size % world_size:
-        raise ConfigError(
-            f"--train_batch_size {config.train_batch_size} is not divisible by the {world_size} processes"
-        )
-    per_device = config.train_batch_size // world_size
-    if "per_device_train_batch_size" in config.explicit and per_device != config.per_device_train_batch_size:
-        raise ConfigError(
-            f"--train_batch_size {config.train_batch_size} over {world_size} processes gives "
-            f"{per_device} per device, but --per_device_train_batch_size is "
-            f"{config.per_device_train_batch_size}; set only one of them"
-        )
-    return per_device
-
-
-def resolve_ds_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config with every "auto" filled from the options; explicit values in the JSON that
-    contradict an option the user set raise ConfigError (a JSON value wins over an unset default)."""
-    ds = json.loads(json.dumps(load_ds_config(config.ds_config) if config.ds_config else DEFAULT_DS_CONFIG))
-    source = config.ds_config or "the default DeepSpeed config"
-    micro = per_device_batch_size(config, world_size)
-
-    def settle(container: dict, key: str, option: str, value: Any) -> Any:
-        current = container.get(key, "auto")
-        if current == "auto":
-            container[key] = value
-        elif option in config.explicit and current != value:
-            raise ConfigError(
-                f"{source} sets {key}={current!r} but --{option} is {value!r}; make them agree "
-                f'or write "auto" in the JSON'
-            )
-        return container[key]
-
-    settle(ds, "train_micro_batch_size_per_gpu", "per_device_train_batch_size", micro)
-    if ds["train_micro_batch_size_per_gpu"] != micro:
-        raise ConfigError(
-            f"{source}: train_micro_batch_size_per_gpu={ds['train_micro_batch_size_per_gpu']} "
-            f'but this run uses {micro} queries per device; write "auto"'
-        )
-    gas = ds.setdefault("gradient_accumulation_steps", 1)
-    if gas not in (1, "auto"):
-        raise ConfigError(
-            f"{source}: gradient_accumulation_steps={gas}; GradCache replaces gradient "
-            "accumulation here (tune --gc_q_chunk_size/--gc_p_chunk_size for memory) - set 1"
-        )
-    ds["gradient_accumulation_steps"] = 1
-    ds["train_batch_size"] = micro * world_size
-    settle(ds, "gradient_clipping", "max_grad_norm", config.max_grad_norm)
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    settle(bf16, "enabled", "bf16", config.bf16)
-    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{source} enables fp16, which this trainer does not support; use bf16")
-    ds.pop("fp16", None)
-    if "scheduler" in ds:
-        raise ConfigError(
-            f"{source} has a 'scheduler' section; the schedule comes from --lr_scheduler_type, "
-            "--warmup_steps and --learning_rate - remove it"
-        )
-    if "optimizer" in ds:  # DeepSpeed builds it (e.g. DeepSpeedCPUAdam for ZeRO-Offload)
-        params = ds["optimizer"].setdefault("params", {})
-        settle(params, "lr", "learning_rate", config.learning_rate)
-        settle(params, "betas", "adam_beta1", [config.adam_beta1, config.adam_beta2])
-        settle(params, "eps", "adam_epsilon", config.adam_epsilon)
-        settle(params, "weight_decay", "weight_decay", config.weight_decay)
-    zero = ds.setdefault("zero_optimization", {"stage": 0})
-    _check_zero(zero, ds, source)
-    if config.quantization and zero.get("stage", 0) == 3:
-        raise ConfigError(
-            "--quantization nf4 cannot be combined with ZeRO-3 (4-bit weights cannot be "
-            f"partitioned); use a ZeRO 0-2 config instead of {source}"
-        )
-    for key, value in list(zero.items()):
-        if value == "auto":
-            raise ConfigError(f'{source}: zero_optimization.{key} is "auto"; give a number')
-    ds.setdefault("steps_per_print", 2**31 - 1)
-    return ds
-
-
-def _offload_device(zero: dict[str, Any], key: str) -> str:
-    section = zero.get(key) or {}
-    return str(section.get("device", "none")).lower() if isinstance(section, dict) else "none"
-
-
-def _check_zero(zero: dict[str, Any], ds: dict[str, Any], source: str) -> None:
-    """ZeRO stage x offload combinations that DeepSpeed would reject (or mis-train) only after the model
-    is built and the engine initialised: refused here, with what to change."""
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{source}: zero_optimization.stage={stage!r}; use 0, 1, 2 or 3")
-    params, optimizer = _offload_device(zero, "offload_param"), _offload_device(zero, "offload_optimizer")
-    for key, device in (("offload_param", params), ("offload_optimizer", optimizer)):
-        if device not in ("none", "cpu"):
-            raise ConfigError(
-                f'{source}: zero_optimization.{key}.device="{device}" is not supported here (only "cpu", '
-                "which configs/ds_zero3_offload.json uses); NVMe offload is untested with this trainer"
-            )
-    if params == "cpu" and stage != 3:
-        raise ConfigError(
-            f"{source}: offload_param needs ZeRO-3 (stage is {stage}); set stage 3 or remove offload_param"
-        )
-    if optimizer == "cpu" and stage == 0:
-        raise ConfigError(f"{source}: offload_optimizer needs ZeRO 1-3; set a stage or drop it")
-    if optimizer == "cpu" and "optimizer" not in ds and ds.get("zero_force_ds_cpu_optimizer", True):
-        raise ConfigError(
-            f'{source}: offload_optimizer needs DeepSpeed\'s CPU Adam: add an "optimizer" section '
-            '({"type": "AdamW", "params": {"lr": "auto", ...}} as in configs/ds_zero3_offload.json)'
-        )
 
 
 def format_config(config: TrainConfig) -> str:
