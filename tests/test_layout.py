@@ -92,3 +92,19 @@ def test_lower_modules_import_without_the_upper_ones():
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_whole_package_is_in_no_import_cycle():
+    """Issue 21: 0 import cycles anywhere in vlm2vec (there were three)."""
+    assert cycles(import_graph()) == []
+
+
+def test_no_module_over_600_lines():
+    """One job per module: no Python file of the trainer or the loss package grows past 600 lines."""
+    files = [*PACKAGE.rglob("*.py"), *(REPO / "kernels" / "vlm2vec_kernels").rglob("*.py")]
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in files
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600
+    }
+    assert long == {}
