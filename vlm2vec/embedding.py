@@ -257,3 +257,14 @@ def encoder_of(model: VLM2Vec, batch_size: int) -> Encoder:
         )
 
     return encode
+
+
+def write_scores(out_dir: str | os.PathLike, scores: dict[str, Any], table: str) -> None:
+    """`scores.json` (written to a temporary name, then renamed: a reader never sees half a file) and
+    `table.md` under `out_dir`: the two outputs of either evaluation."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "scores.json.tmp"
+    tmp.write_text(json.dumps(scores, indent=2) + "\n")
+    tmp.replace(out / "scores.json")
+    (out / "table.md").write_text(table)

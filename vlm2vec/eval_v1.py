@@ -25,7 +25,7 @@ from PIL import Image
 
 from vlm2vec import distributed
 from vlm2vec.data import TABLE_SUFFIXES, DataError, EvalSet, load_eval_dataset
-from vlm2vec.embedding import Encoder, Inputs, cache_root_of, embed_dataset
+from vlm2vec.embedding import Encoder, Inputs, cache_root_of, embed_dataset, write_scores
 from vlm2vec.media import load_image
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, MMEB_EVAL_DATASETS
 from vlm2vec.scoring import (
@@ -232,14 +232,9 @@ def summary_row(scores: dict[str, Any], key: str = "p_at_1") -> dict[str, float]
 
 def _write_outputs(
     out_dir: str | os.PathLike, results: dict, meta: dict, label: str, data: str, started: float
-):
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+) -> dict[str, Any]:
     scores = _summary(results, meta, label, data, started)
-    tmp = out / "scores.json.tmp"
-    tmp.write_text(json.dumps(scores, indent=2) + "\n")
-    tmp.replace(out / "scores.json")
-    (out / "table.md").write_text(render_report(scores))
+    write_scores(out_dir, scores, render_report(scores))
     return scores
 
 

@@ -13,7 +13,6 @@ kind (video) is refused up front. Outputs: scores.json (per task and the group m
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from vlm2vec import distributed
-from vlm2vec.embedding import Encoder, Inputs, VisualInput, cache_root_of, embed_dataset
+from vlm2vec.embedding import Encoder, Inputs, VisualInput, cache_root_of, embed_dataset, write_scores
 from vlm2vec.errors import DataError
 from vlm2vec.media import Frames, load_image, load_video
 from vlm2vec.mmeb_v2 import V2Set, Visual, available_tasks, load_task, missing_tasks
@@ -252,11 +251,6 @@ def render_v2_report(scores: dict[str, Any]) -> str:
 def write_v2_outputs(
     out_dir: str | Path, results: dict, label: str, root: str, started: float, missing: Sequence[str] = ()
 ) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scores = v2_summary(results, label, root, started, missing)
-    tmp = out / "scores.json.tmp"
-    tmp.write_text(json.dumps(scores, indent=2) + "\n")
-    tmp.replace(out / "scores.json")
-    (out / "table.md").write_text(render_v2_report(scores))
+    write_scores(out_dir, scores, render_v2_report(scores))
     return scores
