@@ -13,6 +13,7 @@ line, `ds_config` resolves the DeepSpeed JSON against them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -100,6 +101,23 @@ class TrainConfig:
     normalize: bool = _opt(True, "L2-normalise embeddings (similarity = cosine)")
     temperature: float = _opt(0.02, "InfoNCE temperature")
     symmetric_loss: bool = _opt(False, "add the target->query InfoNCE direction (CLIP style)")
+    matryoshka_dims: list[int] | None = _opt(
+        None,
+        "Matryoshka embeddings: also train each prefix of these lengths as an embedding of its own, "
+        "e.g. 64,128,256 (increasing, each <= the embedding size; the full size counts only if listed)",
+    )
+    positives: str = _opt(
+        "mask",
+        "candidates of a step that are the same item as a query's target (same text and image/video path, "
+        "across chunks and ranks): mask (leave the denominator), any (all count as positives), each (one "
+        "term per positive), none (they are negatives, as the reference trains)",
+        choices=("mask", "any", "each", "none"),
+    )
+    false_negative_margin: float | None = _opt(
+        None,
+        "drop from a query's denominator every non-target candidate scoring above the target's score plus "
+        "this margin (cosine units; likely false negatives, as Qwen3-Embedding's loss)",
+    )
     max_len: int = _opt(
         256,
         "maximum text tokens per input (the paper's max text length): image/video tokens do not count and "
@@ -170,8 +188,9 @@ class TrainConfig:
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
     missing_negatives: str = _opt(
         "error",
-        "a row with fewer hard negatives: error, or sample other rows' positives",
-        choices=("error", "sample"),
+        "a row with fewer hard negatives than --num_hard_negatives: mask (train on the ones it has; the "
+        "missing slots are left out of its denominator), error, or sample other rows' positives",
+        choices=("mask", "error", "sample"),
     )
     skip_bad_rows: bool = _opt(False, "skip (and count) unreadable rows instead of stopping")
     sort_by_length: bool = _opt(True, "group rows of similar length into the same GradCache chunk")
@@ -194,6 +213,10 @@ class TrainConfig:
         f"split for {DEMO_MODEL} without --dataset_name, else none",
     )
     eval_steps: int = _opt(0, "also evaluate every N steps (0: only after training)")
+    eval_dims: list[int] | None = _opt(
+        None,
+        "also score these embedding prefixes (e.g. 64,256; Matryoshka): one report column per dimension",
+    )
 
     # --- step ------------------------------------------------------------------------------------
     per_device_train_batch_size: int = _opt(8, "queries per process per step")
@@ -255,6 +278,11 @@ class TrainConfig:
     disable_tqdm: bool = _opt(False, "no progress bar")
     run_name: str | None = _opt(None, "a name recorded in the logs", aliases=("project_name",))
     local_rank: int = _opt(-1, "set by the deepspeed launcher")
+    export_dir: str | None = _opt(
+        None,
+        "after training, also export the model there (python -m vlm2vec.export: merged weights, "
+        "sentence-transformers / transformers / vLLM layout, model card)",
+    )
 
     # filled by load_config: which options the user set (YAML or command line), and which were ignored
     explicit: frozenset[str] = field(
@@ -288,6 +316,15 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("matryoshka_dims", "eval_dims"):
+            dims = getattr(self, name)
+            if dims is not None and (
+                not dims or min(dims) < 1 or any(a >= b for a, b in zip(dims, dims[1:]))
+            ):
+                raise ConfigError(f"--{name} {dims}: give increasing sizes >= 1, like 64,128,256")
+        margin = self.false_negative_margin
+        if margin is not None and not math.isfinite(margin):
+            raise ConfigError(f"--false_negative_margin must be a finite number, got {margin}")
         caps = self.num_sample_per_subset
         for subset, cap in caps.items() if isinstance(caps, dict) else [("", caps)]:
             if cap is not None and cap < 1:

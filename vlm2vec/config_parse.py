@@ -67,6 +67,14 @@ def _nullable(convert: Any) -> Any:
     return parse
 
 
+def _int_list(text: str) -> list[int]:
+    """'64,128,256' (or '64 128 256') -> [64, 128, 256]."""
+    try:
+        return [int(part) for part in str(text).replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 64,128,256, got {text!r}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(message)
@@ -108,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
             kwargs["choices"] = list(f.metadata["choices"]) + ([None] if nullable else [])
         if base is bool:
             kwargs.update(nargs="?", const=True, type=_parse_bool, metavar="BOOL")
+        elif base == list[int]:
+            kwargs.update(type=_nullable(_int_list), metavar="N,N,...")
         elif typing.get_origin(base) is list:
             kwargs.update(nargs="+", metavar="NAME")
         else:
@@ -184,6 +194,15 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{where} must be a number, got {value!r}")
+    if base == list[int]:
+        if isinstance(value, list) and all(type(v) is int for v in value):
+            return list(value)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            try:
+                return _int_list(str(value))
+            except argparse.ArgumentTypeError:
+                pass
+        raise ConfigError(f"{where} must be a list of integers like [64, 128], got {value!r}")
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             return value.split()
