@@ -10,6 +10,7 @@ rank 0 scores), and rank 0 prints the report it wrote to --out (scores.json, tab
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ from vlm2vec.eval_v1 import HUB_EVAL_NAME, dataset_names, evaluate, render_repor
 from vlm2vec.eval_v2 import evaluate_v2, render_v2_report
 from vlm2vec.media import MediaError
 from vlm2vec.mmeb_v2 import available_tasks
+from vlm2vec.scoring import check_dims, parse_dims
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,6 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--attn-implementation", default=None, help="sdpa, eager, flash_attention_2 (default auto)"
     )
+    p.add_argument(
+        "--eval_dims",
+        "--eval-dims",
+        default=None,
+        metavar="N,N,...",
+        help="also score these embedding prefixes, e.g. 64,256 (Matryoshka: the first d numbers of each "
+        "embedding, re-normalised when the model normalises its embeddings; increasing, each <= the "
+        "embedding size): scores.json gains dims/<d> (the full embedding's results stay where they are), "
+        "table.md a column per size. Embedded once: the cache holds full embeddings. Default: the "
+        "model's own matryoshka_dims (recorded in its vlm2vec.json by a Matryoshka training run), else "
+        "none; --eval_dims '' scores only the full embedding",
+    )
     p.add_argument("--label", default=None, help="row label in table.md (default: the --model value)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -116,6 +130,21 @@ def preflight(args: argparse.Namespace, tasks: Sequence[str] | None, datasets: S
         raise DataError(f"--data {args.data}: {err}") from err
 
 
+def eval_dims(args: argparse.Namespace) -> tuple[list[int] | None, str]:
+    """The prefixes to score and where they come from: --eval_dims, else the matryoshka_dims that the
+    model directory's vlm2vec.json records, else none. ValueError (one line) for bad sizes."""
+    if args.eval_dims is not None:
+        return (parse_dims(args.eval_dims) if args.eval_dims.strip() else None), "--eval_dims"
+    meta = Path(os.path.expanduser(args.model)) / "vlm2vec.json"
+    recorded = json.loads(meta.read_text(encoding="utf-8")).get("matryoshka_dims") if meta.is_file() else None
+    if not recorded:
+        return None, "--eval_dims"
+    what = f"{meta} matryoshka_dims"
+    if not isinstance(recorded, list) or not all(type(d) is int for d in recorded):
+        raise ValueError(f"{what}: expected a list of integers, got {recorded!r}")
+    return check_dims(recorded, None, what), what
+
+
 def _fail(err: object, rank: int = 0, world_size: int = 1, every_rank: bool = False) -> int:
     """One line on stderr, exit status 2: how the trainer reports bad input. every_rank: the error may
     be one rank's own (its shard of the inputs), so each rank says it, tagged."""
@@ -133,8 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()] if args.datasets else None
     tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()] or datasets
     try:
+        dims, dims_from = eval_dims(args)
         preflight(args, tasks, datasets)
-    except DataError as err:
+    except ValueError as err:  # DataError included
         return _fail(err, int(os.environ.get("RANK", "0")))
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a launcher stopping its ranks, a scheduler) -> SystemExit, so finished work is flushed
@@ -167,6 +197,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.shutdown()
         return _fail(f"--model {args.model}: cannot load the model: {err}".splitlines()[0], rank)
     model.eval()
+    if dims:
+        try:
+            check_dims(dims, model.embedding_dim, dims_from)
+        except AttributeError:  # a backbone that does not say: the first embedded dataset tells
+            pass
+        except ValueError as err:
+            distributed.shutdown()
+            return _fail(err, rank)
+        if dims_from != "--eval_dims" and rank == 0:
+            print(f"scoring the prefixes {','.join(map(str, dims))} ({dims_from}; --eval_dims '' for none)",
+                  file=sys.stderr)  # fmt: skip
     # the settings the model runs with (recorded, a released checkpoint's, or overridden) key the cache
     options["settings"] = model.settings.to_dict()
     try:
@@ -176,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 cache_dir=args.cache_dir, use_cache=not args.no_cache,
                 fingerprint=model_fingerprint(args.model, options), batch_size=args.batch_size,
                 max_rows=args.max_rows, label=args.label or args.model, show_progress=not args.no_progress,
-                check_inputs=model.family.check_inputs,
+                check_inputs=model.family.check_inputs, dims=dims, normalize=model.normalize,
             )  # fmt: skip
             if scores is not None:
                 print(render_v2_report(scores))
@@ -195,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_ragged=args.allow_ragged_candidates,
             label=args.label or args.model,
             show_progress=not args.no_progress,
+            dims=dims,
+            normalize=model.normalize,
         )
     except (DataError, MediaError, FileNotFoundError) as err:
         return _fail(err, rank, world_size, every_rank=True)

@@ -29,8 +29,10 @@ from vlm2vec.embedding import Encoder, Inputs, cache_root_of, embed_dataset, wri
 from vlm2vec.media import load_image
 from vlm2vec.mmeb_tables import EVAL_DATASET_INFO, MMEB_EVAL_DATASETS
 from vlm2vec.scoring import (
+    Prefixes,
     aggregate,
     dataset_metrics,
+    dims_table,
     markdown_table,
     per_dataset_table,
     rank_candidates,
@@ -127,13 +129,19 @@ def collect_inputs(eval_set: EvalSet, *, allow_ragged: bool = False, check_image
     return Inputs(texts, images, query_index, cand_index)
 
 
-def score_dataset(inputs: Inputs, emb: dict[int, torch.Tensor], name: str) -> dict[str, Any]:
+def embedding_table(inputs: Inputs, emb: dict[int, torch.Tensor], name: str) -> torch.Tensor:
+    """[n_inputs, D]: row i = the embedding of distinct input i."""
     missing = [i for i in range(len(inputs.texts)) if i not in emb]
     if missing:
         raise RuntimeError(
             f"dataset {name!r}: {len(missing)} inputs have no embedding (first: input {missing[0]})"
         )
-    table = torch.stack([emb[i] for i in range(len(inputs.texts))])
+    return torch.stack([emb[i] for i in range(len(inputs.texts))])
+
+
+def score_dataset(inputs: Inputs, emb: dict[int, torch.Tensor] | torch.Tensor, name: str) -> dict[str, Any]:
+    """The metrics of one dataset from its distinct inputs' embeddings (a table or index -> row)."""
+    table = emb if isinstance(emb, torch.Tensor) else embedding_table(inputs, emb, name)
     ranks = rank_candidates(table[inputs.query_index], table, inputs.cand_index)
     return dataset_metrics(ranks)
 
@@ -154,9 +162,16 @@ def evaluate(
     label: str = "this model",
     show_progress: bool = True,
     shard: bool = True,
+    dims: Sequence[int] | None = None,
+    normalize: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate an encoder on MMEB-format data; returns the scores dict on rank 0 (None elsewhere) and,
     with out_dir, writes scores.json and table.md there. `encode(texts, images) -> [N, D]`.
+
+    dims (Matryoshka): also score the first d numbers of each embedding, re-normalised when
+    `normalize` (the model's own setting), for each d; under scores["dims"][str(d)] (datasets and
+    aggregate, as the full embedding's at the top level, which stay as without dims). Embedding
+    happens once: the full embeddings (and the cache) serve every d.
 
     Multi-process: call on every rank after `torch.distributed` is initialised; the ranks split the
     embedding work and rank 0 scores. cache_dir (default out_dir/embeddings; none with use_cache=False)
@@ -167,6 +182,7 @@ def evaluate(
     meta = dataset_meta(data, names)
     cache_root = cache_root_of(cache_dir, out_dir, use_cache)
     results: dict[str, Any] = {}
+    prefixes = Prefixes(dims, normalize)
     started = time.time()
     for name in names:
         try:
@@ -184,21 +200,26 @@ def evaluate(
             desc=f"{name} ({len(inputs.texts)} distinct inputs)", show_progress=show_progress,
         )  # fmt: skip
         if rank == 0:
-            metrics = score_dataset(inputs, done, name)
-            results[name] = {
-                **metrics,
+            table = embedding_table(inputs, done, name)
+            where = {
                 "meta_task": meta[name]["meta_task"],
                 "split": None if meta[name]["ood"] is None else ("OOD" if meta[name]["ood"] else "IND"),
+            }
+            results[name] = {
+                **score_dataset(inputs, table, name),
+                **where,
                 "n_distinct_inputs": len(inputs.texts),
             }
+            for d, prefix in prefixes.tables(table):
+                prefixes.results[d][name] = {**score_dataset(inputs, prefix, name), **where}
             if out_dir is not None:  # partial results survive an interruption
-                _write_outputs(out_dir, results, meta, label, data, started)
+                _write_outputs(out_dir, results, meta, label, data, started, prefixes)
     if rank != 0:
         return None
-    return _summary(results, meta, label, data, started)
+    return _summary(results, meta, label, data, started, prefixes)
 
 
-def _summary(results: dict, meta: dict, label: str, data: str, started: float) -> dict[str, Any]:
+def _aggregate(results: dict, meta: dict) -> dict[str, Any]:
     names = list(results)
     agg = {
         key: {"p_at_1": v["mean"], "n_datasets": v["n"]}
@@ -215,12 +236,19 @@ def _summary(results: dict, meta: dict, label: str, data: str, started: float) -
     )
     for key, v in agg_ties.items():
         agg[key]["p_at_1_ties_as_hits"] = v["mean"]
+    return agg
+
+
+def _summary(
+    results: dict, meta: dict, label: str, data: str, started: float, prefixes: Prefixes | None = None
+) -> dict[str, Any]:
     return {
         "model": label,
         "data": data,
         "metric": "precision@1 (ties count as misses; p_at_1_ties_as_hits = the reference's argmax count)",
         "datasets": results,
-        "aggregate": agg,
+        "aggregate": _aggregate(results, meta),
+        **(prefixes.summary(lambda r: {"datasets": r, "aggregate": _aggregate(r, meta)}) if prefixes else {}),
         "seconds": round(time.time() - started, 1),
     }
 
@@ -231,9 +259,15 @@ def summary_row(scores: dict[str, Any], key: str = "p_at_1") -> dict[str, float]
 
 
 def _write_outputs(
-    out_dir: str | os.PathLike, results: dict, meta: dict, label: str, data: str, started: float
+    out_dir: str | os.PathLike,
+    results: dict,
+    meta: dict,
+    label: str,
+    data: str,
+    started: float,
+    prefixes: Prefixes | None = None,
 ) -> dict[str, Any]:
-    scores = _summary(results, meta, label, data, started)
+    scores = _summary(results, meta, label, data, started, prefixes)
     write_scores(out_dir, scores, render_report(scores))
     return scores
 
@@ -253,4 +287,20 @@ def render_report(scores: dict[str, Any]) -> str:
         + markdown_table(rows)
         + "\n## Per dataset\n\n"
         + per_dataset_table(scores["datasets"])
+        + dims_report(scores)
+    )
+
+
+def dims_report(scores: dict[str, Any], key: str = "p_at_1") -> str:
+    """The table.md section of an evaluation with dims: P@1 (%) per dataset and per summary column, a
+    column per embedding size; '' without dims."""
+    if not scores.get("dims"):
+        return ""
+    by_dim = [scores["dims"][d] for d in scores["dims"]] + [scores]
+    rows = [([n], [s["datasets"][n][key] for s in by_dim]) for n in scores["datasets"]]
+    rows += [([f"**{c}**"], [s["aggregate"][c][key] for s in by_dim]) for c in scores["aggregate"]]
+    return (
+        f"\n## By embedding size\n\nP@1 (%) of the first d numbers of each embedding "
+        f"({scores['dims_scoring']}); the last column is the whole embedding, as above.\n\n"
+        + dims_table(["Dataset"], [int(d) for d in scores["dims"]], scores["embedding_dim"], rows)
     )

@@ -27,6 +27,9 @@ from vlm2vec.errors import DataError
 from vlm2vec.media import Frames, load_image, load_video
 from vlm2vec.mmeb_v2 import V2Set, Visual, available_tasks, load_task, missing_tasks
 from vlm2vec.scoring import (
+    V2_COLUMNS,
+    Prefixes,
+    dims_table,
     label_metrics,
     reference_metrics,
     reference_ranking,
@@ -150,9 +153,13 @@ def evaluate_v2(
     label: str = "this model",
     show_progress: bool = True,
     check_inputs: Callable[[set[str], str], None] | None = None,
+    dims: Sequence[int] | None = None,
+    normalize: bool = True,
 ) -> dict[str, Any] | None:
     """Evaluate on MMEB-V2 tasks of a local copy; returns the scores on rank 0 (None elsewhere).
-    check_inputs(kinds, where): raises for input kinds the model cannot take (family.check_inputs)."""
+    check_inputs(kinds, where): raises for input kinds the model cannot take (family.check_inputs).
+    dims (Matryoshka): each task also scored on the first d numbers of each embedding (re-normalised
+    when `normalize`), under scores["dims"][str(d)] (tasks, aggregate); embedded once, as in eval_v1."""
     rank = distributed.rank()
     sets = {}
     for task in available_tasks(root, tasks):  # read and check everything before embedding anything
@@ -169,6 +176,7 @@ def evaluate_v2(
               file=sys.stderr)  # fmt: skip
     cache_root = cache_root_of(cache_dir, out_dir, use_cache)
     results: dict[str, Any] = {}
+    prefixes = Prefixes(dims, normalize)
     started = time.time()
     for name, task_set in sets.items():
         inputs, queries, pool, wheres = collect_v2_inputs(task_set)
@@ -187,21 +195,32 @@ def evaluate_v2(
                 **score_task(task_set, emb, queries, pool),
                 "n_distinct_inputs": len(inputs.texts),
             }
+            for d, prefix in prefixes.tables(emb):
+                prefixes.results[d][name] = score_task(task_set, prefix, queries, pool)
             if out_dir is not None:
-                write_v2_outputs(out_dir, results, label, root, started, missing)
+                write_v2_outputs(out_dir, results, label, root, started, missing, prefixes)
     if rank != 0:
         return None
-    return v2_summary(results, label, root, started, missing)
+    return v2_summary(results, label, root, started, missing, prefixes)
 
 
-def v2_summary(
-    results: dict[str, Any], label: str, root: str, started: float, missing: Sequence[str] = ()
-) -> dict[str, Any]:
-    agg = v2_aggregate(
+def _v2_aggregate(results: dict[str, Any]) -> dict[str, Any]:
+    return v2_aggregate(
         {n: r["score"] for n, r in results.items()},
         {n: r["modality"] for n, r in results.items()},
         {n: r["group"] for n, r in results.items()},
     )
+
+
+def v2_summary(
+    results: dict[str, Any],
+    label: str,
+    root: str,
+    started: float,
+    missing: Sequence[str] = (),
+    prefixes: Prefixes | None = None,
+) -> dict[str, Any]:
+    agg = _v2_aggregate(results)
     return {
         "model": label,
         "data": str(root),
@@ -213,6 +232,7 @@ def v2_summary(
         "tasks": results,
         "missing_tasks": list(missing),
         "aggregate": agg,
+        **(prefixes.summary(lambda r: {"tasks": r, "aggregate": _v2_aggregate(r)}) if prefixes else {}),
         "seconds": round(time.time() - started, 1),
     }
 
@@ -245,12 +265,36 @@ def render_v2_report(scores: dict[str, Any]) -> str:
         + "\n## Per task\n\n"
         + "\n".join(lines)
         + "\n"
+        + v2_dims_report(scores)
+    )
+
+
+def v2_dims_report(scores: dict[str, Any]) -> str:
+    """The table.md section of an evaluation with dims: each task's score and each group mean (%), a
+    column per embedding size; '' without dims."""
+    if not scores.get("dims"):
+        return ""
+    by_dim = [scores["dims"][d] for d in scores["dims"]] + [scores]
+    rows = [([n], [s["tasks"][n]["score"] for s in by_dim]) for n in scores["tasks"]]
+    groups = [f"{m}/{g}" for m, gs in V2_COLUMNS.items() for g in gs] + [*V2_COLUMNS, "Overall"]
+    present = [k for k in groups if k in scores["aggregate"]]
+    rows += [([f"**{k}**"], [s["aggregate"][k]["mean"] for s in by_dim]) for k in present]
+    return (
+        f"\n## By embedding size\n\nScore (%) of the first d numbers of each embedding "
+        f"({scores['dims_scoring']}); the last column is the whole embedding, as above.\n\n"
+        + dims_table(["Task"], [int(d) for d in scores["dims"]], scores["embedding_dim"], rows)
     )
 
 
 def write_v2_outputs(
-    out_dir: str | Path, results: dict, label: str, root: str, started: float, missing: Sequence[str] = ()
+    out_dir: str | Path,
+    results: dict,
+    label: str,
+    root: str,
+    started: float,
+    missing: Sequence[str] = (),
+    prefixes: Prefixes | None = None,
 ) -> dict:
-    scores = v2_summary(results, label, root, started, missing)
+    scores = v2_summary(results, label, root, started, missing, prefixes)
     write_scores(out_dir, scores, render_v2_report(scores))
     return scores

@@ -61,16 +61,22 @@ class RunLog:
                     self.writer.add_scalar(f"train/{key}", record[key], step + 1)
 
     def scores(self, step: int, key: str, scores: dict[str, Any] | None) -> None:
-        """One evaluation's P@1 per task (and overall) as a log line and TensorBoard scalars."""
+        """One evaluation's P@1 per task (and overall) as a log line and TensorBoard scalars; with
+        embedding prefixes (--eval_dims) the same per prefix under "p_at_1_dims" {str(d): ...}."""
         if self.rank != 0 or scores is None:
             return
-        p_at_1 = {name: m["p_at_1"] for name, m in scores["datasets"].items()}
-        p_at_1["overall"] = scores["aggregate"]["Overall"]["p_at_1"]
+        p_at_1 = _p_at_1(scores)
+        record = {"step": step, "eval": key, "p_at_1": p_at_1}
+        if scores.get("dims"):  # --eval_dims: the same per embedding prefix
+            record["p_at_1_dims"] = {d: _p_at_1(s) for d, s in scores["dims"].items()}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "eval": key, "p_at_1": p_at_1}) + "\n")
+            f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for name, value in p_at_1.items():
                 self.writer.add_scalar(f"eval_{key}/{name}", value, step)
+            for d, values in record.get("p_at_1_dims", {}).items():
+                for name, value in values.items():
+                    self.writer.add_scalar(f"eval_{key}_dim{d}/{name}", value, step)
 
     def message(self, text: str) -> None:
         if self.rank == 0:
@@ -81,6 +87,13 @@ class RunLog:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _p_at_1(scores: dict[str, Any]) -> dict[str, float]:
+    """P@1 per task and overall of one evaluation (or of one of its embedding prefixes)."""
+    p_at_1 = {name: m["p_at_1"] for name, m in scores["datasets"].items()}
+    p_at_1["overall"] = scores["aggregate"]["Overall"]["p_at_1"]
+    return p_at_1
 
 
 def truncate_log(path: str, keep_through: int) -> None:

@@ -13,12 +13,14 @@ ties at the top). hit@5 and MRR use the strict rank too.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from vlm2vec.errors import DataError
 
 META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 
@@ -217,6 +219,88 @@ def per_dataset_table(results: Mapping[str, Mapping[str, Any]]) -> str:
             f"{100 * r['p_at_1']:.1f} | {100 * r['p_at_1_ties_as_hits']:.1f} | {100 * r['hit_at_5']:.1f} | "
             f"{100 * r['mrr']:.1f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ embedding prefixes (Matryoshka)
+def parse_dims(text: str, what: str = "--eval_dims") -> list[int]:
+    """'64,256' (or '64 256') -> [64, 256]; ValueError (one line) unless increasing integers >= 1."""
+    try:
+        dims = [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: give increasing integers like 64,256") from None
+    return check_dims(dims, None, what)
+
+
+def check_dims(dims: Sequence[int], full_dim: int | None, what: str = "--eval_dims") -> list[int]:
+    """`dims` as a list when they are increasing, >= 1 and (given full_dim) at most the embedding size;
+    else ValueError in one line naming `what`."""
+    dims = [int(d) for d in dims]
+    if not dims or min(dims) < 1 or any(a >= b for a, b in zip(dims, dims[1:])):
+        raise ValueError(f"{what} {','.join(map(str, dims))}: give increasing sizes >= 1, like 64,256")
+    if full_dim is not None and dims[-1] > full_dim:
+        raise ValueError(f"{what} {dims[-1]}: larger than the embedding size {full_dim}")
+    return dims
+
+
+def embedding_prefix(emb: torch.Tensor, dim: int, normalize: bool) -> torch.Tensor:
+    """The first `dim` numbers of each embedding (rows of `emb`), as a Matryoshka model serves them:
+    re-normalised to unit length when the model normalises its embeddings (scores stay cosines),
+    left as they are when it does not (scores stay dot products). The one place both evaluations
+    (and the in-training one) cut an embedding, so they score a prefix alike."""
+    prefix = emb[..., :dim]
+    return torch.nn.functional.normalize(prefix.float(), dim=-1) if normalize else prefix
+
+
+class Prefixes:
+    """An evaluation's scores of each embedding prefix (Matryoshka `dims`), dataset by dataset:
+    `results` = {str(d): {name: metrics}}; the full embedding size once a dataset has been embedded."""
+
+    def __init__(self, dims: Sequence[int] | None, normalize: bool):
+        self.dims = check_dims(dims, None, "eval dims") if dims else []
+        self.normalize = normalize
+        self.full_dim: int | None = None
+        self.results: dict[str, dict[str, Any]] = {str(d): {} for d in self.dims}
+
+    def tables(self, emb: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """(str(d), the prefix table) for each d, from one dataset's embeddings [n_inputs, D]; DataError
+        when a d is larger than D."""
+        if not self.dims:
+            return
+        self.full_dim = int(emb.shape[1])
+        try:
+            check_dims(self.dims, self.full_dim, "eval dims")
+        except ValueError as err:
+            raise DataError(str(err)) from err
+        for d in self.dims:
+            yield str(d), embedding_prefix(emb, d, self.normalize)
+
+    def summary(self, summarise: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The keys a scores dict gains: "dims" = {str(d): summarise(that d's results)}, the full size and
+        how prefixes were scored; {} without dims (the scores dict is then as it always was)."""
+        if not self.dims:
+            return {}
+        how = "cosine, each prefix re-normalised" if self.normalize else "dot product of the prefixes"
+        return {
+            "dims": {d: summarise(r) for d, r in self.results.items()},
+            "embedding_dim": self.full_dim,
+            "dims_scoring": how,
+        }
+
+
+def dims_table(
+    label_header: Sequence[str],
+    dims: Sequence[int],
+    full_dim: int,
+    rows: Sequence[tuple[Sequence[str], Sequence[float | None]]],
+) -> str:
+    """Markdown with a column per embedding size (scores in %): `rows` are (labels, one score per dim
+    and then the full embedding's), the full size's column headed `<D> (full)`."""
+    header = [*label_header, *(str(d) for d in dims), f"{full_dim} (full)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(label_header) + "---:|" * (len(dims) + 1)]
+    for labels, values in rows:
+        cells = [_cell(None if v is None else 100 * v) for v in values]
+        lines.append("| " + " | ".join([*labels, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
 

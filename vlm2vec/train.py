@@ -378,9 +378,13 @@ def train(config: TrainConfig, model: VLM2Vec | None = None) -> TrainResult:
             engine, save_model, config.output_dir, step, state, total_limit=config.save_total_limit
         )
 
+    eval_dims = config.eval_dims or config.matryoshka_dims  # prefixes scored beside the full embedding
+
     def evaluate(name: str, label: str, show: bool = False) -> dict[str, Any] | None:
         where = os.path.join(config.output_dir, "eval", name)
-        return train_eval.evaluate_model(engine.module, config.eval_data, where, label, run.zero_stage, show)
+        return train_eval.evaluate_model(
+            engine.module, config.eval_data, where, label, run.zero_stage, show, eval_dims
+        )
 
     start = 0
     seed_everything(config.seed + 1000 * rank)  # dropout differs across ranks, reproducibly
@@ -396,7 +400,9 @@ def train(config: TrainConfig, model: VLM2Vec | None = None) -> TrainResult:
     results: dict[str, Any] = {}
     if config.eval_data:  # before the first step: what the training must beat (cached)
         eval_dir = os.path.join(config.output_dir, "eval")
-        results = train_eval.baselines(engine.module, data, config.eval_data, eval_dir, run.zero_stage, show)
+        results = train_eval.baselines(
+            engine.module, data, config.eval_data, eval_dir, run.zero_stage, show, eval_dims
+        )
         if start == 0:  # a resumed run's log has them already
             for key, scores in results.items():
                 log.scores(0, key, scores)

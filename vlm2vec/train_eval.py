@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +23,11 @@ from PIL import Image
 
 from vlm2vec import distributed
 from vlm2vec.embedding import encoder_of
+from vlm2vec.errors import ConfigError
 from vlm2vec.eval_v1 import DATASET_META_FILE, evaluate, summary_row
 from vlm2vec.media import load_image
 from vlm2vec.probe import RidgeProbe, has_frozen_features
-from vlm2vec.scoring import markdown_table
+from vlm2vec.scoring import check_dims, dims_table, markdown_table
 
 if TYPE_CHECKING:
     from vlm2vec.data import TrainData
@@ -69,15 +70,36 @@ def _eval_mode(model: VLM2Vec) -> Iterator[None]:
             model.train(was_training)
 
 
+def checked_dims(model: VLM2Vec, dims: Sequence[int] | None) -> list[int] | None:
+    """--eval_dims checked against the model's embedding size (ConfigError, one line), so a bad size
+    stops the run before its first step rather than at its first evaluation."""
+    if not dims:
+        return None
+    try:
+        return check_dims(dims, model.embedding_dim)
+    except AttributeError:  # a backbone that does not say: the evaluation checks the embeddings
+        return list(dims)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def evaluate_model(
-    model: VLM2Vec, eval_data: str, out_dir: str, label: str, zero_stage: int = 0, show_progress: bool = False
+    model: VLM2Vec,
+    eval_data: str,
+    out_dir: str,
+    label: str,
+    zero_stage: int = 0,
+    show_progress: bool = False,
+    dims: Sequence[int] | None = None,
 ) -> dict[str, Any] | None:
     """Scores of `model` as it is now on every task of `eval_data` (rank 0; None elsewhere); scores.json
-    and table.md in out_dir, exactly what `python -m vlm2vec.eval` writes for the saved model."""
+    and table.md in out_dir, exactly what `python -m vlm2vec.eval [--eval_dims ...]` writes for the
+    saved model. dims: also score these embedding prefixes (Matryoshka; eval_v1.evaluate)."""
+    dims = checked_dims(model, dims)
     with _eval_mode(model):  # ZeRO-3: each forward gathers weights, so every rank embeds everything
         return evaluate(encoder_of(model, EVAL_BATCH), eval_data, out_dir=out_dir, use_cache=False,
                         batch_size=EVAL_BATCH, label=label, show_progress=show_progress,
-                        shard=zero_stage != 3)  # fmt: skip
+                        shard=zero_stage != 3, dims=dims, normalize=model.normalize)  # fmt: skip
 
 
 def probe_pairs(data: TrainData) -> tuple[list[Image.Image], list[str]]:
@@ -96,13 +118,23 @@ def probe_pairs(data: TrainData) -> tuple[list[Image.Image], list[str]]:
     return images, texts
 
 
-def baselines(model: VLM2Vec, data: TrainData, eval_data: str, out_dir: str, zero_stage: int = 0,
-              show_progress: bool = False) -> dict[str, dict[str, Any]]:  # fmt: skip
+def baselines(
+    model: VLM2Vec,
+    data: TrainData,
+    eval_data: str,
+    out_dir: str,
+    zero_stage: int = 0,
+    show_progress: bool = False,
+    dims: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
     """{"untrained": scores, "probe": scores} of the model before training (rank 0; {} elsewhere).
-    Cached in out_dir/baselines.json under a key of the weights and the data: computed once."""
+    Cached in out_dir/baselines.json under a key of the weights, the data (and the dims): computed once.
+    dims: each scored at these embedding prefixes too (the baselines of each report column)."""
+    dims = checked_dims(model, dims)  # before the first step, cached or not
+    label = f"{os.path.abspath(eval_data)}|{data.sizes()}" + (f"|dims {dims}" if dims else "")
     # LoRA starts as the identity: its random A changes nothing yet, so the key leaves it out
     with distributed.gathered_parameters(model.parameters(), zero_stage):
-        key = weights_fingerprint(model, f"{os.path.abspath(eval_data)}|{data.sizes()}", skip="lora_")
+        key = weights_fingerprint(model, label, skip="lora_")
     path = Path(out_dir) / BASELINES_FILE
     rank = distributed.rank()
     cached = None
@@ -113,14 +145,14 @@ def baselines(model: VLM2Vec, data: TrainData, eval_data: str, out_dir: str, zer
     if cached is not None:
         return cached if rank == 0 else {}
     results = {"untrained": evaluate_model(model, eval_data, f"{out_dir}/untrained", "untrained model",
-                                           zero_stage, show_progress)}  # fmt: skip
+                                           zero_stage, show_progress, dims)}  # fmt: skip
     if has_frozen_features(model):
         with _eval_mode(model):
             probe = RidgeProbe.fit(model, *probe_pairs(data), batch=EVAL_BATCH)
             results["probe"] = evaluate(
                 probe, eval_data, out_dir=f"{out_dir}/probe", use_cache=False, batch_size=EVAL_BATCH,
                 label=f"frozen-feature ridge probe (lambda {probe.lam:g})", show_progress=show_progress,
-                shard=zero_stage != 3,
+                shard=zero_stage != 3, dims=dims,
             )  # fmt: skip
     if rank != 0:
         return {}
@@ -152,4 +184,29 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             + " | ".join(f"{100 * res['datasets'][n]['p_at_1']:.1f}" for n in names)
             + " |"
         )
-    return "\n".join(lines) + "\n\n" + markdown_table({r["model"]: summary_row(r) for r in results.values()})
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + markdown_table({r["model"]: summary_row(r) for r in results.values()})
+        + dims_section(results)
+    )
+
+
+def dims_section(results: dict[str, dict[str, Any]]) -> str:
+    """With --eval_dims: P@1 (%) per model and task (and Overall), a column per embedding size; ''
+    without. A model evaluated without those sizes (baselines cached before they were asked for) is
+    left out."""
+    with_dims = [r for r in results.values() if r.get("dims")]
+    if not with_dims:
+        return ""
+    dims = list(with_dims[-1]["dims"])
+    rows = []
+    for res in (r for r in with_dims if list(r["dims"]) == dims):
+        by_dim = [res["dims"][d] for d in dims] + [res]
+        rows += [([res["model"], n], [s["datasets"][n]["p_at_1"] for s in by_dim]) for n in res["datasets"]]
+        rows.append(([res["model"], "**Overall**"], [s["aggregate"]["Overall"]["p_at_1"] for s in by_dim]))
+    return (
+        f"\n## By embedding size\n\nP@1 (%) of the first d numbers of each embedding "
+        f"({with_dims[-1]['dims_scoring']}); the last column is the whole embedding.\n\n"
+        + dims_table(["Model", "Task"], [int(d) for d in dims], with_dims[-1]["embedding_dim"], rows)
+    )
