@@ -215,7 +215,8 @@ class TrainConfig:
     eval_steps: int = _opt(0, "also evaluate every N steps (0: only after training)")
     eval_dims: list[int] | None = _opt(
         None,
-        "also score these embedding prefixes (e.g. 64,256; Matryoshka): one report column per dimension",
+        "also score these embedding prefixes (e.g. 64,256; Matryoshka): one report column per dimension; "
+        "default: --matryoshka_dims",
     )
 
     # --- step ------------------------------------------------------------------------------------
