@@ -39,34 +39,45 @@ def _image(color: str) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------ reference
-def reference_loss(q, c, targets, ids, tau, positives="none", margin=None, dims=None) -> float:
-    """float64 InfoNCE of the global batch, as issue 24 defines it, one row and one prefix at a time."""
+def reference_loss(
+    q, c, targets, ids, tau, positives="none", margin=None, dims=None, symmetric=False
+) -> float:
+    """float64 InfoNCE of the global batch, as issue 24 defines it, one row and one prefix at a time.
+    `symmetric`: also each positive against every query (its copies' queries are its positives), the
+    two directions averaged per row."""
     q, c = q.double(), c.double()
     total = 0.0
     for d in dims or [q.shape[1]]:
         qd, cd = q[:, :d], c[:, :d]
         if dims:  # each prefix re-normalised (the full vectors come normalised from the model)
             qd, cd = F.normalize(qd, dim=-1), F.normalize(cd, dim=-1)
-        s = qd @ cd.T
-        rows = []
-        for i, t in enumerate(targets.tolist()):
-            same = [j for j in range(len(c)) if positives != "none" and ids[j] == ids[t]] or [t]
-            neg = [j for j in range(len(c)) if j not in same]
-            if margin is not None:
-                neg = [j for j in neg if not s[i, j] > s[i, t] + margin]
-            neg_l = s[i, neg] / tau
-            if positives in ("none", "mask"):
-                rows.append(-s[i, t] / tau + torch.logsumexp(torch.cat([s[i, [t]] / tau, neg_l]), 0))
-            elif positives == "any":
-                pos_l = s[i, same] / tau
-                rows.append(-torch.logsumexp(pos_l, 0) + torch.logsumexp(torch.cat([pos_l, neg_l]), 0))
-            else:  # each
-                terms = [
-                    -s[i, p] / tau + torch.logsumexp(torch.cat([s[i, [p]] / tau, neg_l]), 0) for p in same
-                ]
-                rows.append(torch.stack(terms).mean())
+        rows = _rows(qd @ cd.T, targets.tolist(), ids.tolist(), tau, positives, margin)
+        if symmetric:
+            t = targets.tolist()
+            rev = _rows(cd[t] @ qd.T, list(range(len(t))), [ids[j] for j in t], tau, positives, margin)
+            rows = [(a + b) / 2 for a, b in zip(rows, rev)]
         total += float(torch.stack(rows).mean())
     return total
+
+
+def _rows(s, targets, ids, tau, positives, margin) -> list:
+    """Per-row losses of similarities s [rows, columns]; `ids` of the columns."""
+    rows = []
+    for i, t in enumerate(targets):
+        same = [j for j in range(s.shape[1]) if positives != "none" and ids[j] == ids[t]] or [t]
+        neg = [j for j in range(s.shape[1]) if j not in same]
+        if margin is not None:
+            neg = [j for j in neg if not s[i, j] > s[i, t] + margin]
+        neg_l = s[i, neg] / tau
+        if positives in ("none", "mask"):
+            rows.append(-s[i, t] / tau + torch.logsumexp(torch.cat([s[i, [t]] / tau, neg_l]), 0))
+        elif positives == "any":
+            pos_l = s[i, same] / tau
+            rows.append(-torch.logsumexp(pos_l, 0) + torch.logsumexp(torch.cat([pos_l, neg_l]), 0))
+        else:  # each
+            terms = [-s[i, p] / tau + torch.logsumexp(torch.cat([s[i, [p]] / tau, neg_l]), 0) for p in same]
+            rows.append(torch.stack(terms).mean())
+    return rows
 
 
 # -------------------------------------------------------------------------------------------- item ids
@@ -185,10 +196,20 @@ def test_matryoshka_and_margin_through_a_train_step(tiny):
         "each": ["--positives", "each"],
         "dims": ["--matryoshka_dims", "8,21,64"],
         "dims-no-D": ["--matryoshka_dims", "5,33", "--positives", "any"],
+        "symmetric": ["--symmetric_loss", "true"],
+        "symmetric-dims-each": [
+            "--symmetric_loss",
+            "true",
+            "--matryoshka_dims",
+            "8,64",
+            "--positives",
+            "each",
+        ],
     }.items():
         config = _config(*args)
         loss, q, c = _loss_and_embeddings(tiny, prepared, config)
-        ref = reference_loss(q, c, t, ids, 0.05, config.positives, None, config.matryoshka_dims)
+        dims, symmetric = config.matryoshka_dims, config.symmetric_loss
+        ref = reference_loss(q, c, t, ids, 0.05, config.positives, None, dims, symmetric)
         assert loss == pytest.approx(ref, rel=1e-5, abs=1e-5), name
         losses[name] = loss
     assert abs(losses["mask"] - losses["none"]) > 1e-3  # the copies were negatives before
@@ -227,8 +248,11 @@ def _two_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
         prepared = ChunkCollator(model, query_chunk_size=2, sort_by_length=True)(_batch(rank_rows(rank)))
         assert len(prepared.cand_chunks) == 3
         out = {"ids": prepared.candidate_ids, "targets": prepared.targets}
-        for positives in ("mask", "none", "each"):
-            config = _config("--positives", positives, "--false_negative_margin", "0.5")
+        for positives in ("mask", "none", "each", "mask-symmetric"):  # the default run: mask + symmetric
+            mode, symmetric = positives.split("-")[0], str(positives.endswith("symmetric"))
+            config = _config(
+                "--positives", mode, "--false_negative_margin", "0.5", "--symmetric_loss", symmetric
+            )
             loss, q, c = _loss_and_embeddings(model, prepared, config, dist.group.WORLD)
             out[positives] = loss
         out["q"], out["c"] = q, c
@@ -253,9 +277,10 @@ def test_duplicates_across_chunks_and_ranks_leave_the_denominator(tmp_path):
     # the same item has the same id on both ranks: 12 candidates, 7 distinct items
     assert len(set(ids.tolist())) == 7
     assert set(parts[0]["ids"].tolist()) & set(parts[1]["ids"].tolist())
-    for positives in ("mask", "none", "each"):
+    for positives in ("mask", "none", "each", "mask-symmetric"):
         mean_over_ranks = sum(p[positives] for p in parts) / WORLD  # the group convention: the global loss
-        ref = reference_loss(q, c, targets, ids, 0.05, positives, 0.5)
+        mode, symmetric = positives.split("-")[0], positives.endswith("symmetric")
+        ref = reference_loss(q, c, targets, ids, 0.05, mode, 0.5, symmetric=symmetric)
         assert mean_over_ranks == pytest.approx(ref, rel=1e-5, abs=1e-5), positives
     assert abs(parts[0]["mask"] + parts[1]["mask"] - parts[0]["none"] - parts[1]["none"]) > 1e-3
 
