@@ -95,6 +95,7 @@ def build_model(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.hf_deepspeed_config = hf_deepspeed_config  # alive as long as the model (peft's DoRA asks it too)
+    model.matryoshka_dims = list(config.matryoshka_dims) if config.matryoshka_dims else None  # saved with it
     model.train()
     if vision_frozen(model):
         model.vision_tower.eval()  # frozen: deterministic, so its features can be reused in the recompute
@@ -143,7 +144,12 @@ def check_fit(config: TrainConfig, model: VLM2Vec) -> None:
     --gc_max_visual_tokens (a GradCache chunk's token budget: every image row would break it; a budget
     below image + max_len is fine, long-text rows then get a chunk of their own). Without this check the
     run would find out at the first such row, possibly many steps in. Rows with several images or a
-    video are not bounded here."""
+    video are not bounded here. Also refused: a --matryoshka_dims size over the model's embedding size."""
+    dims, width = config.matryoshka_dims, model.embedding_dim
+    if dims and max(dims) > width:
+        raise ConfigError(
+            f"--matryoshka_dims {dims}: {max(dims)} is more than the model's embedding size {width}"
+        )
     if model.vision_tower is None or config.model_name == DEMO_MODEL:  # the demo: 1 feature token/image
         return
     n_image = image_tokens_per_image(model)

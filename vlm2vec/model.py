@@ -135,6 +135,7 @@ class VLM2Vec(nn.Module):
         self.padding_side = padding_side
         self.settings = settings or family.default_settings
         self.base_path = base_path
+        self.matryoshka_dims: list[int] | None = None  # trained prefix sizes (trainer), kept in vlm2vec.json
         self._dummy_inputs: dict[str, torch.Tensor] | None = None  # built on first use
         if freeze_vision and self.vision_tower is not None:
             self.vision_tower.requires_grad_(False)
@@ -403,6 +404,7 @@ class VLM2Vec(nn.Module):
             "max_len": self.max_len,
             "padding_side": self.padding_side,
             "settings": self.settings.to_dict(),
+            "matryoshka_dims": self.matryoshka_dims,  # the prefix sizes it was trained for (None: only D)
         }
         if self.is_peft:
             self.backbone.save_pretrained(directory)
@@ -519,6 +521,7 @@ class VLM2Vec(nn.Module):
         )
         if adapter_dir is not None:
             model.load_adapter(adapter_dir, is_trainable=is_trainable)
+        model.matryoshka_dims = meta.get("matryoshka_dims")
         return model
 
 

@@ -292,23 +292,67 @@ def _batch_label(raw: ContrastiveBatch) -> str:
 
 
 def loss_function(
-    temperature: float, targets: torch.Tensor, group: dist.ProcessGroup | None, symmetric: bool = False
+    temperature: float,
+    targets: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    symmetric: bool = False,
+    *,
+    candidate_ids: torch.Tensor | None = None,
+    positives: str = "mask",
+    matryoshka_dims: Sequence[int] | None = None,
+    false_negative_margin: float | None = None,
+    normalize: bool = False,
 ) -> Callable:
     """InfoNCE of this batch: embeddings are already normalised by the model (when asked), targets index
-    this rank's candidates, `group` adds the other ranks' candidates as negatives."""
+    this rank's candidates, `group` adds the other ranks' candidates as negatives (their ids with them).
+
+    candidate_ids (the collator's item ids of this rank's candidates) with `positives` mask / any / each
+    say which candidates are copies of a query's positive; positives="none" drops them (every other
+    candidate is a negative, as the reference trains). `normalize`: re-normalise each Matryoshka prefix
+    (a prefix of a unit vector is not one; on the full vector it changes nothing, gradients included)."""
+    ids = None if positives == "none" else candidate_ids
+    if ids is not None and group is None and ids.unique().numel() == ids.numel():
+        ids = None  # no copies (a CPU check, no sync): the plain loss is the same and takes the fused path
+    options: dict[str, Any] = {}
+    if ids is not None:
+        options.update(candidate_ids=ids, positives=positives)
+    if matryoshka_dims is not None:
+        options["matryoshka_dims"] = list(matryoshka_dims)
+    if false_negative_margin is not None:
+        options["false_negative_margin"] = float(false_negative_margin)
 
     def loss_fn(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        on_device = {"candidate_ids": ids.to(queries.device)} if ids is not None else {}
         return contrastive_loss(
             queries,
             candidates,
             temperature,
-            normalize=False,
+            normalize=normalize,
             targets=targets.to(queries.device),
             group=group,
             symmetric=symmetric,
+            **{**options, **on_device},
         )
 
     return loss_fn
+
+
+def step_loss_function(
+    config: TrainConfig, batch: PreparedBatch, group: dist.ProcessGroup | None
+) -> Callable:
+    """`loss_function` of one step as the options say (--positives, --matryoshka_dims,
+    --false_negative_margin), with the batch's targets and item ids."""
+    return loss_function(
+        config.temperature,
+        batch.targets,
+        group,
+        config.symmetric_loss,
+        candidate_ids=batch.candidate_ids,
+        positives=config.positives,
+        matryoshka_dims=config.matryoshka_dims,
+        false_negative_margin=config.false_negative_margin,
+        normalize=config.matryoshka_dims is not None and config.normalize,
+    )
 
 
 def train_step(
@@ -419,7 +463,7 @@ def train(config: TrainConfig, model: VLM2Vec | None = None) -> TrainResult:
         )
         for step, raw, batch in steps:
             batch = align_processes(raw, batch, collate, run.zero_stage)
-            loss_fn = loss_function(config.temperature, batch.targets, group, config.symmetric_loss)
+            loss_fn = step_loss_function(config, batch, group)
             loss_value, grad_norm = train_step(engine, scheduler, batch, raw, step, loss_fn, config, reuse)
             if math.isnan(loss_value) and grad_norm is None:
                 log.message(f"step {step + 1}: non-finite loss, batch skipped ({_batch_label(raw)})")

@@ -12,6 +12,7 @@ from PIL import Image
 
 from vlm2vec.data.batches import ContrastiveBatch
 from vlm2vec.data.errors import BadRows, DataError
+from vlm2vec.data.item_ids import item_ids
 
 
 def estimate_length(text: str, image: Image.Image | None) -> int:
@@ -29,7 +30,8 @@ class PreparedBatch:
 
     Rows may be reordered (sort_by_length) or dropped (skip_bad_rows): `query_order[i]` / `cand_order[j]`
     give the index in the collated ContrastiveBatch of prepared row i / j, and `targets[i]` indexes the
-    concatenated candidate chunks (the positive of prepared query i)."""
+    concatenated candidate chunks (the positive of prepared query i). `candidate_ids[j]`: the item id of
+    prepared candidate j (`item_ids`: equal for the same text and pixels, on every process)."""
 
     query_chunks: list[dict[str, torch.Tensor]]
     cand_chunks: list[dict[str, torch.Tensor]]
@@ -39,6 +41,7 @@ class PreparedBatch:
     subsets: list[str]
     num_negatives: int = 0
     skipped: list[str] = field(default_factory=list)
+    candidate_ids: torch.Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -269,4 +272,5 @@ class ChunkCollator:
             subsets=[batch.subsets[q] for q in q_order],
             num_negatives=batch.num_negatives,
             skipped=skipped,
+            candidate_ids=item_ids(batch.cand_texts, batch.cand_images, batch.videos("cand"))[c_order],
         )
