@@ -161,8 +161,9 @@ def _notes(model: VLM2Vec) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vlm2vec.export",
-        description="Export a trained run or checkpoint: merged weights, chat template, sentence-transformers "
-        "layout (vLLM reads it), model card. Written atomically; bad input exits 2 with one line.",
+        description="Export a trained run or checkpoint: merged weights, chat template, "
+        "sentence-transformers layout (vLLM reads it), model card. Written atomically; bad input exits 2 "
+        "with one line.",
     )
     parser.add_argument("--model", required=True, help="a run's output_dir or one of its checkpoint-N dirs")
     parser.add_argument("--out", required=True, help="the export directory (must be empty or absent)")

@@ -42,11 +42,11 @@ def build_chat_template(image_token: str, video_token: str | None, prefix: str =
         "{%- elif item['type'] == 'text' -%}{%- set ns.text = ns.text ~ item['text'] -%}",
         "{%- endif -%}{%- endfor -%}{%- endif -%}",
         "{%- endfor -%}",
-        f"{{%- if (ns.images or ns.videos) and '<|image_' not in ns.text and {_lit(STORED_VIDEO_PLACEHOLDER)} "
-        "not in ns.text -%}",
+        "{%- if (ns.images or ns.videos) and '<|image_' not in ns.text and "
+        f"{_lit(STORED_VIDEO_PLACEHOLDER)} not in ns.text -%}}",
         "{%- set marks = namespace(items=[]) -%}",
-        "{%- for k in range(ns.images) -%}{%- set marks.items = marks.items + ['<|image_' ~ (k + 1) ~ '|>'] -%}"
-        "{%- endfor -%}",
+        "{%- for k in range(ns.images) -%}"
+        "{%- set marks.items = marks.items + ['<|image_' ~ (k + 1) ~ '|>'] -%}{%- endfor -%}",
         "{%- for k in range(ns.videos) -%}"
         f"{{%- set marks.items = marks.items + [{_lit(STORED_VIDEO_PLACEHOLDER)}] -%}}"
         "{%- endfor -%}",

@@ -54,8 +54,9 @@ def model_card(
 ) -> str:
     """The card's Markdown."""
     options, report = run_files(model_dir)
-    recipe = [f"- {k}: {options[k]}" for k in ("temperature", "train_batch_size", "per_device_train_batch_size",
-              "max_steps", "learning_rate", "lora", "lora_r", "lora_alpha", "quantization") if k in options]  # fmt: skip
+    keys = ("temperature", "train_batch_size", "per_device_train_batch_size", "max_steps", "learning_rate",
+            "lora", "lora_r", "lora_alpha", "quantization")  # fmt: skip
+    recipe = [f"- {k}: {options[k]}" for k in keys if k in options]
     data = options.get("dataset_name")
     subsets = options.get("subset_name")
     remote = ", trust_remote_code=True" if custom else ""
@@ -90,17 +91,21 @@ def model_card(
         "```",
         "",
         "Images go first, then the text, as in training (`<|image_1|>` in a text places an image).",
-        'A `prompt=` is the row\'s prefix. With vlm2vec: `VLM2Vec.from_pretrained("PATH").encode(texts, images)`.',
+        "A `prompt=` is the row's prefix.",
+        'With vlm2vec: `VLM2Vec.from_pretrained("PATH").encode(texts, images)`.',
     ]
     if not custom:
         lines += [
             "With transformers: `AutoModel.from_pretrained(PATH)` + `AutoProcessor.from_pretrained(PATH)`;",
             "render rows with `processor.apply_chat_template`, pool the last hidden state as above.",
-            "With vLLM: `vllm serve PATH --runner pooling` (pooling and normalisation come from modules.json).",
+            "With vLLM: `vllm serve PATH --runner pooling` (pooling and normalisation come from",
+            "modules.json).",
         ]
     else:
-        lines += ["This family needs the `vlm2vec` package (a custom sentence-transformers module); vLLM cannot "
-                  "serve it."]  # fmt: skip
+        lines += [
+            "This family needs the `vlm2vec` package (a custom sentence-transformers module, loaded with",
+            "`trust_remote_code=True`); vLLM cannot serve it.",
+        ]
     if notes:
         lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
