@@ -158,6 +158,19 @@ def _notes(model: VLM2Vec) -> list[str]:
     return notes
 
 
+def export_after_training(run_dir: str, export_dir: str) -> str:
+    """The trainer's `--export_dir`: export the run's saved model; a previous export there is replaced,
+    anything else refused (ConfigError: the trainer reports it in one line, exit 2)."""
+    from vlm2vec.errors import ConfigError
+
+    previous = all(os.path.isfile(os.path.join(export_dir, f)) for f in ("modules.json", META_FILE))
+    try:
+        out = export(run_dir, export_dir, overwrite=previous)
+    except ExportError as err:
+        raise ConfigError(f"--export_dir: {err}") from None
+    return f"exported to {out}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m vlm2vec.export",
