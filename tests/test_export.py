@@ -280,12 +280,15 @@ def _vllm_pooling_config(model: str) -> dict | None:
     return config
 
 
-def test_demo_model_exports_with_its_custom_module(tmp_path):
+@pytest.mark.parametrize("family", ["effnet_minilm", "phi3_v"])
+def test_custom_module_families_export(tmp_path, family):
+    """The demo (EfficientNet + MiniLM) and Phi-3.5-V: no built-in module expresses them; their export
+    ships vlm2vec/export_module.py and loads with trust_remote_code=True (it needs vlm2vec installed)."""
     from sentence_transformers import SentenceTransformer
 
-    from vlm2vec.demo import family
+    import vlm2vec.demo.family  # noqa: F401 - registers effnet_minilm
 
-    model = _trained(family.FAMILY_NAME, pooling="mean")
+    model = _trained(family, **({"pooling": "mean"} if family == "effnet_minilm" else {}))
     run, out = _export(tmp_path, model)
     assert "vlm2vec_st.py" in os.listdir(out)
     st_inputs, texts, images = _rows()
@@ -294,6 +297,22 @@ def test_demo_model_exports_with_its_custom_module(tmp_path):
         SentenceTransformer(out, device="cpu", local_files_only=True)  # remote code is opt-in
     st = SentenceTransformer(out, device="cpu", local_files_only=True, trust_remote_code=True)
     _assert_same(st.encode(st_inputs, convert_to_tensor=True), want)
+
+
+def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
+    """A failure after the weights are written (here: the model card) removes the partial directory."""
+    import vlm2vec.model_card
+    from vlm2vec.export import export
+
+    VLM2Vec.tiny("llava_next").save_pretrained(str(tmp_path / "run"))
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vlm2vec.model_card, "model_card", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export(str(tmp_path / "run"), str(tmp_path / "export"))
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -314,11 +333,20 @@ def test_cli_help_and_bad_input(tmp_path):
     (run / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": str(tmp_path / "nowhere")})
     )
+    qlora = tmp_path / "qlora"
+    qlora.mkdir()
+    (qlora / "vlm2vec.json").write_text(json.dumps({"family": "qwen2_vl", "settings": {}}))
+    (qlora / "train_config.json").write_text(json.dumps({"options": {"quantization": "nf4"}}))
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "vlm2vec.json").write_text(json.dumps({"family": "no_such_family", "settings": {}}))
     cases = [
         (
             ["--model", str(tmp_path / "empty"), "--out", str(tmp_path / "o1")],
             "neither a run nor a checkpoint",
         ),
+        (["--model", str(qlora), "--out", str(tmp_path / "o3")], "QLoRA"),
+        (["--model", str(unknown), "--out", str(tmp_path / "o4")], "cannot be loaded"),
         (["--model", str(run), "--out", str(busy)], "not empty"),
         (["--model", str(run), "--out", str(tmp_path / "o2")], "not available offline"),
     ]

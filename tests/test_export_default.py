@@ -38,7 +38,8 @@ def test_default_run_export_scores_like_vlm2vec_eval(tmp_path):
     cmd = [sys.executable, "vlm2vec/train.py", "--output_dir", str(out), "--demo_dir", str(data),
            "--max_steps", "1", "--demo_n_train", "16", "--demo_n_eval", "12", "--demo_clipart_drawings", "80",
            "--demo_clipart_n_eval", "10", "--train_batch_size", "8", "--gc_q_chunk_size", "4",
-           "--gc_p_chunk_size", "4", "--warmup_steps", "0", "--disable_tqdm", "--export_dir", str(export)]  # fmt: skip
+           "--gc_p_chunk_size", "4", "--warmup_steps", "0", "--disable_tqdm",
+           "--export_dir", str(export)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"exported to {export}" in proc.stdout
