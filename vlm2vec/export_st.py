@@ -27,10 +27,10 @@ BUILTIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_next")
 CUSTOM_FAMILIES = ("effnet_minilm", "phi3_v")
 QWEN_PROCESSORS = {
     "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
-    "qwen2_5_vl": ("Qwen2VLProcessor", "Qwen2VLVideoProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor"),
     "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLVideoProcessor"),
 }
-"""Qwen2.5-VL's hub checkpoints name Qwen2_5_VLProcessor, a subclass with the same image-token rule."""
+"""(processor class, video processor class) each Qwen export names, as the hub checkpoints do."""
 MODULE_FILE = "vlm2vec_st.py"
 ST_CONFIG = {"prompts": {"query": "", "document": ""}, "default_prompt_name": None}
 
