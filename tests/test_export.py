@@ -356,3 +356,26 @@ def test_cli_help_and_bad_input(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], proc.stderr
     assert not (tmp_path / "o2").exists() and not any(".partial-" in p for p in os.listdir(tmp_path))
+
+
+def test_trainer_export_dir_replaces_a_previous_export_only(tmp_path):
+    """`--export_dir` (export_after_training): a previous export is replaced, other content refused with
+    a ConfigError (the trainer's one-line exit 2); --dtype bf16 writes bf16 weights."""
+    from safetensors import safe_open
+
+    from vlm2vec.errors import ConfigError
+    from vlm2vec.export import export, export_after_training
+
+    run = str(tmp_path / "run")
+    VLM2Vec.tiny("llava_next").save_pretrained(run)
+    out = tmp_path / "export"
+    export(run, str(out), dtype="bf16")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert export_after_training(run, str(out)) == f"exported to {out}"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--export_dir: --out .* not empty"):
+        export_after_training(run, str(other))
+    assert (other / "keep.txt").read_text() == "mine"
