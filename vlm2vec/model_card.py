@@ -56,7 +56,7 @@ def model_card(
     options, report = run_files(model_dir)
     keys = ("temperature", "train_batch_size", "per_device_train_batch_size", "max_steps", "learning_rate",
             "lora", "lora_r", "lora_alpha", "quantization")  # fmt: skip
-    recipe = [f"- {k}: {options[k]}" for k in keys if k in options]
+    recipe = [f"  - {k}: {options[k]}" for k in keys if k in options]
     data = options.get("dataset_name")
     subsets = options.get("subset_name")
     remote = ", trust_remote_code=True" if custom else ""
