@@ -124,6 +124,13 @@ else
   phase train_step 240 $PY bench/train_step_device.py --out "$OUT"
 fi
 
+# ---- vLLM serves an exported tiny model (issue 22; bench/export_vllm.py): only where vllm imports ------
+if $PY -c "import vllm" >/dev/null 2>&1; then
+  phase export_vllm 300 env PYTHONPATH="$PWD:${PYTHONPATH:-}" $PY bench/export_vllm.py
+else
+  echo "export_vllm: skipped (vllm does not import here)" | tee -a "$OUT/phases.txt"
+fi
+
 # ---- HOOK: extra device checks (e.g. the lead's training-step benchmark) ---------------------------
 # Put commands in bench/device_extra.sh (run with the same environment; $OUT and phase() available)
 # or pass DEVICE_CHECK_EXTRA="command". Each runs as a capped phase after the loss checks.

@@ -499,6 +499,10 @@ def train(config: TrainConfig, model: VLM2Vec | None = None) -> TrainResult:
             result.eval = results
     finally:
         log.close()
+    if config.export_dir and rank == 0:  # the saved model, exported (vlm2vec/export.py)
+        from vlm2vec.export import export_after_training
+
+        print(export_after_training(config.output_dir, config.export_dir), flush=True)
     return result
 
 
