@@ -365,3 +365,32 @@ def test_a_model_without_default_data_needs_dataset_name():
     assert "RESULT 2 False False" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
     assert proc.stderr.startswith("vlm2vec/train.py: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "pass --dataset_name" in proc.stderr, proc.stderr
+
+
+def test_v3_and_export_options_are_checked_up_front(tmp_path):
+    base = ["--model_name", "tiny:qwen2_vl", "--dataset_name", str(tmp_path)]
+    config = load_config([*base, "--matryoshka_dims", "16,32", "--eval_dims", "8 16", "--positives", "any"])
+    assert (config.matryoshka_dims, config.eval_dims, config.positives) == ([16, 32], [8, 16], "any")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("matryoshka_dims: [16, 32]\nfalse_negative_margin: 0.1\n")
+    config = load_config([*base, "--config", str(yaml_file)])
+    assert (config.matryoshka_dims, config.false_negative_margin) == ([16, 32], 0.1)
+    for bad, needle in [
+        (["--matryoshka_dims", "32,16"], "--matryoshka_dims"),
+        (["--eval_dims", "0,8"], "--eval_dims"),
+        (["--matryoshka_dims", "a,b"], "matryoshka_dims"),
+        (["--positives", "some"], "positives"),
+        (["--false_negative_margin", "inf"], "--false_negative_margin"),
+    ]:
+        with pytest.raises(ConfigError, match=needle):
+            load_config([*base, *bad])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--export_dir .*not empty"):
+        load_config([*base, "--export_dir", str(busy)])
+    previous = tmp_path / "previous"
+    previous.mkdir()
+    for name in ("modules.json", "vlm2vec.json"):
+        (previous / name).write_text("{}")
+    assert load_config([*base, "--export_dir", str(previous)]).export_dir == str(previous)

@@ -430,6 +430,10 @@ class TrainConfig:
             path = getattr(self, name)
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"--{name} {path!r}: no such directory")
+        out = self.export_dir
+        if out and os.path.isdir(out) and os.listdir(out):  # checked again at export (vlm2vec/export.py)
+            if not all(os.path.isfile(os.path.join(out, f)) for f in ("modules.json", "vlm2vec.json")):
+                raise ConfigError(f"--export_dir {out!r}: not empty and not a previous export (pick another)")
         if self.resume is not None and self.resume.isdigit():  # the reference's `--resume_from <step>`
             self.resume = os.path.join(self.output_dir, f"checkpoint-{int(self.resume)}")
         if self.resume is not None and self.resume != "auto" and not os.path.isdir(self.resume):
