@@ -255,7 +255,10 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     mrl = _mrl()
     matryoshka = provider in mrl.MRL_PROVIDERS
     dims = (args.matryoshka or mrl.default_dims(D)) if matryoshka else None
-    loss_fn = mrl.make_mrl_provider(provider, dims, TAU) if matryoshka else make_provider(provider)
+    if matryoshka:
+        loss_fn = mrl.make_mrl_provider(provider, dims, TAU, args.st_mini_batch)
+    else:
+        loss_fn = make_provider(provider)
     gen = torch.Generator(device=device).manual_seed(B * 7 + D)
     q = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
     c = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
@@ -651,6 +654,12 @@ def parse_args(argv=None):
         type=Path,
         metavar="SWEEP_CSV",
         help="print the VLM2VEC_TRITON_CONFIG value naming the fastest tiles in a sweep CSV",
+    )
+    parser.add_argument(
+        "--st-mini-batch",
+        type=int,
+        default=32,
+        help="--matryoshka: the mini-batch of sentence-transformers' cached loss (default 32, its own)",
     )
     parser.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time per cell (ms)")
     parser.add_argument("--cpu-budget-s", type=float, default=3.0, help="CPU: timing budget per cell (s)")

@@ -77,8 +77,11 @@ def st_matryoshka(q: Tensor, c: Tensor, dims: Sequence[int], tau: float, mini_ba
     return lambda: loss(features, None)
 
 
-def make_mrl_provider(name: str, dims: Sequence[int], tau: float) -> Callable:
-    """(q, c) -> scalar loss of one Matryoshka provider (the ST one builds its loss per input pair)."""
+def make_mrl_provider(
+    name: str, dims: Sequence[int], tau: float, mini_batch: int = ST_MINI_BATCH
+) -> Callable:
+    """(q, c) -> scalar loss of one Matryoshka provider (the ST one builds its loss per input pair, with
+    mini-batches of `mini_batch` rows)."""
     if name in ("mrl-fused", "mrl-torch"):
         from vlm2vec_kernels import contrastive_loss
 
@@ -94,7 +97,7 @@ def make_mrl_provider(name: str, dims: Sequence[int], tau: float) -> Callable:
             key = (id(q), id(c))
             if key not in built:
                 built.clear()
-                built[key] = st_matryoshka(q, c, dims, tau)
+                built[key] = st_matryoshka(q, c, dims, tau, mini_batch)
             return built[key]()
 
         return st
