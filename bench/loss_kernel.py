@@ -281,7 +281,9 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     else:
         p20, p50, p80 = time_cpu(step, args.cpu_budget_s)
         row["peak_mb"] = round(peak_rss_growth_mb(step), 1)
-    if provider != "compile":  # (a compiled graph's kernels are its own business)
+    # (a compiled graph's kernels are its own business; sentence-transformers' ~10^5 launches per call
+    # at B=16384 would keep the GPU profiler busy for longer than the device phase has)
+    if provider != "compile" and not (device == "cuda" and provider == "mrl-st"):
         row["launches"] = count_launches(step, device)
     flop = mrl.useful_flops(mode, B, dims) if matryoshka else (2 if mode == "fwd" else 6) * B * B * D
     row.update(
