@@ -84,6 +84,9 @@ run_full() {
     --no-plots
   # 4. the 1,048,576 point (fused fwd+bwd once)
   phase bench_big 45 $LOSS_BENCH --no-grid --big --no-plots
+  # 4b. Matryoshka (issue 24): prefixes 64..512 and 1536 at D=1536, ours vs a loop over the prefixes vs
+  #     sentence-transformers' MatryoshkaLoss over its cached InfoNCE (mrl-* rows; ratios last in the log)
+  phase bench_matryoshka 75 $LOSS_BENCH --matryoshka --sizes 4096,16384 --dims 1536 --rep-ms 40 --no-plots
   # 5. chunk / row-kernel / recompute-tile variants (for tuning the defaults)
   phase bench_sweep 45 $LOSS_BENCH --sweep --sizes 16384,65536 --dims 1536 --rep-ms 30
   # 6. the other loss tests (orchestration, distributed, memory; mostly CPU tests)
@@ -105,6 +108,7 @@ run_tune() {
 run_dry() {
   phase tests_engine 150 $ENGINE_TESTS
   phase bench_grid 120 $LOSS_BENCH --device cpu --quick --sizes 256,512 --dims 64
+  phase bench_matryoshka 60 $LOSS_BENCH --device cpu --matryoshka --sizes 128 --dims 96 --cpu-budget-s 0
   [ -n "$LOSS_TESTS" ] && phase tests_loss 180 $PY -m pytest -q -p no:cacheprovider $LOSS_TESTS \
     --junitxml "$OUT/junit_loss.xml"
 }

@@ -5,6 +5,8 @@
     python bench/loss_kernel.py --sizes 8192 --dims 1536 --providers torch,eager   # CPU target check
     python bench/loss_kernel.py --big           # GPU: B = 1,048,576, fused fwd+bwd only
     python bench/loss_kernel.py --sweep         # GPU: engine kernels alone, tile/split/path variants
+    python bench/loss_kernel.py --matryoshka    # one loss over prefixes 64..512 and D: ours, a loop over
+                                                # dims, sentence-transformers' MatryoshkaLoss (CPU: B=2048)
 
 Every cell is one (provider, mode, B, D): B queries against their B positives (in-batch negatives),
 temperature 0.02, L2 normalisation included in every provider. Providers: `fused` = the public
@@ -18,6 +20,12 @@ triton.testing.do_bench on a GPU, of a wall-clock loop on the CPU. Peak memory: 
 torch.cuda.max_memory_allocated above the inputs; on the CPU the peak RSS growth during one call
 (sampled every 0.5 ms with glibc's mmap threshold lowered so freed blocks leave RSS at once).
 Out-of-memory and other failures are recorded per cell and the run goes on.
+
+`--matryoshka [DIMS]` runs the Matryoshka providers of bench/loss_matryoshka.py instead of the grid
+(`mrl-fused`/`mrl-torch` = this loss with matryoshka_dims, `mrl-eager` = a loop over the prefixes,
+`mrl-st` = sentence-transformers' MatryoshkaLoss over its cached InfoNCE, run on the same embeddings),
+fwd+bwd; each row's loss is compared with the torch engine's (or the Triton one's without it), its
+TFLOP/s counts a loop's work (6 B^2 sum_k d_k) and the last lines give time and peak memory as ratios.
 
 Outputs (default --out bench/out/, gitignored): a table on stdout, rows appended to
 loss_kernel.csv (provider, mode, B, D, dtype, p20/p50/p80 ms, TFLOP/s, peak MB, status, rel. loss
@@ -76,6 +84,14 @@ def _eager_loss(q, c):
 
 
 _COMPILED: dict = {}
+
+
+def _mrl():
+    """bench/loss_matryoshka.py (imports torch: loaded on first use, like torch here)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import loss_matryoshka
+
+    return loss_matryoshka
 
 
 def make_provider(name: str) -> Callable:
@@ -236,7 +252,13 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     import torch
 
     provider, mode, B, D = row["provider"], row["mode"], row["B"], row["D"]
-    loss_fn = make_provider(provider)
+    mrl = _mrl()
+    matryoshka = provider in mrl.MRL_PROVIDERS
+    dims = (args.matryoshka or mrl.default_dims(D)) if matryoshka else None
+    if matryoshka:
+        loss_fn = mrl.make_mrl_provider(provider, dims, TAU, args.st_mini_batch)
+    else:
+        loss_fn = make_provider(provider)
     gen = torch.Generator(device=device).manual_seed(B * 7 + D)
     q = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
     c = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
@@ -259,13 +281,15 @@ def _measure_cell(row: dict, device: str, dtype, args) -> None:
     else:
         p20, p50, p80 = time_cpu(step, args.cpu_budget_s)
         row["peak_mb"] = round(peak_rss_growth_mb(step), 1)
-    if provider != "compile":  # (a compiled graph's kernels are its own business)
+    # (a compiled graph's kernels are its own business; sentence-transformers' ~10^5 launches per call
+    # at B=16384 would keep the GPU profiler busy for longer than the device phase has)
+    if provider != "compile" and not (device == "cuda" and provider == "mrl-st"):
         row["launches"] = count_launches(step, device)
-    flop = (2 if mode == "fwd" else 6) * B * B * D
+    flop = mrl.useful_flops(mode, B, dims) if matryoshka else (2 if mode == "fwd" else 6) * B * B * D
     row.update(
         p20_ms=_sig3(p20), p50_ms=_sig3(p50), p80_ms=_sig3(p80), tflops=_sig3(flop / (p50 * 1e-3) / 1e12)
     )
-    if mode == "fwd":
+    if mode == "fwd" or matryoshka:  # Matryoshka rows: the cross-check of the peers' loss values
         with torch.no_grad():
             row["_loss"] = float(loss_fn(q, c))
 
@@ -618,10 +642,26 @@ def parse_args(argv=None):
     )
     parser.add_argument("--no-grid", action="store_true", help="skip the provider grid (e.g. only --big)")
     parser.add_argument(
+        "--matryoshka",
+        nargs="?",
+        const=[],
+        type=lambda s: [int(x) for x in s.split(",")],
+        metavar="DIMS",
+        help="run the Matryoshka providers (mrl-*) instead of the grid, with these prefixes (default "
+        "64,128,256,512 below D, and D); sizes GPU 4096,16384, CPU 2048 (--quick: 512), D 1536 "
+        "(--quick on CPU: 256), fwd+bwd",
+    )
+    parser.add_argument(
         "--pick-configs",
         type=Path,
         metavar="SWEEP_CSV",
         help="print the VLM2VEC_TRITON_CONFIG value naming the fastest tiles in a sweep CSV",
+    )
+    parser.add_argument(
+        "--st-mini-batch",
+        type=int,
+        default=32,
+        help="--matryoshka: the mini-batch of sentence-transformers' cached loss (default 32, its own)",
     )
     parser.add_argument("--rep-ms", type=int, default=100, help="GPU: do_bench repetition time per cell (ms)")
     parser.add_argument("--cpu-budget-s", type=float, default=3.0, help="CPU: timing budget per cell (s)")
@@ -664,16 +704,29 @@ def main(argv=None) -> int:
         args.dtype or ("bf16" if on_gpu else "fp32")
     ]
     quick_cpu = args.quick and not on_gpu
-    sizes = args.sizes or (
-        [1024, 4096, 16384, 65536] if on_gpu else [1024, 2048] if quick_cpu else [1024, 4096, 16384]
-    )
-    dims = args.dims or ([1536] if quick_cpu else [1536, 3584])
-    providers = args.providers or (
-        list(PROVIDERS) if on_gpu else ["torch", "eager"] if quick_cpu else ["torch", "eager", "compile"]
-    )
+    mrl = _mrl()
+    if args.matryoshka is not None:
+        sizes = args.sizes or ([4096, 16384] if on_gpu else [512] if quick_cpu else [2048])
+        dims = args.dims or ([256] if quick_cpu else [1536])
+        first = "mrl-fused" if on_gpu else "mrl-torch"
+        providers = args.providers or [first, "mrl-eager", "mrl-st"]
+        known = mrl.MRL_PROVIDERS
+        if args.modes == list(MODES):
+            args.modes = ["fwd+bwd"]
+    else:
+        sizes = args.sizes or (
+            [1024, 4096, 16384, 65536] if on_gpu else [1024, 2048] if quick_cpu else [1024, 4096, 16384]
+        )
+        dims = args.dims or ([1536] if quick_cpu else [1536, 3584])
+        providers = args.providers or (
+            list(PROVIDERS) if on_gpu else ["torch", "eager"] if quick_cpu else ["torch", "eager", "compile"]
+        )
+        known = PROVIDERS
     for p in providers:
-        if p not in PROVIDERS:
-            raise SystemExit(f"--providers: unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+        if p not in known:
+            raise SystemExit(f"--providers: unknown provider {p!r}; choose from {', '.join(known)}")
+    if args.matryoshka and any(d > max(dims) for d in args.matryoshka):
+        raise SystemExit(f"--matryoshka: prefixes {args.matryoshka} must not exceed D={max(dims)}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.resolve() == (REPO / "bench" / "out").resolve() and not (args.out / ".gitignore").exists():
         (args.out / ".gitignore").write_text("*\n")  # results stay local unless copied to bench/results/
@@ -699,14 +752,17 @@ def main(argv=None) -> int:
 
     rows: list[dict] = []
     csv_path = args.out / "loss_kernel.csv"
+    reference = "torch"
+    if args.matryoshka is not None:
+        reference = "mrl-torch" if "mrl-torch" in providers else "mrl-fused"
     if not args.no_grid:
         for D in dims:
             for B in sizes:
                 reference_loss = None
                 for mode in args.modes:
-                    for provider in sorted(providers, key=lambda p: p != "torch"):  # torch first: reference
+                    for provider in sorted(providers, key=lambda p: p != reference):  # reference first
                         row = run_cell(provider, mode, B, D, device, dtype, args)
-                        if provider == "torch" and "_loss" in row:
+                        if provider == reference and "_loss" in row:
                             reference_loss = row["_loss"]
                         if "_loss" in row and reference_loss is not None:
                             diff = abs(row["_loss"] - reference_loss) / abs(reference_loss)
@@ -725,6 +781,10 @@ def main(argv=None) -> int:
         return 0
     print()
     print(format_table(rows))
+    if args.matryoshka is not None:
+        mrl_rows = [r for r in rows if r["provider"] in mrl.MRL_PROVIDERS]
+        print("\n".join(mrl.ratio_lines(mrl_rows, reference)))
+        return 0
     if not args.no_plots:
         for path in plot(rows, args.out, f"{meta['device']}, {str(dtype).replace('torch.', '')}"):
             print(f"plot: {path}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 MODES = ("mask", "any", "each")
@@ -53,30 +54,29 @@ def row_loss_grad(
     negatives = ~positives
     if margin is not None:
         negatives &= ~(l > l_t + margin)
-    if mode == "mask":
-        keep = negatives | onehot
-        lse = _lse(l, keep)
-        loss = lse - l_t[:, 0]
-        grad = _softmax(l, keep, lse).sub_(onehot.to(l.dtype)) if want_grad else None
-        return loss, grad
-    if mode == "any":
-        keep = negatives | positives
-        lse, lse_pos = _lse(l, keep), _lse(l, positives)
-        loss = lse - lse_pos
-        grad = _softmax(l, keep, lse).sub_(_softmax(l, positives, lse_pos)) if want_grad else None
-        return loss, grad
+    if mode not in MODES:
+        raise ValueError(f"positives must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    # Every mode as softplus / sigmoid of x = lse_neg - lse_pos: L = log(1 + exp(x)) and the positives'
+    # share of E is -sigmoid(x), never p - 1 (p ~ 1 rounds at 6e-8, the whole gradient of a confident
+    # row), and the loss never lse - l_t (two numbers ~1/tau whose difference is small)
+    lse_neg = _lse(l, negatives)  # -Inf where every negative is masked: then the loss and E are 0
     if mode == "each":
         count = positives.sum(1).to(l.dtype)
-        lse_neg = _lse(l, negatives)  # -Inf where every negative is masked: then each term is 0
-        x = lse_neg[:, None] - l  # log(sum_neg exp) - l_ip on the positives
-        terms = torch.where(positives, torch.logaddexp(x, torch.zeros_like(x)), 0.0)
-        loss = terms.sum(1) / count
+        x = lse_neg[:, None] - l  # one term per positive p: lse_neg - l_ip
+        loss = torch.where(positives, F.softplus(x), 0.0).sum(1) / count
         if not want_grad:
             return loss, None
         u = torch.where(positives, torch.sigmoid(x), 0.0).div_(count[:, None])
-        grad = _softmax(l, negatives, lse_neg).mul_(u.sum(1, keepdim=True)).sub_(u)
-        return loss, grad
-    raise ValueError(f"positives must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+        return loss, _softmax(l, negatives, lse_neg).mul_(u.sum(1, keepdim=True)).sub_(u)
+    pos = onehot if mode == "mask" else positives  # "mask": the other members of P_i are simply gone
+    lse_pos = l_t[:, 0] if mode == "mask" else _lse(l, pos)
+    x = lse_neg - lse_pos
+    loss = F.softplus(x)
+    if not want_grad:
+        return loss, None
+    neg_share = torch.sigmoid(x)[:, None]  # sum_{j in Neg_i} p_ij = 1 - sum_{P} p, without the 1
+    grad = _softmax(l, negatives, lse_neg).mul_(neg_share)
+    return loss, grad.sub_(_softmax(l, pos, lse_pos).mul_(neg_share))
 
 
 def _plain(l: Tensor, target: Tensor, want_grad: bool, out: Tensor | None) -> tuple[Tensor, Tensor | None]:

@@ -259,9 +259,10 @@ def xent_rows_kernel(
         loss[row0 + i] = weight * (lse_i - s_i,t(i)),
         E_ij = weight * (P_ij - Y_ij) a_i rc_j      (WANT_GRAD; E may be S itself)
 
-    so that E c and E^T q are the gradients at fixed scales. Two passes over the row: online max /
-    sum-exp (base 2), then P. A target outside [0, N) or a -Inf logit (only from non-finite input,
-    which a plain log-sum-exp would drop) makes the row NaN.
+    so that E c and E^T q are the gradients at fixed scales; P_it - 1 is formed as -sum_{j != t} P_ij
+    (a second running sum), which keeps its relative precision when P_it ~ 1. Two passes over the row:
+    online max / sum-exp (base 2), then P. A target outside [0, N) or a -Inf logit (only from
+    non-finite input, which a plain log-sum-exp would drop) makes the row NaN.
     """
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -280,6 +281,7 @@ def xent_rows_kernel(
     s_rows = s_ptr + local.to(tl.int64)[:, None] * stride_s
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    rest = tl.zeros((BLOCK_R,), dtype=tl.float32)  # l without the target column
     pos = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -288,14 +290,22 @@ def xent_rows_kernel(
         if NORMALIZE:
             s = s * tl.load(rc_ptr + cols, mask=col_ok, other=0.0)[None, :]
         s = tl.where(s == float("-inf"), float("nan"), s)
-        pos += tl.sum(tl.where(cols[None, :] == t[:, None], s, 0.0), axis=1)
+        is_t = cols[None, :] == t[:, None]
+        pos += tl.sum(tl.where(is_t, s, 0.0), axis=1)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        scale = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * scale + tl.sum(p, axis=1)
+        rest = rest * scale + tl.sum(tl.where(is_t, 0.0, p), axis=1)
         m = m_new
     lse2 = m + tl.log2(l)
-    tl.store(loss_ptr + rows, (lse2 - pos) * (LN2 * weight), mask=row_ok)
+    # (max - l_t) first: a small loss is not rounded to the ulp of the logits (|l| ~ 1/tau)
+    tl.store(loss_ptr + rows, ((m - pos) + tl.log2(l)) * (LN2 * weight), mask=row_ok)
     if WANT_GRAD:
+        # E at the target: -sum_{j != t} P_ij, not P_it - 1 (P_it ~ 1 rounds at 6e-8, which is the
+        # whole gradient of a confident row)
+        e_t = -rest / l
         wa = weight * a
         e_rows = e_ptr + local.to(tl.int64)[:, None] * stride_e
         for n0 in range(0, N, BLOCK_N):
@@ -308,7 +318,7 @@ def xent_rows_kernel(
                 s = s * rc
                 e = e * rc
             s = tl.where(s == float("-inf"), float("nan"), s)
-            p = tl.exp2(s - lse2[:, None]) - tl.where(cols[None, :] == t[:, None], 1.0, 0.0)
+            p = tl.where(cols[None, :] == t[:, None], e_t[:, None], tl.exp2(s - lse2[:, None]))
             mask = row_ok[:, None] & col_ok[None, :]
             tl.store(e_rows + cols[None, :], (p * e).to(e_ptr.dtype.element_ty), mask=mask)
 
