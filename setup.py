@@ -56,5 +56,11 @@ setup(
         "dev": ["pytest>=8", "ruff>=0.6", "matplotlib>=3.8", "kernels", "sentence-transformers>=5.4"],
         "bench": ["matplotlib>=3.8", "inf-cl", "liger-kernel"],
     },
-    entry_points={"console_scripts": ["vlm2vec-train=vlm2vec.train:main", "vlm2vec-eval=vlm2vec.eval:main"]},
+    entry_points={
+        "console_scripts": [
+            "vlm2vec-train=vlm2vec.train:main",
+            "vlm2vec-eval=vlm2vec.eval:main",
+            "vlm2vec-mine=vlm2vec.mine:main",
+        ]
+    },
 )

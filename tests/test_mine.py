@@ -216,7 +216,9 @@ def test_cli_mines_writes_report_and_the_trainer_reads_it(tiny, tmp_path):
     for s in SUBSETS:
         rows = _read_jsonl(out / f"{s}.jsonl")
         entry = report["subsets"][s]
-        assert entry["rows"] == len(rows) == 12 and entry["pool_size"] == len({r["pos_text"] + r["pos_image_path"] for r in src[s]})
+        assert entry["rows"] == len(rows) == 12 and entry["pool_size"] == len(
+            {r["pos_text"] + r["pos_image_path"] for r in src[s]}
+        )
         assert entry["rows_with_fewer_than_k"] == sum(len(r["neg_text"]) < 3 for r in rows)
         assert sum(entry["histogram"]["positive"]) == 12
         for r, orig in zip(rows, src[s]):
@@ -236,7 +238,9 @@ def test_cli_mines_writes_report_and_the_trainer_reads_it(tiny, tmp_path):
     train = load_train_data(str(out), num_negatives=3)
     assert train.sizes() == {s: 12 for s in SUBSETS}
     batch = TrainBatches(train, 8, seed=0)[0]
-    assert batch.targets.tolist() == batch.group_starts() and len(batch.cand_texts) == sum(batch.group_sizes())
+    assert batch.targets.tolist() == batch.group_starts() and len(batch.cand_texts) == sum(
+        batch.group_sizes()
+    )
 
 
 def test_cli_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
@@ -264,7 +268,8 @@ def test_cli_bad_input_is_one_line_exit_2(tiny, tmp_path, capsys):
 def test_cli_strict_and_overwrite(tiny, tmp_path, capsys):
     root, data, model = tiny
     out = tmp_path / "o"
-    # a small margin with the untrained model's close scores: fewer than K -> a warning with counts, or --strict's error
+    # a small margin with the untrained model's close scores: fewer than K -> a warning with counts,
+    # or --strict's error
     base = ["--model", str(model), "--data", str(data), "--subsets", "ShapeClassification", "--num_negatives",
             "2", "--margin", "0.02", "--max_score_ratio", "none", "--no_progress",
             "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
@@ -313,7 +318,9 @@ def test_two_ranks_mine_what_one_rank_mines(tiny, tmp_path):
     parts = [p.name for p in (tmp_path / "two.cache" / SUBSETS[0]).glob("part-*.pt")]
     assert any(p.startswith("part-r0") for p in parts) and any(p.startswith("part-r1") for p in parts)
     report = json.loads((tmp_path / "two" / "mining_report.json").read_text())
-    assert {e["pool_size"] for e in report["subsets"].values()} == {report["subsets"][SUBSETS[0]]["pool_size"]}
+    assert {e["pool_size"] for e in report["subsets"].values()} == {
+        report["subsets"][SUBSETS[0]]["pool_size"]
+    }
 
 
 @pytest.mark.slow
@@ -326,9 +333,22 @@ def test_zero3_two_ranks_train_on_mined_rows_with_fewer_than_k(tiny, tmp_path):
                  "--max_score_ratio", "none", "--no_progress", "--out", str(mined)]) == 0  # fmt: skip
     counts = [len(r["neg_text"]) for s in SUBSETS for r in _read_jsonl(mined / f"{s}.jsonl")]
     assert min(counts) < 3 and max(counts) == 3, counts  # short and full rows
+    from vlm2vec.data import TrainBatches, load_train_data
+
+    train = load_train_data(str(mined), num_negatives=3)
+    # the trainer's batches (default seed 42, size-weighted): candidates per rank at steps 0 and 1
+    per_rank = [
+        [
+            len(TrainBatches(train, 8, weights="size", seed=42, rank=r, world_size=2)[s].cand_texts)
+            for r in (0, 1)
+        ]
+        for s in (0, 1)
+    ]
+    assert any(a != b for a, b in per_rank), per_rank  # the ranks hold different candidate counts
     out = tmp_path / "run"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()), "vlm2vec/train.py",
-           "--ds_config", "configs/ds_zero3.json", "--model_name", "tiny:qwen2_vl", "--dataset_name", str(mined),
+           "--ds_config", "configs/ds_zero3.json", "--model_name", "tiny:qwen2_vl",
+           "--dataset_name", str(mined),
            "--num_hard_negatives", "3", "--per_device_train_batch_size", "4", "--grad_cache", "True",
            "--gc_q_chunk_size", "2", "--gc_p_chunk_size", "4", "--max_steps", "2", "--save_steps", "0",
            "--output_dir", str(out), "--disable_tqdm", "--eval_data", ""]  # fmt: skip

@@ -230,9 +230,7 @@ def load_encoder(args: argparse.Namespace, data: TrainData, device: str) -> tupl
     if len(images) < 5:
         raise DataError(f"--encoder probe: {len(images)} image->text rows to fit the probe on; need >= 5")
     probe = RidgeProbe.fit(model, images, texts, batch=args.batch_size)
-    fingerprint = model_fingerprint(
-        args.model, {**options, "probe": float(probe.w.double().sum()), "lam": probe.lam}
-    )
+    fingerprint = model_fingerprint(args.model, {**options, "probe": _digest(probe.w), "lam": probe.lam})
 
     def check(kinds: set[str], where: str) -> None:
         if kinds - {"image"}:
@@ -311,6 +309,12 @@ def mine_all(
         bar.close()
         out[name] = (mined, items)
     return out
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(t.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def _split(image: TrainVisual | None) -> tuple[Any, Any]:
