@@ -215,6 +215,7 @@ def load_encoder(args: argparse.Namespace, data: TrainData, device: str) -> tupl
         except OSError as err:
             raise DataError(f"--model {args.model}: cannot load the model: {err}".splitlines()[0]) from None
     model.eval()
+    _reuse_feature_cache(model, Path(args.data))
     options["settings"] = model.settings.to_dict() if hasattr(model, "settings") else None
     fingerprint = model_fingerprint(args.model, options)
     if args.encoder == "model":
@@ -309,6 +310,18 @@ def mine_all(
         bar.close()
         out[name] = (mined, items)
     return out
+
+
+def _reuse_feature_cache(model: Any, data: Path) -> None:
+    """A demo-family model (frozen image features) without a feature cache of its own reads the one the
+    default data's builder wrote beside the data folder: features are keyed by image content, so only
+    the time changes (a trained default model re-embeds ~6,000 images otherwise)."""
+    from vlm2vec.demo.default_data import FEATURE_FILE
+
+    featurizer = getattr(getattr(model, "processor", None), "featurizer", None)
+    cache = data.expanduser().resolve().parent / FEATURE_FILE
+    if featurizer is not None and getattr(featurizer, "cache_file", "") is None and cache.is_file():
+        featurizer.cache_file, featurizer._cache = str(cache), None
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -425,8 +438,7 @@ def run(args: argparse.Namespace, settings: MineSettings, device: str) -> int:
     }  # fmt: skip
     files = {n: mined_rows(data.subsets[n], m, items, data.image_root) for n, (m, items) in results.items()}
     write_output(Path(args.out), args.overwrite, files, report)
-    if show:
-        print((Path(args.out) / "mining_report.md").read_text())
+    print((Path(args.out) / "mining_report.md").read_text())
     return 0
 
 
