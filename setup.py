@@ -61,6 +61,7 @@ setup(
             "vlm2vec-train=vlm2vec.train:main",
             "vlm2vec-eval=vlm2vec.eval:main",
             "vlm2vec-export=vlm2vec.export:main",
+            "vlm2vec-mine=vlm2vec.mine:main",
         ]
     },
 )

@@ -296,7 +296,7 @@ def test_missing_negatives_error_or_sample(tmp_path):
     rows = [_row(q=f"q{i}", p=f"pos{i % 4}", nt=[f"neg{i}"] if i % 2 else "") for i in range(8)]
     write_rows(tmp_path / "S.jsonl", rows)
     with pytest.raises(DataError, match=r"S\.jsonl, row 0 .*0 hard negatives but num_negatives=1"):
-        load_train_data(tmp_path, num_negatives=1)
+        load_train_data(tmp_path, num_negatives=1, missing_negatives="error")
     data = load_train_data(tmp_path, num_negatives=2, missing_negatives="sample")
     batch = TrainBatches(data, 8, seed=2)[0]
     assert batch.targets.tolist() == [0, 3, 6, 9, 12, 15, 18, 21]
@@ -630,3 +630,95 @@ def test_collator_with_tiny_qwen2_vl(tmp_path):
         & ~torch.isin(chunk["input_ids"], marks)
     )
     assert text.sum(1).tolist() == [12, 12] and (chunk["mm_token_type_ids"] == 1).sum(1).max() > 12
+
+
+# ------------------------------------------------------------------ fewer than K negatives: masking
+
+
+def _short_rows_dir(tmp_path: Path, n: int = 6, k: int = 2) -> Path:
+    """Row i has i % (k + 1) negatives (0, 1, .., k): what mining leaves after its filters."""
+    rows = [
+        _row(q=f"q{i} what is it", p=f"pos{i}", nt=[f"n{i}x{j}" for j in range(i % (k + 1))], ni="")
+        for i in range(n)
+    ]
+    write_rows(tmp_path / "S.jsonl", rows)
+    return tmp_path
+
+
+def test_mask_is_the_default_and_short_rows_train_on_what_they_have(tmp_path):
+    data = load_train_data(_short_rows_dir(tmp_path), num_negatives=2)
+    assert data.missing_negatives == "mask" and len(data) == 6
+    batch = TrainBatches(data, 6, seed=0)[0]
+    sizes = batch.group_sizes()
+    assert sorted(sizes) == [1, 1, 2, 2, 3, 3] and batch.cand_counts == sizes
+    assert batch.targets.tolist() == batch.group_starts() == [sum(sizes[:i]) for i in range(6)]
+    assert len(batch.cand_texts) == sum(sizes) == 12
+    for i, q in enumerate(batch.query_texts):
+        n = int(q[1 : q.index(" ")])
+        group = batch.cand_texts[batch.group_starts()[i] : batch.group_starts()[i] + sizes[i]]
+        assert group == [f"pos{n}"] + [f"n{n}x{j}" for j in range(n % 3)]  # never the positive twice
+    # full rows keep the fixed layout (no cand_counts), as before
+    full = TrainBatches(load_train_data(_short_rows_dir(tmp_path / "f"), num_negatives=0), 6, seed=0)[0]
+    assert full.cand_counts == [] and full.targets.tolist() == list(range(6))
+
+
+def test_mask_select_keeps_each_group(tmp_path):
+    batch = TrainBatches(load_train_data(_short_rows_dir(tmp_path), num_negatives=2), 6, seed=0)[0]
+    keep = [0, 2, 5]
+    part = batch.select(keep)
+    starts = batch.group_starts()
+    assert part.cand_counts == [batch.group_sizes()[i] for i in keep]
+    want = [batch.cand_texts[starts[i] : starts[i] + batch.group_sizes()[i]] for i in keep]
+    assert [part.cand_texts[s : s + n] for s, n in zip(part.group_starts(), part.cand_counts)] == want
+    assert part.targets.tolist() == part.group_starts()
+
+
+@pytest.mark.parametrize("sort,group_size", [(False, None), (True, None), (True, 3)])
+def test_collator_targets_and_orders_with_short_groups(tmp_path, encoder, sort, group_size):
+    batch = TrainBatches(load_train_data(_short_rows_dir(tmp_path), num_negatives=2), 6, seed=0)[0]
+    prepared = ChunkCollator(encoder, query_chunk_size=2, cand_chunk_size=3, sort_by_length=sort,
+                             group_size=group_size)(batch)  # fmt: skip
+    assert sorted(prepared.cand_order.tolist()) == list(range(len(batch.cand_texts)))
+    for i, q in enumerate(prepared.query_order.tolist()):
+        assert prepared.cand_order[prepared.targets[i]].item() == batch.targets[q].item()
+    if group_size:  # task-wise batching: no candidate chunk mixes the two groups of 3 queries
+        owner = [q for q, n in enumerate(batch.group_sizes()) for _ in range(n)]
+        at = 0
+        for chunk in prepared.cand_chunks:
+            rows = prepared.cand_order[at : at + chunk["input_ids"].shape[0]].tolist()
+            assert len({owner[c] // 3 for c in rows}) == 1
+            at += len(rows)
+
+
+def test_collator_drops_a_bad_row_from_a_short_group_batch(tmp_path, encoder):
+    """skip_bad_rows with uneven groups: the bad query's whole group goes, the others keep theirs and
+    cand_order still indexes the batch as given."""
+    _short_rows_dir(tmp_path)
+    _img(tmp_path / "huge.png", size=128)  # 64 image tokens > max_len 48: prepare rejects the row
+    rows = [json.loads(line) for line in (tmp_path / "S.jsonl").read_text().splitlines()]
+    rows[4]["neg_text"], rows[4]["neg_image_path"] = [IMG_T], ["huge.png"]  # its only negative is bad
+    write_rows(tmp_path / "S.jsonl", rows)
+    batch = TrainBatches(load_train_data(tmp_path, num_negatives=2), 6, seed=0)[0]
+    bad = next(i for i in range(6) if batch.sources[i].endswith("row 4"))
+    with pytest.warns(UserWarning, match="skipping bad row"):
+        prepared = ChunkCollator(encoder, query_chunk_size=2, skip_bad_rows=True)(batch)
+    good = [i for i in range(6) if i != bad]
+    assert prepared.query_order.tolist() == good and "negative 1" in prepared.skipped[0]
+    starts, sizes = batch.group_starts(), batch.group_sizes()
+    assert prepared.cand_order.tolist() == [c for i in good for c in range(starts[i], starts[i] + sizes[i])]
+    for i, q in enumerate(prepared.query_order.tolist()):
+        assert prepared.cand_order[prepared.targets[i]].item() == starts[q]
+
+
+def test_mask_rows_through_the_loss_equal_the_reference(tmp_path):
+    """The fused loss on a batch with uneven groups (explicit targets) equals float64 cross-entropy over
+    the candidates that exist: masked slots are simply absent."""
+    from vlm2vec_kernels import contrastive_loss
+
+    batch = TrainBatches(load_train_data(_short_rows_dir(tmp_path), num_negatives=2), 6, seed=0)[0]
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(6, 16, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(len(batch.cand_texts), 16, generator=g), dim=-1)
+    got = contrastive_loss(q, c, 0.05, targets=batch.targets)
+    want = torch.nn.functional.cross_entropy((q.double() @ c.double().T) / 0.05, batch.targets)
+    assert torch.allclose(got.double(), want, atol=1e-5)

@@ -187,7 +187,7 @@ class TrainConfig:
     )
     num_hard_negatives: int = _opt(0, "hard negatives per query (from neg_text/neg_image_path)")
     missing_negatives: str = _opt(
-        "error",
+        "mask",
         "a row with fewer hard negatives than --num_hard_negatives: mask (train on the ones it has; the "
         "missing slots are left out of its denominator), error, or sample other rows' positives",
         choices=("mask", "error", "sample"),

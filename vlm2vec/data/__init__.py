@@ -11,9 +11,11 @@ Batch n is a pure function of (seed, n, the data), so a checkpoint only needs th
 (`DataLoader(batches, batch_size=None, sampler=range(start, stop), collate_fn=collator)`).
 
 Hard negatives: `neg_text` / `neg_image_path` may each hold one item or a list ("", None, [] = none).
-With `num_negatives=K` a row with more keeps K (drawn per step); a row with fewer is a bad row at read
-time, unless `missing_negatives="sample"` fills it at batch time with positives of other rows of the
-same subset (never one equal to its own positive). Every batch then has exactly K per query.
+With `num_negatives=K` a row with more keeps K (drawn per step); a row with fewer trains on the ones it
+has (`missing_negatives="mask"`, the default: its candidate group is shorter, `ContrastiveBatch.cand_counts`,
+and targets point at each group's positive; nothing is padded or duplicated), is a bad row at read time
+("error"), or is filled at batch time with positives of other rows of the same subset ("sample", never
+one equal to its own positive).
 
 Bad input (unreadable file or image, missing column, empty query, placeholder/image mismatch, too few
 hard negatives, image tokens cut by max_len) raises `DataError` naming the file and row; with

@@ -22,6 +22,9 @@ from vlm2vec.media import load_frames, load_image, load_visual
 class ContrastiveBatch:
     """Queries and their candidates, laid out [pos_0, neg_0_1..neg_0_K, pos_1, ...]; target i*(K+1).
 
+    `cand_counts[i]`: candidates of query i (1 + its negatives) when a row has fewer than K negatives
+    (missing_negatives="mask": the row trains on the ones it has, nothing pads its group); empty means
+    K + 1 for every query. Targets index the positive at the start of each group either way.
     Images are PIL images (RGB) or None. `sources` names the file and row of each query's example (for
     error messages); `skipped` lists bad rows replaced while building this batch."""
 
@@ -36,6 +39,19 @@ class ContrastiveBatch:
     skipped: list[str] = field(default_factory=list)
     query_videos: list[list[Image.Image] | None] = field(default_factory=list)  # [] = no videos
     cand_videos: list[list[Image.Image] | None] = field(default_factory=list)
+    cand_counts: list[int] = field(default_factory=list)
+
+    def group_sizes(self) -> list[int]:
+        """Candidates per query (positive first, then its negatives)."""
+        return list(self.cand_counts) if self.cand_counts else [self.num_negatives + 1] * len(self)
+
+    def group_starts(self) -> list[int]:
+        """Index of each query's positive among the candidates."""
+        starts, at = [], 0
+        for n in self.group_sizes():
+            starts.append(at)
+            at += n
+        return starts
 
     def __len__(self) -> int:
         return len(self.query_texts)
@@ -49,30 +65,33 @@ class ContrastiveBatch:
 
     def select(self, keep: Sequence[int]) -> ContrastiveBatch:
         """The batch restricted to the queries `keep` (with their candidate groups), targets rebuilt."""
-        g = self.num_negatives + 1
-        cands = [c for i in keep for c in range(i * g, (i + 1) * g)]
+        sizes, starts = self.group_sizes(), self.group_starts()
+        cands = [c for i in keep for c in range(starts[i], starts[i] + sizes[i])]
+        kept_sizes = [sizes[i] for i in keep]
         return ContrastiveBatch(
             query_texts=[self.query_texts[i] for i in keep],
             query_images=[self.query_images[i] for i in keep],
             cand_texts=[self.cand_texts[c] for c in cands],
             cand_images=[self.cand_images[c] for c in cands],
-            targets=torch.arange(len(keep), dtype=torch.long) * g,
+            targets=torch.tensor([sum(kept_sizes[:j]) for j in range(len(keep))], dtype=torch.long),
             subsets=[self.subsets[i] for i in keep],
             num_negatives=self.num_negatives,
             sources=[self.sources[i] for i in keep] if self.sources else [],
             skipped=list(self.skipped),
             query_videos=[self.query_videos[i] for i in keep] if self.query_videos else [],
             cand_videos=[self.cand_videos[c] for c in cands] if self.cand_videos else [],
+            cand_counts=kept_sizes if self.cand_counts else [],
         )
 
 
 class TrainBatches(torch.utils.data.Dataset):
     """Step-indexed training batches: `batches[n]` is batch n; iterating resumes from `state_dict()`.
 
-    Hard negatives: a row with more than K keeps K drawn by (seed, step, position); with
-    missing_negatives="sample", a row with fewer gets positives of other rows of its subset (never one
-    equal to its own positive). A row whose image cannot be loaded raises DataError naming file and row,
-    or with skip_bad_rows is counted and replaced by the next good row of its subset (deterministic).
+    Hard negatives: a row with more than K keeps K drawn by (seed, step, position); a row with fewer
+    keeps the ones it has (missing_negatives="mask": its group is shorter, `cand_counts`) or, with
+    "sample", gets positives of other rows of its subset (never one equal to its own positive). A row
+    whose image cannot be loaded raises DataError naming file and row, or with skip_bad_rows is counted
+    and replaced by the next good row of its subset (deterministic).
     spread_groups: each process takes its share of every group of `homogeneous_size` rows instead of a
     contiguous slice of the global batch (`StepSampler.positions`).
     """
@@ -143,10 +162,15 @@ class TrainBatches(torch.utils.data.Dataset):
             batch.query_videos.append(q_vid)
             batch.subsets.append(subset)
             batch.sources.append(ex.where)
+            batch.cand_counts.append(len(cands))
             for text, img, vid in cands:
                 batch.cand_texts.append(text)
                 batch.cand_images.append(img)
                 batch.cand_videos.append(vid)
+        if all(n == k + 1 for n in batch.cand_counts):
+            batch.cand_counts = []  # every group full: the fixed layout
+        else:
+            batch.targets = torch.tensor(batch.group_starts(), dtype=torch.long)
         if not any(v is not None for v in batch.query_videos + batch.cand_videos):
             batch.query_videos, batch.cand_videos = [], []  # image-only batches stay as before
         return batch
@@ -185,7 +209,7 @@ class TrainBatches(torch.utils.data.Dataset):
             img_path = ex.neg_images[n]
             img = load_image(img_path, root, f"{ex.where} neg_image_path[{n}]") if img_path else None
             cands.append((ex.neg_texts[n], img, None))
-        if len(cands) < k + 1:  # missing_negatives == "sample" (read time rejected it otherwise)
+        if len(cands) < k + 1 and self.data.missing_negatives == "sample":  # "mask": the group stays short
             cands.extend(self._sampled_negatives(ex, idx, k + 1 - len(cands), rng))
         return q_img, q_vid, cands
 

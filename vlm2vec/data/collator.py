@@ -168,20 +168,21 @@ class ChunkCollator:
         images: list,
         videos: list,
         size: int | None,
-        segment: int | None = None,
+        segment: int | list[int] | None = None,
         min_chunks: int = 0,
     ) -> tuple[list[int], list[dict[str, torch.Tensor]], list[tuple[int, ValueError]]]:
         """(row order, prepared chunks) or the rows (batch indices) that prepare rejects. `segment`: rows
-        per group that chunks never cross (task-wise batching). `min_chunks`: split the chunks with the
-        most rows in two until there are at least this many (GradCache is exact for any chunking)."""
+        per group, or the first row of each group, that chunks never cross (task-wise batching).
+        `min_chunks`: split the chunks with the most rows in two until there are at least this many
+        (GradCache is exact for any chunking)."""
         try:
             lengths = self._lengths(texts, images, videos)
         except ValueError:  # a row cannot even be measured: find it row by row below
             lengths, size = None, 1
-        segment = segment or max(1, len(texts))
+        bounds = _segment_bounds(segment, len(texts))
         order, groups = [], []
-        for start in range(0, len(texts), segment):
-            rows = list(range(start, min(start + segment, len(texts))))
+        for start, stop in zip(bounds, bounds[1:]):
+            rows = list(range(start, stop))
             if lengths is not None:
                 part = (
                     [rows[i] for i in self._order([lengths[r] for r in rows])]
@@ -220,10 +221,12 @@ class ChunkCollator:
     def __call__(self, batch: ContrastiveBatch, min_chunks: tuple[int, int] = (0, 0)) -> PreparedBatch:
         """`min_chunks`: at least this many (query, candidate) chunks where the rows allow it (ZeRO-3
         needs the same number of forward passes on every process, see `train.align_processes`)."""
-        g = batch.num_negatives + 1
+        first = batch.group_starts()  # of the batch as given: cand_order indexes it
         skipped = list(batch.skipped)
         kept = list(range(len(batch)))  # original index of each remaining query
         while True:
+            starts = batch.group_starts()
+            owner = [q for q, n in enumerate(batch.group_sizes()) for _ in range(n)]  # candidate -> query
             if len(batch) == 0:
                 raise DataError(f"every row of the batch was bad: {skipped[:3]}")
             q_seg = self.group_size if self.group_size and len(batch) % self.group_size == 0 else None
@@ -240,7 +243,7 @@ class ChunkCollator:
                 batch.cand_images,
                 batch.videos("cand"),
                 self.cand_chunk_size,
-                q_seg and q_seg * g,
+                q_seg and starts[::q_seg],
                 min_chunks[1],
             )
             if not q_fail and not c_fail:
@@ -248,8 +251,9 @@ class ChunkCollator:
             bad_queries: dict[int, str] = {}
             for side, fails in (("query", q_fail), ("candidate", c_fail)):
                 for r, err in fails:
-                    q = r if side == "query" else r // g
-                    label = side if side == "query" else ("positive" if r % g == 0 else f"negative {r % g}")
+                    q = r if side == "query" else owner[r]
+                    slot = 0 if side == "query" else r - starts[q]
+                    label = side if side == "query" else ("positive" if slot == 0 else f"negative {slot}")
                     where = batch.sources[q] if batch.sources else f"batch row {q}"
                     msg = f"{where} [{batch.subsets[q]}] {label}: {err}"
                     if not self.skip_bad_rows:
@@ -262,15 +266,25 @@ class ChunkCollator:
             batch, kept = batch.select(keep), [kept[q] for q in keep]
         cand_pos = torch.empty(len(c_order), dtype=torch.long)
         cand_pos[torch.tensor(c_order, dtype=torch.long)] = torch.arange(len(c_order))
-        targets = cand_pos[torch.tensor(q_order, dtype=torch.long) * g]
+        targets = cand_pos[torch.tensor([starts[q] for q in q_order], dtype=torch.long)]
         return PreparedBatch(
             query_chunks=q_chunks,
             cand_chunks=c_chunks,
             targets=targets,
             query_order=torch.tensor([kept[q] for q in q_order], dtype=torch.long),
-            cand_order=torch.tensor([kept[c // g] * g + c % g for c in c_order], dtype=torch.long),
+            cand_order=torch.tensor(
+                [first[kept[owner[c]]] + c - starts[owner[c]] for c in c_order], dtype=torch.long
+            ),
             subsets=[batch.subsets[q] for q in q_order],
             num_negatives=batch.num_negatives,
             skipped=skipped,
             candidate_ids=item_ids(batch.cand_texts, batch.cand_images, batch.videos("cand"))[c_order],
         )
+
+
+def _segment_bounds(segment: int | list[int] | None, n: int) -> list[int]:
+    """[start of each segment..., n]: `segment` rows each (None: one segment), or the given starts."""
+    if isinstance(segment, list):
+        return sorted({*segment, n} - {n}) + [n] if n else [0]
+    step = segment or max(1, n)
+    return list(range(0, n, step)) + [n] if n else [0]

@@ -196,7 +196,8 @@ def parse_train_row(
         raise _RowProblem(
             "negatives",
             f"has {n_neg} hard negatives but num_negatives={num_negatives} "
-            "(pass missing_negatives='sample' to fill with other rows' positives)",
+            "(pass missing_negatives='mask' to train it on the ones it has, or 'sample' to fill with other "
+            "rows' positives)",
         )
     return TrainExample(
         subset=subset,

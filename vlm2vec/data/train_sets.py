@@ -38,7 +38,7 @@ class TrainData:
     subsets: dict[str, list[TrainExample]]
     image_root: Path | None
     num_negatives: int = 0
-    missing_negatives: Literal["error", "sample"] = "error"
+    missing_negatives: Literal["mask", "error", "sample"] = "mask"
     bad_rows: BadRows = field(default_factory=BadRows)
     num_frames: int | None = 8  # frames sampled per training video (media.DEFAULT_NUM_FRAMES)
     weights: dict[str, float] | None = None  # per-subset sampling weights of a multi-source mix
@@ -59,7 +59,7 @@ def read_train_file(
     image_token: str | None = None,
     max_rows: int | None = None,
     num_negatives: int = 0,
-    missing_negatives: Literal["error", "sample"] = "error",
+    missing_negatives: Literal["mask", "error", "sample"] = "mask",
     skip_bad_rows: bool = False,
     bad_rows: BadRows | None = None,
     image_root: str | os.PathLike | None = None,
@@ -101,7 +101,7 @@ def load_train_data(
     image_token: str | None = None,
     num_sample_per_subset: int | Mapping[str, int] | None = None,
     num_negatives: int = 0,
-    missing_negatives: Literal["error", "sample"] = "error",
+    missing_negatives: Literal["mask", "error", "sample"] = "mask",
     skip_bad_rows: bool = False,
     check_images: bool = False,
     num_frames: int | None = 8,
@@ -110,16 +110,17 @@ def load_train_data(
     `source` is not a local path, a hub dataset name (e.g. "TIGER-Lab/MMEB-train", split "original").
 
     num_sample_per_subset: keep the first N valid rows of each subset (int, or per-subset dict).
-    num_negatives: K hard negatives per query; a row with fewer raises (missing_negatives="error") or
-      is filled at batch time with positives of other rows of the same subset ("sample").
+    num_negatives: K hard negatives per query; a row with fewer trains on the ones it has
+      (missing_negatives="mask": a shorter candidate group, never padded), raises ("error") or is
+      filled at batch time with positives of other rows of the same subset ("sample").
     image_root: where image paths are relative to (default: the source directory / file's folder).
     check_images: test at read time that every image file exists (otherwise found when loaded).
     num_frames: frames sampled per video row (uniformly by index; None: every frame).
     """
     if num_negatives < 0:
         raise ValueError(f"num_negatives must be >= 0, got {num_negatives}")
-    if missing_negatives not in ("error", "sample"):
-        raise ValueError(f"missing_negatives must be 'error' or 'sample', got {missing_negatives!r}")
+    if missing_negatives not in ("mask", "error", "sample"):
+        raise ValueError(f"missing_negatives must be 'mask', 'error' or 'sample', got {missing_negatives!r}")
     bad = BadRows()
     path = Path(source).expanduser()
     if path.exists():
