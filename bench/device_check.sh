@@ -128,6 +128,14 @@ else
   phase train_step 240 $PY bench/train_step_device.py --out "$OUT"
 fi
 
+# ---- sentence-transformers loads the Qwen exports (issue 22): needs torchvision, which GPU boxes have --
+if $PY -c "import torchvision, sentence_transformers" >/dev/null 2>&1; then
+  phase tests_export_st 150 $PY -m pytest -q -p no:cacheprovider tests/test_export.py \
+    -k "hf_family_exports or reference_layout or native_layout"
+else
+  echo "tests_export_st: skipped (torchvision or sentence-transformers does not import here)" | tee -a "$OUT/phases.txt"
+fi
+
 # ---- vLLM serves an exported tiny model (issue 22; bench/export_vllm.py): only where vllm imports ------
 if $PY -c "import vllm" >/dev/null 2>&1; then
   phase export_vllm 300 env PYTHONPATH="$PWD:${PYTHONPATH:-}" $PY bench/export_vllm.py
