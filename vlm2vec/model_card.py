@@ -55,7 +55,10 @@ def model_card(
     """The card's Markdown."""
     options, report = run_files(model_dir)
     keys = ("temperature", "train_batch_size", "per_device_train_batch_size", "max_steps", "learning_rate",
-            "lora", "lora_r", "lora_alpha", "quantization")  # fmt: skip
+            "lora", "lora_r", "lora_alpha", "dora", "quantization", "positives", "matryoshka_dims",
+            "false_negative_margin", "num_hard_negatives")  # fmt: skip
+    if options.get("train_batch_size"):  # the global batch wins; the per-device default was not used
+        keys = tuple(k for k in keys if k != "per_device_train_batch_size")
     recipe = [f"  - {k}: {options[k]}" for k in keys if k in options]
     data = options.get("dataset_name")
     subsets = options.get("subset_name")
