@@ -166,8 +166,9 @@ def align_processes(
         if zero_stage == 3:
             raise ConfigError(
                 "the processes have different numbers of GradCache chunks this step (rows dropped by "
-                "--skip_bad_rows); ZeRO-3 needs the same on every rank: fix the rows, drop "
-                "--skip_bad_rows, or use a ZeRO 0-2 config"
+                "--skip_bad_rows, or rows with fewer hard negatives than the others); ZeRO-3 needs the same "
+                "on every rank: fix the rows, raise --gc_p_chunk_size to at least 1 + --num_hard_negatives, "
+                "drop --skip_bad_rows, or use a ZeRO 0-2 config"
             )
         return batch
     chunks = list(batch.query_chunks) + list(batch.cand_chunks)
