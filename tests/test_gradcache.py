@@ -17,14 +17,7 @@ from vlm2vec_kernels import contrastive_loss
 
 from vlm2vec.gradcache import contrastive_step, encode_chunks
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is ~100x faster than two busy-waiting OpenMP threads on a shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class DropoutEncoder(nn.Module):

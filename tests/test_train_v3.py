@@ -26,12 +26,7 @@ SPAWN_TIMEOUT_S = 600
 REPRESENT = "<|image_1|> Represent the given image."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _image(color: str) -> Image.Image:
