@@ -8,7 +8,9 @@ video processor, which needs it); this box has none (PyPI's wheels are CUDA buil
 with the CPU torch), so there the Qwen families are checked one step down: the chat template renders
 exactly `VLM2Vec.prepare`'s token ids, and the exported weights through `AutoModel` + the built-in
 Pooling and Normalize modules give `VLM2Vec.encode`'s vectors. Where torchvision imports, the full
-`SentenceTransformer(DIR)` path runs for them too.
+`SentenceTransformer(DIR)` path runs for them too; without it, VLM2VEC_TORCHVISION_PYTHON may name
+another interpreter that has torchvision and sentence-transformers (.ci/run makes one: torch 2.14.1 +
+torchvision 0.29.1): the export made here is loaded and encoded there, as a user's environment would.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ try:
     HAS_TORCHVISION = True
 except Exception:  # noqa: BLE001 - a CUDA wheel on a CPU torch raises RuntimeError on import
     HAS_TORCHVISION = False
+# an interpreter with torchvision + sentence-transformers for the Qwen families (see the docstring)
+TORCHVISION_PYTHON = os.environ.get("VLM2VEC_TORCHVISION_PYTHON") or None
 
 
 def _images() -> list[Image.Image]:
@@ -126,7 +130,7 @@ def test_hf_family_exports_and_embeds_like_vlm2vec(tmp_path, family):
         ids = _expand(merged, rendered, image)
         assert ids == merged.prepare([text], [image])["input_ids"][0].tolist(), (family, rendered)
 
-    if family in QWEN and not HAS_TORCHVISION:
+    if family in QWEN and not HAS_TORCHVISION and TORCHVISION_PYTHON is None:
         # one step down: AutoModel on the exported weights + the built-in Pooling / Normalize modules
         from sentence_transformers.models import Normalize, Pooling
 
@@ -149,17 +153,65 @@ def test_hf_family_exports_and_embeds_like_vlm2vec(tmp_path, family):
             _assert_same(got, _transformers_positions(merged, texts, images))
         return
 
-    from sentence_transformers import SentenceTransformer
+    other = TORCHVISION_PYTHON if family in QWEN and not HAS_TORCHVISION else None
+    encoded = _st_encode(tmp_path, out, st_inputs, (None, "Find: "), other)
+    for prompt, got in encoded.items():
+        rows = [(prompt or "") + t for t in texts]
+        want = adapter.encode(rows, images, show_progress=False)
+        if family in QWEN and merged.settings.prompt_layout == "reference":
+            # text rows exact; image rows as transformers positions them (M-RoPE), not as trained
+            _assert_same(got[:1], want[:1])
+            _assert_same(got, _transformers_positions(merged, rows, images))
+        else:
+            _assert_same(got, want)
 
-    st = SentenceTransformer(out, device="cpu", local_files_only=True)
-    got = st.encode(st_inputs, convert_to_tensor=True)
-    if family in QWEN and merged.settings.prompt_layout == "reference":
-        _assert_same(got[:1], want[:1])
-        _assert_same(got, _transformers_positions(merged, texts, images))
-    else:
-        _assert_same(got, want)
-    prompted = st.encode(st_inputs, prompt="Find: ", convert_to_tensor=True)
-    _assert_same(prompted, adapter.encode(["Find: " + t for t in texts], images, show_progress=False))
+
+# sentence-transformers in another interpreter: rows as JSON (images as PNG paths), vectors back as .pt
+_ST_SCRIPT = """
+import json, sys, torch
+from PIL import Image
+from sentence_transformers import SentenceTransformer
+out, rows_json, dest = sys.argv[1:4]
+def load(x):
+    if isinstance(x, dict) and "png" in x:
+        return Image.open(x["png"]).convert("RGB")
+    if isinstance(x, dict):
+        return {k: load(v) for k, v in x.items()}
+    return x
+spec = json.load(open(rows_json))
+rows = [load(r) for r in spec["rows"]]
+st = SentenceTransformer(out, device="cpu", local_files_only=True)
+got = {str(p): st.encode(rows, prompt=p, convert_to_tensor=True).float().cpu() for p in spec["prompts"]}
+torch.save(got, dest)
+"""
+
+
+def _st_encode(tmp_path, out: str, rows: list, prompts: tuple, python: str | None) -> dict:
+    """{prompt: SentenceTransformer(out).encode(rows, prompt=prompt)}, here or in `python`."""
+    if python is None:
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(out, device="cpu", local_files_only=True)
+        return {p: st.encode(rows, prompt=p, convert_to_tensor=True) for p in prompts}
+    pngs: dict[int, str] = {}
+
+    def dump(x):
+        if isinstance(x, Image.Image):
+            if id(x) not in pngs:
+                pngs[id(x)] = str(tmp_path / f"row{len(pngs)}.png")
+                x.save(pngs[id(x)])
+            return {"png": pngs[id(x)]}
+        return {k: dump(v) for k, v in x.items()} if isinstance(x, dict) else x
+
+    spec, dest = tmp_path / "rows.json", tmp_path / "st.pt"
+    spec.write_text(json.dumps({"rows": [dump(r) for r in rows], "prompts": list(prompts)}))
+    proc = subprocess.run(
+        [python, "-c", _ST_SCRIPT, out, str(spec), str(dest)],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(dest)
+    return {p: got[str(p)] for p in prompts}
 
 
 def _transformers_positions(model: VLM2Vec, texts: list[str], images: list) -> torch.Tensor:
