@@ -33,8 +33,10 @@ def gen():
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    """Chunks of 5 query rows (23 = 4 * 5 + 3): running sums, buffers and gradients cross chunks."""
+    """Chunks of 5 query rows (23 = 4 * 5 + 3): running sums, buffers and gradients cross chunks; the
+    plain one-direction Matryoshka pass works on blocks of 2 rows within them (5 = 2 + 2 + 1)."""
     monkeypatch.setattr(torch_engine, "MAX_CHUNK_ELEMENTS", 5 * N_C)
+    monkeypatch.setattr(extended, "BLOCK_ELEMENTS", 2 * N_C)
 
 
 def make_batch(gen, dtype=torch.float32, n_ids=None):
@@ -113,7 +115,13 @@ OPTIONS = {
 
 
 # (normalize, symmetric, reduction) per option set: every reduction, both directions, raw dot products
-VARIANTS = [(True, False, "mean"), (True, True, "none"), (False, True, "sum"), (True, False, "none")]
+VARIANTS = [
+    (True, False, "mean"),
+    (True, True, "none"),
+    (False, True, "sum"),
+    (True, False, "none"),
+    (False, False, "sum"),
+]
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,12 @@ dL/dtau = -1/tau sum <E, l>: row and column sums of the chunk, no GEMM. Memory: 
 prefix (never B x B). Gradients are computed in the forward for scalar losses (the backward scales
 them); with reduction="none" the backward runs the same pass with the upstream weights. On the Triton
 backend Matryoshka alone (no ids, margin or symmetric) goes to `triton_prefix.py` instead.
+
+The training case (one direction, a scalar reduction, no ids or margin: `_plain_uniform_pass`) orders
+the same work for the CPU's memory: the K segment GEMMs of a chunk write P^k into K buffers allocated
+once (fresh large tensors cost a page fault per 4 KiB), then each block of a few rows takes every
+prefix at once in cache (prefix sums S^k, softmax, the E l sums, H^k written over P^k), and two GEMMs
+per segment read the H^k. The dozen elementwise passes per prefix then touch memory about twice.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from . import torch_engine
 from .distributed import all_gather_rows, reduce_scatter_rows
 from .engine import NORM_EPS, LossCall, Targets, accumulation_dtype
-from .row_losses import row_loss_grad
+from .row_losses import plain_loss_grad, row_loss_grad
 from .rows import clamp_targets, guard_infinite_candidates_, inverse_norm, inverse_temperature, nan_where
 
 
@@ -54,9 +60,9 @@ def _prefix_inverse_norms(x: Tensor, bounds: list[int], acc: torch.dtype) -> Ten
     each d_k (a handful of ops for all prefixes)."""
     if len(bounds) == 2:
         return inverse_norm(x[:, : bounds[1]]).unsqueeze(0)
-    ends = torch.tensor(bounds[1:], device=x.device) - 1
-    sums = x[:, : bounds[-1]].to(acc).square().cumsum(1).index_select(1, ends)
-    return sums.T.sqrt().clamp_min_(NORM_EPS).reciprocal_()
+    squares = x[:, : bounds[-1]].to(acc).square()
+    sums = torch.stack([squares[:, lo:hi].sum(1) for lo, hi in zip(bounds, bounds[1:])]).cumsum_(0)
+    return sums.sqrt_().clamp_min_(NORM_EPS).reciprocal_()
 
 
 def _add_or_set(out: Tensor, value: Tensor, weight: float, first: bool) -> None:
@@ -70,6 +76,52 @@ def _add_or_set(out: Tensor, value: Tensor, weight: float, first: bool) -> None:
 def _projection_coef(es: Tensor, r: Tensor) -> Tensor:
     """<E, l> r^2, 0 where the norm was clamped at eps (the normalisation is constant there)."""
     return r.square().masked_fill_(r > 0.5 / NORM_EPS, 0.0).mul_(es)
+
+
+# Rows per block of the elementwise work of the fused Matryoshka chunk (`_prefix_block_`): the block's
+# logits of every prefix (K * rows * N fp32) stay in the CPU's cache through its dozen passes
+BLOCK_ELEMENTS = 2**18
+
+
+def _prefix_block_(
+    logits: Tensor,
+    target: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    dim_weights: tuple[float, ...],
+    losses: Tensor,
+    es_rows: Tensor,
+    es_cols: Tensor,
+    scratch: Tensor,
+    first: bool,
+) -> None:
+    """Every prefix of one row block, plain InfoNCE, one weight for every row. logits [K, R, N] holds
+    the segment products P^k = x_seg_k y_seg_k^T and leaves holding H^k = sum_{m >= k} E^m a^m b^m
+    (unweighted by the row weight): S^k = S^{k-1} + P^k, l^k = a^k_i b^k_j S^k, E^k = w_k (softmax(l^k) - Y).
+    Writes losses [R] = sum_k w_k L^k and es_rows [K, R] = <E^k, l^k>_row; adds (or, first, writes) the
+    column sums into es_cols [K, N]. scratch [2, R, N]: E^k and a b^T of the block (allocated once: a
+    fresh tensor of this size is a page fault per 4 KiB)."""
+    n_dims = logits.shape[0]
+    for k in range(1, n_dims):
+        logits[k].add_(logits[k - 1])
+    for k in reversed(range(n_dims)):
+        l = logits[k]
+        scale = a[k, :, None] if b is None else torch.mul(a[k, :, None], b[k], out=scratch[1])  # a_i b_j
+        l.mul_(scale)
+        loss_k, e = plain_loss_grad(l, target, True, scratch[0])
+        _add_or_set(losses, loss_k, dim_weights[k], k == n_dims - 1)
+        if dim_weights[k] != 1.0:
+            e.mul_(dim_weights[k])
+        l.mul_(e)  # E l: its row and column sums carry dL/dtau and the prefix normalisations
+        torch.sum(l, 1, out=es_rows[k])
+        if first:
+            torch.sum(l, 0, out=es_cols[k])
+        else:
+            es_cols[k].add_(l.sum(0))
+        if k == n_dims - 1:
+            torch.mul(e, scale, out=l)
+        else:
+            torch.addcmul(logits[k + 1], e, scale, out=l)  # H^k = E^k a b + H^{k+1}
 
 
 def _direction_pass(
@@ -117,6 +169,8 @@ def _direction_pass(
     # R x N temporaries (two softmax buffers: E^k and H^{k+1} live at once; E l) are reused by every
     # chunk and prefix rather than allocated each time
     uniform = want and reverse is None and row_weight.stride(0) == 0
+    if uniform and d.row_ids is None and margin is None and d.bad is None:
+        return _plain_uniform_pass(x, y, d.target, call, inv_tau, row_weight[0], rx, ry, a, step)
     scratch = torch.empty(3, step * n_cols, dtype=acc, device=x.device) if uniform else None
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
@@ -193,6 +247,73 @@ def _direction_pass(
             dx[:, seg].addcmul_(x[:, seg], coef_x[k, :, None], value=-1)
             dy[:, seg].addcmul_(y[:, seg], coef_y[k, :, None], value=-1)
     return losses, reverse_losses, dx, dy, dtau
+
+
+def _plain_uniform_pass(
+    x: Tensor,
+    y: Tensor,
+    target: Tensor,
+    call: LossCall,
+    inv_tau: float | Tensor,
+    weight: Tensor,
+    rx: Tensor | None,
+    ry: Tensor | None,
+    a: Tensor,
+    step: int,
+) -> tuple[Tensor, None, Tensor, Tensor, Tensor]:
+    """_direction_pass for plain InfoNCE with one weight for every row (the scalar reductions without
+    ids, margin or symmetric): per chunk the K segment GEMMs write P^k into K buffers, the elementwise
+    work runs block by block in cache (`_prefix_block_`: prefix sums, softmax, E l sums, H^k), then two
+    GEMMs per segment read H^k. Memory: K chunks of logits and one block."""
+    (n_rows, dim), n_cols = x.shape, y.shape[0]
+    bounds = [0, *call.dims]
+    n_dims = len(call.dims)
+    acc = x.dtype
+    losses = torch.empty(n_rows, dtype=acc, device=x.device)
+    dx = torch.empty(n_rows, dim, dtype=acc, device=x.device)
+    dy = torch.empty(n_cols, dim, dtype=acc, device=x.device)
+    es_rows = torch.empty(n_dims, n_rows, dtype=acc, device=x.device)
+    es_cols = torch.empty(n_dims, n_cols, dtype=acc, device=x.device)
+    bufs = torch.empty(n_dims, step, n_cols, dtype=acc, device=x.device)
+    # blocks are for a CPU's cache; a GPU takes the chunk whole (each block would be a dozen launches)
+    block = max(1, min(step, BLOCK_ELEMENTS // max(n_cols, 1))) if x.device.type == "cpu" else step
+    scratch = torch.empty(2, block, n_cols, dtype=acc, device=x.device)
+    for start in range(0, n_rows, step):
+        rows = slice(start, min(start + step, n_rows))
+        count = rows.stop - start
+        x_rows, logits = x[rows], bufs[:, :count]
+        for k in range(n_dims):  # P^k; the running sums S^k are taken block by block
+            seg = slice(bounds[k], bounds[k + 1])
+            torch.mm(x_rows[:, seg], y[:, seg].T, out=logits[k])
+        for b_start in range(0, count, block):
+            r = slice(b_start, min(b_start + block, count))
+            g = slice(start + r.start, start + r.stop)
+            _prefix_block_(
+                logits[:, r], target[g], a[:, g], ry, call.dim_weights, losses[g], es_rows[:, g],
+                es_cols, scratch[:, : r.stop - r.start], start == 0 and b_start == 0,
+            )  # fmt: skip
+        for k in range(n_dims):  # dx_seg = w H^k y_seg, dy_seg += w (H^k)^T x_seg (w: after the loop)
+            seg = slice(bounds[k], bounds[k + 1])
+            torch.mm(logits[k], y[:, seg], out=dx[rows, seg])
+            torch.addmm(dy[:, seg], logits[k].T, x_rows[:, seg], beta=0 if start == 0 else 1, out=dy[:, seg])
+    dx.mul_(weight)
+    dy.mul_(weight)
+    es_rows.mul_(weight)
+    es_cols.mul_(weight)
+    dtau = es_rows.sum() * (-inv_tau)
+    if bounds[-1] < dim:  # columns beyond the largest prefix take no part
+        dx[:, bounds[-1] :] = 0
+        dy[:, bounds[-1] :] = 0
+    if rx is not None:  # the prefix normalisations: segment k takes the terms of every prefix m >= k
+        coef_x = _projection_coef(es_rows, rx)
+        coef_y = _projection_coef(es_cols, ry)
+        coef_x = coef_x.flip(0).cumsum(0).flip(0)
+        coef_y = coef_y.flip(0).cumsum(0).flip(0)
+        for k in range(n_dims):
+            seg = slice(bounds[k], bounds[k + 1])
+            dx[:, seg].addcmul_(x[:, seg], coef_x[k, :, None], value=-1)
+            dy[:, seg].addcmul_(y[:, seg], coef_y[k, :, None], value=-1)
+    return losses, None, dx, dy, dtau
 
 
 # symmetric on one process: every row in one chunk (its logits held per prefix) while the logits of

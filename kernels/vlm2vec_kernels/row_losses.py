@@ -47,7 +47,7 @@ def row_loss_grad(
     None for {t_i}); margin in logit units (margin / tau) or None. `out`: a buffer for E (plain
     InfoNCE only; the masked modes allocate theirs)."""
     if same is None and margin is None:  # plain InfoNCE (every mode is): one fused softmax, no masks
-        return _plain(l, target, want_grad, out)
+        return plain_loss_grad(l, target, want_grad, out)
     onehot = torch.zeros_like(l, dtype=torch.bool).scatter_(1, target[:, None], True)
     positives = onehot if same is None else same | onehot
     l_t = l.gather(1, target[:, None])
@@ -79,7 +79,9 @@ def row_loss_grad(
     return loss, grad.sub_(_softmax(l, pos, lse_pos).mul_(neg_share))
 
 
-def _plain(l: Tensor, target: Tensor, want_grad: bool, out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def plain_loss_grad(
+    l: Tensor, target: Tensor, want_grad: bool, out: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """L_i = logsumexp_j l_ij - l_it and E = softmax(l) - Y. The lse comes from two row maxima, as in
     torch_engine.xent: the softmax's largest entry is 1 / sum_j exp(l_ij - max_j l_ij)."""
     l_t = l.gather(1, target[:, None])[:, 0]
