@@ -185,13 +185,17 @@ def _fused_configurations() -> list[dict]:
         add(k.inverse_norms_kernel, "norms", label, dtype,
             {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}"},
             {"BLOCK_R": norms.block_r, "BLOCK_D": norms.block(1536)}, norms.num_warps)  # fmt: skip
-        for normalize, want in ((True, True), (False, True), (True, False)):
+        # ids: candidate_ids in "mask" mode (the target's copies masked in the row kernel)
+        for normalize, want, ids in ((True, True, False), (False, True, False), (True, False, False),
+                                     (True, True, True)):  # fmt: skip
             e_type = "*fp32" if dtype == "fp32" else "*bf16"
             label = f"R{xent.block_r} N{xent.max_block} w{xent.num_warps} norm={normalize:d} grad={want:d}"
+            label += " ids=1" if ids else ""
             add(k.xent_rows_kernel, "xent_rows", label, dtype,
-                {"e_ptr": e_type, "t_ptr": "*i64"},
-                {"NORMALIZE": normalize, "TAU_TENSOR": not want, "HAS_TARGETS": normalize, "WANT_GRAD": want,
-                 "BLOCK_R": xent.block_r, "BLOCK_N": xent.max_block}, xent.num_warps)  # fmt: skip
+                {"e_ptr": e_type, "t_ptr": "*i64", "ids_ptr": "*i64"},
+                {"NORMALIZE": normalize, "TAU_TENSOR": not want, "HAS_TARGETS": normalize, "HAS_IDS": ids,
+                 "WANT_GRAD": want, "BLOCK_R": xent.block_r, "BLOCK_N": xent.max_block},
+                xent.num_warps)  # fmt: skip
         add(k.finish_kernel, "finish", f"R{finish.block_r} D{finish.block(1536)} w{finish.num_warps}", dtype,
             {"q_ptr": f"*{dtype}", "c_ptr": f"*{dtype}"},
             {"HAS_Q": True, "HAS_C": True, "NORMALIZE": True, "WANT_DOTS": True, "TAU_TENSOR": True,

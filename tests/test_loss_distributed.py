@@ -120,6 +120,10 @@ def make_cases(seed: int) -> list[dict]:
         cases.append(dict(cases[1], name="triton-K2-mean", backend="triton"))
         cases.append(dict(cases[8], name="triton-uneven-mixedK-targets-sum-onedir", symmetric=False,
                           backend="triton"))  # fmt: skip
+        # ids in "mask" mode: the fused row kernel with the ids gathered beside the candidates
+        masked = dict(cases[1], name="triton-K2-mean-ids-mask", backend="triton", v3=dict(positives="mask"))
+        masked["ids"] = torch.randint(0, sum(masked["c_rows"]) // 3, (sum(masked["c_rows"]),), generator=gen)
+        cases.append(masked)
     return cases
 
 

@@ -108,3 +108,64 @@ def test_launches_per_call(counter, device_checks):  # noqa: F811
     assert counter.launches() <= 14, dict(counter.ops)
     assert counter.syncs() == 0, dict(counter.ops)
     assert torch.isfinite(q.grad).all() and torch.isfinite(c.grad).all() and torch.isfinite(tau.grad)
+
+
+# candidate_ids in "mask" mode on the Triton backend: the fused row kernel masks the target's copies
+# (not extended.py's torch ops); chunks of 7 rows so that masks, running sums and gradients cross them
+MASK_CASES = {
+    "default-layout-mean": (True, "mean", False),
+    "targets-sum": (True, "sum", True),
+    "raw-targets-mean": (False, "mean", True),
+}
+
+
+@pytest.mark.parametrize("case", MASK_CASES.keys())
+def test_masked_copies_run_the_fused_row_kernel(gen, counter, monkeypatch, case):
+    from vlm2vec_kernels import triton_engine
+
+    monkeypatch.setattr(triton_engine, "CHUNK_ELEMENTS", 7 * 63)
+    monkeypatch.setattr(triton_engine, "MIN_CHUNK_ROWS", 1)
+    normalize, reduction, explicit = MASK_CASES[case]
+    q, c, targets = _batch(gen, 21, 2, 40, explicit)
+    if not normalize:
+        q, c = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(c, dim=1)
+    # about a third of the candidates share an id with another (across chunks): copies of a target
+    # leave its row's softmax; a row whose every candidate is its target's copy keeps only the target
+    ids = torch.randint(0, 40, (c.shape[0],), generator=gen.generator)
+    ids[targets[:3]] = 99
+    upstream = torch.randn(q.shape[0], generator=gen.generator)
+    options = dict(
+        candidate_ids=ids,
+        normalize=normalize,
+        symmetric=False,
+        reduction=reduction,
+        targets=targets if explicit else None,
+    )
+    with counter:
+        got, want, dtau_scale = run(
+            q, c, 0.05, upstream, backend="triton", reference_targets=None if explicit else targets, **options
+        )
+    assert counter.ops["triton.xent_rows_kernel"] >= 3, dict(counter.ops)  # 3 chunks of 7 rows
+    assert_close(got, want, dtau_scale, gen.seed)
+
+
+def test_masked_copies_launch_like_the_plain_loss(counter, device_checks):  # noqa: F811
+    """B = 1024 with ids: the same launches as without them (the fused path), no host sync."""
+    from test_loss_overhead import TRITON_DEVICE
+    from vlm2vec_kernels import contrastive_loss
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1024, 64, generator=gen).to(TRITON_DEVICE).requires_grad_()
+    c = torch.randn(1024, 64, generator=gen).to(TRITON_DEVICE).requires_grad_()
+    tau = torch.tensor(0.05, device=TRITON_DEVICE, requires_grad=True)
+    ids = torch.randint(0, 700, (1024,), generator=gen).to(TRITON_DEVICE)
+    launches = []
+    for options in (dict(), dict(candidate_ids=ids)):
+        counter.ops.clear()
+        q.grad = c.grad = tau.grad = None  # (else the second backward adds into them: 3 more ops)
+        with counter:
+            contrastive_loss(q, c, tau, backend="triton", **options).backward()
+        launches.append(counter.launches())
+        assert counter.syncs() == 0, dict(counter.ops)
+    print(f"plain / ids-mask (triton): {launches} launches")
+    assert launches[1] == launches[0], launches

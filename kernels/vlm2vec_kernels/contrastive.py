@@ -393,7 +393,22 @@ def contrastive_loss(
     margin = false_negative_margin
     v3 = _checked_v3(query, candidates, matryoshka_dims, matryoshka_weights, candidate_ids, positives, margin)
     call = dataclasses.replace(call, **v3)
-    if v3["extended"] or (symmetric and reduction != "none" and fits_one_pass(call, query, candidates)):
+    # ids alone in "mask" mode are plain InfoNCE with the target's copies dropped: on the Triton backend
+    # the fused row kernel masks them (one comparison per logit) for the scalar one-direction loss, so
+    # a multi-GPU step keeps its handful of launches; everything else (and the torch backend, whose
+    # extended path keeps a confident row's 1e-7 loss exact) is extended.py
+    masked_only = (
+        call.engine.__name__.endswith(".triton_engine")
+        and candidate_ids is not None
+        and v3["positives"] == "mask"
+        and matryoshka_dims is None
+        and margin is None
+        and not symmetric
+        and reduction != "none"
+    )
+    if (v3["extended"] and not masked_only) or (
+        symmetric and reduction != "none" and fits_one_pass(call, query, candidates)
+    ):
         return extended_loss(query, candidates, tau, call)
     if symmetric or reduction == "none":
         return recompute_loss(query, candidates, tau, call)

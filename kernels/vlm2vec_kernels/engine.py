@@ -10,7 +10,7 @@ normalisation), P = softmax_j(s), Y_ij = 1 where j is row i's target.
 
 Gradients in the forward (`fused.py`: scalar mean/sum losses, one direction):
     inverse_norms(q, c) -> (rq [M], rc [N])
-    xent(q, c, rq, rc, tau, targets, weight, want_dq, want_dc) -> (loss, dq, dc)
+    xent(q, c, rq, rc, tau, targets, weight, want_dq, want_dc, ids=None) -> (loss, dq, dc)
         loss = weight * sum_i (lse_i - s_i,t(i)), and the gradients of that loss with the scales held
         fixed: dq = weight * diag(a) (P - Y) diag(rc) c, dc = weight * diag(rc) (P - Y)^T diag(a) q, fp32
     finish(dq, q, rq, dc, c, rc, tau, want_dtau) -> (dq, dc, dtau)
@@ -129,6 +129,7 @@ class Engine(Protocol):
         weight: float,
         want_dq: bool,
         want_dc: bool,
+        ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
 
     def finish(

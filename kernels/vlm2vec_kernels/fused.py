@@ -5,6 +5,7 @@ wanted at once, so the forward computes the loss and both input gradients in one
 logits, the way Liger-Kernel's fused linear cross-entropy does:
 
     per chunk of query rows R:  S_R = (a q_R) c^T              one GEMM, fp32 accumulate
+                                (candidate_ids: s_ij = -Inf where id_j = id_t(i), j != t(i))
                                 P_R - Y_R, row lse and loss     in place (engine: fused torch ops or
                                                                 one Triton kernel)
                                 dq_R = (P_R - Y_R) c,  dc += (P_R - Y_R)^T q_R     two GEMMs
@@ -46,6 +47,7 @@ class FusedCall:
     rank: int
     counts: list[int] | None
     needs: tuple[bool, bool, bool]  # gradients wanted for (query, candidates, temperature)
+    ids: Tensor | None = None  # int64 [Bc] local candidate ids: the target's copies leave the softmax
 
 
 def _run(q: Tensor, c: Tensor, tau: Tensor | None, call: FusedCall):
@@ -53,9 +55,12 @@ def _run(q: Tensor, c: Tensor, tau: Tensor | None, call: FusedCall):
     engine, (need_q, need_c, need_tau) = call.engine, call.needs
     temperature = call.temperature if tau is None else tau
     c_all = c if call.group is None else all_gather_rows(c, call.counts, call.group)
+    ids = call.ids
+    if ids is not None and call.group is not None:
+        ids = all_gather_rows(ids, call.counts, call.group)
     rq, rc = engine.inverse_norms(q, c_all) if call.normalize else (None, None)
     loss, dq, dc = engine.xent(
-        q, c_all, rq, rc, temperature, call.targets, call.weight, need_q or need_tau, need_c
+        q, c_all, rq, rc, temperature, call.targets, call.weight, need_q or need_tau, need_c, ids
     )
     if call.group is not None:
         if dc is not None:
@@ -105,5 +110,6 @@ def fused_loss(query: Tensor, candidates: Tensor, tau: float | Tensor, call: Los
         rank=layout.rank,
         counts=layout.counts_c,
         needs=needs,
+        ids=call.candidate_ids,
     )
     return FusedInfoNCE.apply(query, candidates, tau_input, fused)

@@ -13,6 +13,8 @@ Accumulation happens in fp32 (fp64 for fp64 inputs); q and c may be any float dt
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -236,8 +238,11 @@ def xent(
     weight: float,
     want_dq: bool,
     want_dc: bool,
+    ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """weight * sum_i (lse_i - s_i,t(i)) and its gradients at fixed scales (engine.py), chunk by chunk.
+    With `ids` (int64 [N]) the columns j != t(i) with ids[j] == ids[t(i)] leave row i's softmax (the
+    positives="mask" loss: s_ij = -Inf, so P_ij = 0 and no gradient).
 
     Per chunk of R rows: the rows scaled by a = rq / tau [R, D], S = (a q) c^T [R, N] (one GEMM), the
     column scale, then softmax in place; lse_i = max_j s_ij - log max_j P_ij (the largest probability
@@ -277,6 +282,8 @@ def xent(
         if rc is not None:
             s.mul_(rc)
         target = cols[rows, None]
+        if ids is not None:  # the target's copies leave the softmax (a NaN there: the guard below)
+            s.masked_fill_((ids[None, :] == ids[target]).scatter_(1, target, False), -math.inf)
         row_max, at_max = s.max(1, keepdim=True)
         chunk_loss = row_max.sub_(s.gather(1, target))  # max_j s_ij - s_i,t(i)
         torch.softmax(s, 1, out=s)
@@ -294,7 +301,7 @@ def xent(
             if rc is not None:
                 s.mul_(rc)
             torch.mm(s, c, out=gq[rows]).mul_(a_rows * weight)
-    if rc is None:
+    if rc is None or ids is not None:  # an Inf candidate a -Inf logit would hide: the loss is NaN
         guard_infinite_candidates_(loss, c)
     if gc is not None:
         gc.mul_(rc[:, None] * weight if rc is not None else weight)

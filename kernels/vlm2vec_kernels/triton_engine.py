@@ -94,9 +94,11 @@ def xent(
     weight: float,
     want_dq: bool,
     want_dc: bool,
+    ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Loss and gradients at fixed scales (engine.py): per chunk S = q_R c^T (fp32), the row kernel
-    (loss rows, E in place of S for fp32), dq_R = E c, dc (+)= E^T q_R."""
+    (loss rows, E in place of S for fp32; with `ids` the target's copies masked), dq_R = E c,
+    dc (+)= E^T q_R."""
     q, c = unit_stride(q), unit_stride(c)
     (M, D), N = q.shape, c.shape[0]
     if on_gpu(q):  # logits from the inputs as they are; gradient GEMMs in fp32 or bf16
@@ -126,10 +128,11 @@ def xent(
         mm_into(s, q_s[r0:r1], c_s.T, accumulate=False)
         xent_rows_kernel[(triton.cdiv(r1 - r0, cfg.block_r),)](
             s, e, losses if rq is None else rq, losses if rc is None else rc, tau_ptr, inv_tau,
-            losses if targets.index is None else targets.index, losses,
+            losses if targets.index is None else targets.index, losses if ids is None else ids, losses,
             r0, r1 - r0, N, s.stride(0), e.stride(0), targets.offset, targets.stride, weight,
             NORMALIZE=rq is not None, TAU_TENSOR=tau_tensor, HAS_TARGETS=targets.index is not None,
-            WANT_GRAD=want, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block(N), num_warps=cfg.num_warps,
+            HAS_IDS=ids is not None, WANT_GRAD=want, BLOCK_R=cfg.block_r, BLOCK_N=cfg.block(N),
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         if want_dq:
             mm_into(dq[r0:r1], e, c_op, accumulate=False)

@@ -247,11 +247,20 @@ def _inverse_temperature(tau_ptr, inv_tau, TAU_TENSOR: tl.constexpr):
 
 
 @triton.jit
+def _mask_copies(s, ids_ptr, cols, col_ok, t_id, is_t):
+    """s with -Inf where column j is a copy of row i's target (same id, j != t(i)); s * 0 - Inf keeps
+    a NaN (a non-finite candidate) NaN."""
+    col_id = tl.load(ids_ptr + cols, mask=col_ok, other=0)
+    copy = (col_id[None, :] == t_id[:, None]) & ~is_t
+    return tl.where(copy, s * 0.0 - float("inf"), s)
+
+
+@triton.jit
 def xent_rows_kernel(
-    s_ptr, e_ptr, rq_ptr, rc_ptr, tau_ptr, inv_tau, t_ptr, loss_ptr,
+    s_ptr, e_ptr, rq_ptr, rc_ptr, tau_ptr, inv_tau, t_ptr, ids_ptr, loss_ptr,
     row0, R, N, stride_s, stride_e, t_offset, t_stride, weight,
     NORMALIZE: tl.constexpr, TAU_TENSOR: tl.constexpr, HAS_TARGETS: tl.constexpr,
-    WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_IDS: tl.constexpr, WANT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """One block of rows of a logit chunk S = q_R c^T (raw dot products, fp32, R x N):
 
@@ -262,7 +271,9 @@ def xent_rows_kernel(
     so that E c and E^T q are the gradients at fixed scales; P_it - 1 is formed as -sum_{j != t} P_ij
     (a second running sum), which keeps its relative precision when P_it ~ 1. Two passes over the row:
     online max / sum-exp (base 2), then P. A target outside [0, N) or a -Inf logit (only from
-    non-finite input, which a plain log-sum-exp would drop) makes the row NaN.
+    non-finite input, which a plain log-sum-exp would drop) makes the row NaN. HAS_IDS
+    (positives="mask"): columns j != t(i) with ids[j] == ids[t(i)] get s_ij = -Inf (P_ij = 0; a NaN
+    stays NaN).
     """
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -277,6 +288,8 @@ def xent_rows_kernel(
     else:
         t = t_offset + rows.to(tl.int64) * t_stride
     a = tl.where((t >= 0) & (t < N), a, float("nan"))
+    if HAS_IDS:  # the target's id (an out-of-range target reads column 0: its row is NaN anyway)
+        t_id = tl.load(ids_ptr + tl.where((t >= 0) & (t < N), t, 0))
     a2 = a * LOG2E  # base-2 logits: the epilogue is one multiply and exp2
     s_rows = s_ptr + local.to(tl.int64)[:, None] * stride_s
     m = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -290,6 +303,8 @@ def xent_rows_kernel(
             s = s * tl.load(rc_ptr + cols, mask=col_ok, other=0.0)[None, :]
         s = tl.where(s == float("-inf"), float("nan"), s)
         is_t = cols[None, :] == t[:, None]
+        if HAS_IDS:
+            s = _mask_copies(s, ids_ptr, cols, col_ok, t_id, is_t)
         pos += tl.sum(tl.where(is_t, s, 0.0), axis=1)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -317,7 +332,10 @@ def xent_rows_kernel(
                 s = s * rc
                 e = e * rc
             s = tl.where(s == float("-inf"), float("nan"), s)
-            p = tl.where(cols[None, :] == t[:, None], e_t[:, None], tl.exp2(s - lse2[:, None]))
+            is_t = cols[None, :] == t[:, None]
+            if HAS_IDS:
+                s = _mask_copies(s, ids_ptr, cols, col_ok, t_id, is_t)
+            p = tl.where(is_t, e_t[:, None], tl.exp2(s - lse2[:, None]))
             mask = row_ok[:, None] & col_ok[None, :]
             tl.store(e_rows + cols[None, :], (p * e).to(e_ptr.dtype.element_ty), mask=mask)
 
