@@ -115,15 +115,16 @@ def make_cases(seed: int) -> list[dict]:
             case["ids"] = torch.randint(0, sum(case["c_rows"]) // 3, (sum(case["c_rows"]),), generator=gen)
         case["v3"] = options
         cases.append(case)
+    # ids alone in "mask" mode: the fused path, the ids gathered beside the candidates
+    masked = dict(cases[1], name="K2-mean-ids-mask", v3=dict(positives="mask"))
+    masked["ids"] = torch.randint(0, sum(masked["c_rows"]) // 3, (sum(masked["c_rows"]),), generator=gen)
+    cases.append(masked)
     if _triton_importable():  # the Triton engine under the interpreter, small: both paths
         cases.append(dict(cases[2], name="triton-K2-symmetric-mean", backend="triton"))
         cases.append(dict(cases[1], name="triton-K2-mean", backend="triton"))
         cases.append(dict(cases[8], name="triton-uneven-mixedK-targets-sum-onedir", symmetric=False,
                           backend="triton"))  # fmt: skip
-        # ids in "mask" mode: the fused row kernel with the ids gathered beside the candidates
-        masked = dict(cases[1], name="triton-K2-mean-ids-mask", backend="triton", v3=dict(positives="mask"))
-        masked["ids"] = torch.randint(0, sum(masked["c_rows"]) // 3, (sum(masked["c_rows"]),), generator=gen)
-        cases.append(masked)
+        cases.append(dict(masked, name="triton-K2-mean-ids-mask", backend="triton"))
     return cases
 
 

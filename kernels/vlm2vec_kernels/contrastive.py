@@ -342,8 +342,8 @@ def contrastive_loss(
             under TRITON_INTERPRET=1), "torch". The float64 reference for tests is
             `vlm2vec_kernels.reference_contrastive_loss`.
 
-    v3 options (they run the loss through `extended.py`, except ids alone in "mask" mode on the
-    Triton backend: see "Engines and paths"; docs/loss_v3.md has the math):
+    v3 options (they run the loss through `extended.py`, except ids alone in "mask" mode: see
+    "Engines and paths"; docs/loss_v3.md has the math):
         matryoshka_dims: increasing prefix lengths d_k in [1, D]. The loss becomes
             sum_k w_k * L(q[:, :d_k], c[:, :d_k]), each prefix re-normalised when `normalize`, each L
             the loss the other options define, reduced as `reduction` says. D counts only if listed.
@@ -376,9 +376,9 @@ def contrastive_loss(
     6 B^2 D FLOPs, the logits held once, torch ops on either backend). Other symmetric losses and
     reduction="none" take the recompute path (`recompute.py`: the backward recomputes the logits,
     8 B^2 D per direction); any v3 option runs `extended.py` for every reduction (on the Triton
-    backend, Matryoshka alone runs its own kernels: `triton_prefix.py`, 11 launches, and
-    candidate_ids alone in "mask" mode for a scalar one-directional loss run the fused path, the
-    target's copies masked in its row kernel: the plain loss's launches). Extra memory
+    backend, Matryoshka alone runs its own kernels: `triton_prefix.py`, 11 launches); candidate_ids
+    alone in "mask" mode for a scalar one-directional loss run the fused path, the target's copies
+    masked in its row pass (Triton: the plain loss's launches). Extra memory
     beyond the returned gradients: one chunk of logits (torch engine: <= 2**22 fp32 on the CPU, most
     of it inside the not yet written query-gradient rows; Triton: chunk rows x Bc fp32) + fp32
     gradient buffers for 16-bit inputs + O(B) vectors; `group` adds the gathered candidates.
@@ -396,13 +396,11 @@ def contrastive_loss(
     margin = false_negative_margin
     v3 = _checked_v3(query, candidates, matryoshka_dims, matryoshka_weights, candidate_ids, positives, margin)
     call = dataclasses.replace(call, **v3)
-    # ids alone in "mask" mode are plain InfoNCE with the target's copies dropped: on the Triton backend
-    # the fused row kernel masks them (one comparison per logit) for the scalar one-direction loss, so
-    # a multi-GPU step keeps its handful of launches; everything else (and the torch backend, whose
-    # extended path keeps a confident row's 1e-7 loss exact) is extended.py
+    # ids alone in "mask" mode are plain InfoNCE with the target's copies dropped: the fused path masks
+    # them (one comparison per logit) for the scalar one-direction loss, so a multi-GPU step keeps its
+    # handful of launches; everything else is extended.py
     masked_only = (
-        call.engine.__name__.endswith(".triton_engine")
-        and candidate_ids is not None
+        candidate_ids is not None
         and v3["positives"] == "mask"
         and matryoshka_dims is None
         and margin is None
