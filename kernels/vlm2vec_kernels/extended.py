@@ -150,6 +150,11 @@ def _direction_pass(
         a = torch.ones(n_dims, n_rows, dtype=acc, device=x.device) * inv_tau
     margin = None if call.margin is None else call.margin * inv_tau
     want = row_weight is not None
+    step = n_rows if reverse is not None else torch_engine._chunk_rows(n_rows, n_cols)
+    # one direction with one weight for every row (scalar reductions)
+    uniform = want and reverse is None and row_weight.stride(0) == 0
+    if uniform and d.row_ids is None and margin is None and d.bad is None:
+        return _plain_uniform_pass(x, y, d.target, call, inv_tau, row_weight[0], rx, ry, a, step)
     # every buffer is written before it is added to (no zero fills: each is an op on the CPU)
     losses = torch.empty(n_rows, dtype=acc, device=x.device)
     dx = torch.empty(n_rows, dim, dtype=acc, device=x.device) if want else None
@@ -157,20 +162,15 @@ def _direction_pass(
     coef_x = torch.empty(n_dims, n_rows, dtype=acc, device=x.device) if want else None
     coef_y = torch.empty(n_dims, n_cols, dtype=acc, device=x.device) if want else None
     dtau = None
-    step = n_rows if reverse is not None else torch_engine._chunk_rows(n_rows, n_cols)
     reverse_losses = None
     if reverse is not None:
         reverse_losses = torch.empty(n_rows, dtype=acc, device=x.device)
         reverse_same = None
         if reverse.row_ids is not None:
             reverse_same = reverse.row_ids[:, None] == reverse.col_ids[None, :]
-    # one direction with one weight for every row (scalar reductions): E is weighted once, by w_k rw a_i
-    # together, and the row / column sums of E l scaled after the sum (one pass less per prefix); its
-    # R x N temporaries (two softmax buffers: E^k and H^{k+1} live at once; E l) are reused by every
-    # chunk and prefix rather than allocated each time
-    uniform = want and reverse is None and row_weight.stride(0) == 0
-    if uniform and d.row_ids is None and margin is None and d.bad is None:
-        return _plain_uniform_pass(x, y, d.target, call, inv_tau, row_weight[0], rx, ry, a, step)
+    # uniform (ids or a margin here): E is weighted once, by w_k rw a_i together, and the row / column
+    # sums of E l scaled after the sum (one pass less per prefix); its R x N temporaries (two softmax
+    # buffers: E^k and H^{k+1} live at once; E l) are reused by every chunk and prefix
     scratch = torch.empty(3, step * n_cols, dtype=acc, device=x.device) if uniform else None
     for start in range(0, n_rows, step):
         rows = slice(start, min(start + step, n_rows))
@@ -235,18 +235,29 @@ def _direction_pass(
             torch.addmm(dy[:, seg], held.T, x_rows[:, seg], beta=0 if start == 0 else 1, out=dy[:, seg])
     if not want:
         return losses, reverse_losses, None, None, None
-    if bounds[-1] < dim:  # columns beyond the largest prefix take no part
+    _prefix_grads_tail_(dx, dy, x, y, bounds, None if rx is None else (coef_x, coef_y))
+    return losses, reverse_losses, dx, dy, dtau
+
+
+def _prefix_grads_tail_(
+    dx: Tensor, dy: Tensor, x: Tensor, y: Tensor, bounds: list[int], coefs: tuple[Tensor, Tensor] | None
+) -> None:
+    """In place: the columns beyond the largest prefix take no part; with coefs = (coef_x, coef_y)
+    [K, rows] (the normalisation terms <E^k, l^k> (r^k)^2 per prefix; None without `normalize`)
+    segment k takes the terms of every prefix m >= k: dx[:, seg_k] -= (sum_{m >= k} coef_x[m]) x[:, seg_k]."""
+    if bounds[-1] < dx.shape[1]:
         dx[:, bounds[-1] :] = 0
         dy[:, bounds[-1] :] = 0
-    if rx is not None:  # the prefix normalisations: segment k takes the terms of every prefix m >= k
-        for k in reversed(range(n_dims)):
-            seg = slice(bounds[k], bounds[k + 1])
-            if k + 1 < n_dims:
-                coef_x[k] += coef_x[k + 1]
-                coef_y[k] += coef_y[k + 1]
-            dx[:, seg].addcmul_(x[:, seg], coef_x[k, :, None], value=-1)
-            dy[:, seg].addcmul_(y[:, seg], coef_y[k, :, None], value=-1)
-    return losses, reverse_losses, dx, dy, dtau
+    if coefs is None:
+        return
+    coef_x, coef_y = coefs
+    for k in reversed(range(len(bounds) - 1)):
+        seg = slice(bounds[k], bounds[k + 1])
+        if k + 2 < len(bounds):
+            coef_x[k] += coef_x[k + 1]
+            coef_y[k] += coef_y[k + 1]
+        dx[:, seg].addcmul_(x[:, seg], coef_x[k, :, None], value=-1)
+        dy[:, seg].addcmul_(y[:, seg], coef_y[k, :, None], value=-1)
 
 
 def _plain_uniform_pass(
@@ -301,18 +312,8 @@ def _plain_uniform_pass(
     es_rows.mul_(weight)
     es_cols.mul_(weight)
     dtau = es_rows.sum() * (-inv_tau)
-    if bounds[-1] < dim:  # columns beyond the largest prefix take no part
-        dx[:, bounds[-1] :] = 0
-        dy[:, bounds[-1] :] = 0
-    if rx is not None:  # the prefix normalisations: segment k takes the terms of every prefix m >= k
-        coef_x = _projection_coef(es_rows, rx)
-        coef_y = _projection_coef(es_cols, ry)
-        coef_x = coef_x.flip(0).cumsum(0).flip(0)
-        coef_y = coef_y.flip(0).cumsum(0).flip(0)
-        for k in range(n_dims):
-            seg = slice(bounds[k], bounds[k + 1])
-            dx[:, seg].addcmul_(x[:, seg], coef_x[k, :, None], value=-1)
-            dy[:, seg].addcmul_(y[:, seg], coef_y[k, :, None], value=-1)
+    coefs = None if rx is None else (_projection_coef(es_rows, rx), _projection_coef(es_cols, ry))
+    _prefix_grads_tail_(dx, dy, x, y, bounds, coefs)
     return losses, None, dx, dy, dtau
 
 
