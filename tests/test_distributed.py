@@ -69,3 +69,39 @@ def test_two_gloo_processes():
         assert out["broadcast"] == "from 0"
     assert results[0]["gathered"] == {i: [float(i)] * 3 for i in range(7)}
     assert results[1]["gathered"] == {}
+
+
+def _finish_worker(rank: int, port: int, queue: mp.Queue) -> None:
+    import time
+    from datetime import timedelta
+
+    # the group's own timeout is 2 s; rank 0 arrives 4 s after rank 1
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=2, timeout=timedelta(seconds=2))  # fmt: skip
+    distributed.prepare_finish()
+    distributed.barrier()
+    if rank == 0:
+        time.sleep(4.0)
+    arrived = time.time()
+    distributed.finish()
+    queue.put((rank, {"arrived": arrived, "left": time.time(), "after": distributed.rank_world()}))
+
+
+@pytest.mark.slow
+def test_finish_waits_for_the_slowest_process_beyond_the_group_timeout():
+    """finish(): rank 1 leaves only once rank 0 (4 s late, past the group's 2 s timeout) arrives."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_finish_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[1]["left"] >= results[0]["arrived"]
+    assert results[0]["arrived"] - results[1]["arrived"] > 3.0
+    assert results[0]["after"] == results[1]["after"] == (0, 1)

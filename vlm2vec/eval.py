@@ -221,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )  # fmt: skip
             if scores is not None:
                 print(render_v2_report(scores))
+            distributed.finish()
             return 0
         scores = evaluate(
             encoder_of(model, args.batch_size),
@@ -239,10 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             dims=dims,
             normalize=model.normalize,
         )
+        distributed.finish()  # together: rank 0 scores and writes after the others' last embedding
     except (DataError, MediaError, FileNotFoundError) as err:
         return _fail(err, rank, world_size, every_rank=True)
     finally:
-        distributed.shutdown()
+        distributed.shutdown()  # after an error, at once: a peer may be inside a collective
     if scores is not None:
         print(render_report(scores))
         print(f"wrote {Path(args.out) / 'scores.json'} and {Path(args.out) / 'table.md'}", file=sys.stderr)

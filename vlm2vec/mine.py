@@ -418,6 +418,17 @@ def run(args: argparse.Namespace, settings: MineSettings, device: str) -> int:
             )
     if rank != 0:
         return 0
+    try:
+        return mine_and_write(args, settings, data, embedded, device, show)
+    except DataError as err:  # rank 0's own (--strict, --out): the others wait in distributed.finish()
+        return _fail(err)
+
+
+def mine_and_write(
+    args: argparse.Namespace, settings: MineSettings, data: TrainData,
+    embedded: dict[str, tuple[Inputs, list[ItemKey], torch.Tensor]], device: str, show: bool,
+) -> int:  # fmt: skip
+    """Rank 0, once every input is embedded: the negatives per subset, the filters' report, the files."""
     results = mine_all(data, embedded, settings, args.pool, device, args.query_block, args.pool_block, show)  # type: ignore[arg-type]
     k = settings.num_negatives
     short = {n: sum(len(x) < k for x in m.negatives) for n, (m, _) in results.items()}
@@ -459,11 +470,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _, _, local_rank = distributed.init_distributed()
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        return run(args, settings, device)
-    except (DataError, MediaError) as err:
-        return _fail(err)
-    finally:
+        code = run(args, settings, device)
+    except BaseException as err:  # may be this rank's alone (an image in its shard): leave without a wait
         distributed.shutdown()
+        if isinstance(err, (DataError, MediaError)):
+            return _fail(err)
+        raise
+    distributed.finish()
+    return code
 
 
 if __name__ == "__main__":

@@ -115,6 +115,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        distributed.prepare_finish()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -521,6 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rank == 0:
             print(f"vlm2vec: {world} process(es)\n{format_config(config)}", flush=True)
         train(config)
+        distributed.finish()  # together: rank 0 may still be scoring or exporting
     except (ConfigError, ckpt.ResumeError, NonFiniteLossError) as err:
         if rank == 0 or not isinstance(err, ConfigError):  # option errors are the same on every rank
             print(f"vlm2vec/train.py: error (rank {rank}): {err}", file=sys.stderr, flush=True)
@@ -529,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"vlm2vec/train.py: data error (rank {rank}): {err}", file=sys.stderr, flush=True)
         return 2
     finally:
-        distributed.shutdown()
+        distributed.shutdown()  # after an error, at once: a peer may be inside a collective
     return 0
 
 
