@@ -27,6 +27,24 @@ def test_without_a_process_group_every_helper_answers_for_one_process():
     distributed.shutdown()
 
 
+def _run_two(worker) -> dict[int, dict]:
+    """`worker(rank, port, queue)` in 2 spawned processes; each puts (rank, result); both must exit 0
+    (a hang fails on the timeouts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
 def _worker(rank: int, port: int, queue: mp.Queue) -> None:
     import os
 
@@ -49,18 +67,7 @@ def _worker(rank: int, port: int, queue: mp.Queue) -> None:
 
 @pytest.mark.slow
 def test_two_gloo_processes():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _run_two(_worker)
     for r in range(2):
         out = results[r]
         assert out["init"] == (r, 2, r) and out["rank_world"] == (r, 2) and out["after"] == (0, 1)
@@ -90,18 +97,7 @@ def _finish_worker(rank: int, port: int, queue: mp.Queue) -> None:
 @pytest.mark.slow
 def test_finish_waits_for_the_slowest_process_beyond_the_group_timeout():
     """finish(): rank 1 leaves only once rank 0 (4 s late, past the group's 2 s timeout) arrives."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_finish_worker, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = _run_two(_finish_worker)
     assert results[1]["left"] >= results[0]["arrived"]
     assert results[0]["arrived"] - results[1]["arrived"] > 3.0
     assert results[0]["after"] == results[1]["after"] == (0, 1)
