@@ -324,6 +324,30 @@ def test_two_ranks_mine_what_one_rank_mines(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        (["--subsets", "ShapeClassification", "--margin", "0.02", "--max_score_ratio", "none", "--strict"],
+         "nothing written (--strict)"),  # rank 0's own, after the embedding
+        (["--subsets", "NoSuchSet"], "not found"),  # every rank's, before it
+    ],
+)  # fmt: skip
+def test_two_ranks_say_an_error_once_and_both_end(tiny, tmp_path, extra, said):
+    """An error on 2 ranks: one message (from rank 0), exit 2, both processes end (no hang, no abort:
+    after rank 0's own error rank 1 waits for it in distributed.finish()), nothing written."""
+    root, data, model = tiny
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "vlm2vec.mine", "--model", str(model), "--data", str(data),
+           "--num_negatives", "2", "--no_progress", "--out", str(out), *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("python -m vlm2vec.mine: error:") == 1, proc.stderr[-3000:]
+    assert said in proc.stderr and "exitcode  : 2" in proc.stderr
+    assert "SIGABRT" not in proc.stderr and not out.exists()
+
+
+@pytest.mark.slow
 def test_zero3_two_ranks_train_on_mined_rows_with_fewer_than_k(tiny, tmp_path):
     """The mined output, rows of 0..K negatives, through the real deepspeed launcher: 2 ranks, ZeRO-3,
     GradCache chunks, --num_hard_negatives K with the default masking; the step's loss is finite."""

@@ -89,9 +89,9 @@ def finish() -> None:
     called without an active exception", SIGABRT: 3 of 60 two-rank `vlm2vec.mine` runs on torch 2.13;
     0 of 120 with it). The wait has its own FINISH_TIMEOUT (see prepare_finish). NCCL groups
     leave at once, as before: a barrier there runs under the watchdog's timeout (10 min by default),
-    which rank 0's own work may outlast, and the abort is gloo's. Without prepare_finish() the wait
-    is a barrier under the group's own timeout."""
-    if is_running() and world_size() > 1 and dist.get_backend() == "gloo":
+    which rank 0's own work may outlast, and the abort is gloo's: prepare_finish() makes the wait's
+    group only for gloo."""
+    if _finish_group is not None:
         dist.barrier(group=_finish_group)
     shutdown()
 

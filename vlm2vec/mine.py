@@ -471,13 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         code = run(args, settings, device)
-    except BaseException as err:  # may be this rank's alone (an image in its shard): leave without a wait
-        distributed.shutdown()
-        if isinstance(err, (DataError, MediaError)):
-            return _fail(err)
-        raise
-    distributed.finish()
-    return code
+        distributed.finish()  # together: rank 0 mines and writes after the others' last embedding
+        return code
+    except (DataError, MediaError) as err:
+        return _fail(err)
+    finally:
+        distributed.shutdown()  # after an error, at once: it may be this rank's alone (an image in its shard)
 
 
 if __name__ == "__main__":
